@@ -1,0 +1,158 @@
+"""Tensor-parallel layers: column- and row-parallel Linear, vocab-parallel Embedding.
+
+With `group=None` (or a group of one rank) each layer holds the whole weight and computes exactly what
+`nn.Linear` / `nn.Embedding` compute, with the same state-dict names, so the model is written once.
+
+Every sharded parameter carries `tp_partition_dim` (the dim it is split along; None when replicated) so that
+initialisation, gradient-norm accounting and checkpoint resharding need no table of names. Parameters that
+see only a sequence shard of the activations under sequence parallelism carry `sequence_parallel = True`: their
+gradients are partial and must be all-reduced over the TP group (see `phi1.parallel.grads`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from phi1.parallel.mappings import (
+    copy_to_tp,
+    gather_from_sequence,
+    gather_from_tp,
+    group_rank,
+    group_size,
+    reduce_from_tp,
+    reduce_scatter_to_sequence,
+)
+
+
+def _divide(numerator: int, denominator: int, what: str) -> int:
+    if numerator % denominator != 0:
+        raise ValueError(f"{what}={numerator} is not divisible by the tensor parallel size {denominator}")
+    return numerator // denominator
+
+
+def mark_partition(param: nn.Parameter, dim: int | None, sequence_parallel: bool = False) -> nn.Parameter:
+    param.tp_partition_dim = dim
+    param.sequence_parallel = sequence_parallel
+    return param
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = X A^T + b with A split by rows (output features) over the TP group.
+
+    Input: (..., in_features), the whole input on every rank (or, under sequence parallelism, a sequence shard
+    that is all-gathered first). Output: (..., out_features / tp), or the whole (..., out_features) when
+    `gather_output`. Set `enter_tp_region=False` when the caller already applied the entering mapping (phi's
+    parallel block enters once for both attention and MLP).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        group: ProcessGroup | None = None,
+        gather_output: bool = False,
+        enter_tp_region: bool = True,
+        sequence_parallel: bool = False,
+    ) -> None:
+        super().__init__()
+        self.group = group
+        self.in_features = in_features
+        self.out_features = out_features
+        self.gather_output = gather_output
+        self.enter_tp_region = enter_tp_region
+        self.sequence_parallel = sequence_parallel
+        local_out = _divide(out_features, group_size(group), "out_features")
+        self.weight = mark_partition(nn.Parameter(torch.empty(local_out, in_features)), 0)
+        self.bias = mark_partition(nn.Parameter(torch.empty(local_out)), 0) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.enter_tp_region:
+            x = gather_from_sequence(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+        y = F.linear(x, self.weight, self.bias)
+        return gather_from_tp(y, self.group) if self.gather_output else y
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, tp={group_size(self.group)}"
+
+
+class RowParallelLinear(nn.Module):
+    """Y = X A^T + b with A split by columns (input features) over the TP group.
+
+    Input: (..., in_features / tp), already sharded (the output of a ColumnParallelLinear). Output: the whole
+    (..., out_features) after an all-reduce (or a reduce-scatter along the sequence under sequence
+    parallelism). With `reduce_output=False` the layer returns the partial product WITHOUT the bias: the caller
+    sums partials, reduces once and adds `self.bias` (phi's parallel block does this for attention + MLP).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        group: ProcessGroup | None = None,
+        reduce_output: bool = True,
+        sequence_parallel: bool = False,
+    ) -> None:
+        super().__init__()
+        self.group = group
+        self.in_features = in_features
+        self.out_features = out_features
+        self.reduce_output = reduce_output
+        self.sequence_parallel = sequence_parallel
+        local_in = _divide(in_features, group_size(group), "in_features")
+        self.weight = mark_partition(nn.Parameter(torch.empty(out_features, local_in)), 1)
+        self.bias = mark_partition(nn.Parameter(torch.empty(out_features)), None, sequence_parallel) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.reduce_output:
+            return F.linear(x, self.weight)
+        if group_size(self.group) == 1:
+            return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight)
+        y = reduce_scatter_to_sequence(y, self.group) if self.sequence_parallel else reduce_from_tp(y, self.group)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, tp={group_size(self.group)}"
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding with the vocabulary split into contiguous ranges over the TP group.
+
+    Input: token ids (B, T). Output: (B, T, dim) on every rank, or (B, T / tp, dim) under sequence parallelism.
+    Each rank looks up the ids in its range, zeroes the rest, and the partial results are summed.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        group: ProcessGroup | None = None,
+        sequence_parallel: bool = False,
+    ) -> None:
+        super().__init__()
+        self.group = group
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.sequence_parallel = sequence_parallel
+        local_rows = _divide(num_embeddings, group_size(group), "num_embeddings (vocab size)")
+        self.vocab_start = group_rank(group) * local_rows
+        self.vocab_end = self.vocab_start + local_rows
+        self.weight = mark_partition(nn.Parameter(torch.empty(local_rows, embedding_dim)), 0)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if group_size(self.group) == 1:
+            return F.embedding(input_ids, self.weight)
+        outside = (input_ids < self.vocab_start) | (input_ids >= self.vocab_end)
+        local_ids = (input_ids - self.vocab_start).masked_fill(outside, 0)
+        partial = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return reduce_scatter_to_sequence(partial, self.group)
+        return reduce_from_tp(partial, self.group)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, tp={group_size(self.group)}"
