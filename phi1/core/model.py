@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from phi1.core.attention import KERNELS, causal_keep_mask, default_scale, select_backend
 from phi1.core.config import ModelConfig
 from phi1.parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_cross_entropy
-from phi1.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, mark_partition
+from phi1.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, tensor_parallel_dims
 from phi1.parallel.mappings import (
     copy_to_tp,
     gather_from_sequence,
@@ -197,8 +197,6 @@ class PhiBlock(nn.Module):
         self.fused_tp = fused_tp
         self.sequence_parallel = sp
         self.ln = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        for p in self.ln.parameters():
-            mark_partition(p, None, sequence_parallel=sp)
         self.attn = PhiAttention(config, layer_index, group, fused_tp, sp)
         self.mlp = PhiMLP(config, group, fused_tp, sp)
         self.resid_dropout = config.resid_dropout
@@ -263,8 +261,6 @@ class PhiForCausalLM(nn.Module):
             PhiBlock(config, i, tp_group, fused_tp_reduce, sequence_parallel) for i in range(config.n_layer)
         )
         self.final_layernorm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        for p in self.final_layernorm.parameters():
-            mark_partition(p, None, sequence_parallel=sequence_parallel)
         self.lm_head = ColumnParallelLinear(config.d_model, config.vocab_size, group=tp_group, sequence_parallel=sequence_parallel)
         if self.embed_tokens.weight.device.type != "meta":
             self.init_weights(init_seed)
@@ -283,6 +279,7 @@ class PhiForCausalLM(nn.Module):
         out_std = std / math.sqrt(2 * self.config.n_layer)
         tp, rank = group_size(self.tp_group), group_rank(self.tp_group)
         norm_weights = {id(m.weight) for m in self.modules() if isinstance(m, nn.LayerNorm)}
+        dims = tensor_parallel_dims(self)
         for name, param in self.named_parameters():
             if name.endswith("bias"):
                 param.zero_()
@@ -290,7 +287,7 @@ class PhiForCausalLM(nn.Module):
             if id(param) in norm_weights:
                 param.fill_(1.0)
                 continue
-            dim = getattr(param, "tp_partition_dim", None)
+            dim = dims[name]
             full_shape = list(param.shape)
             if dim is not None:
                 full_shape[dim] *= tp
@@ -363,6 +360,17 @@ class PhiForCausalLM(nn.Module):
             p.device,
             p.dtype,
         )
+
+    def sequence_parallel_param_names(self) -> list[str]:
+        """Parameters that see only a sequence shard under sequence parallelism (LayerNorms, and the biases
+        added after the reduce-scatter): their gradients are partial sums to all-reduce over the TP group."""
+        if not self.sequence_parallel:
+            return []
+        return [
+            name
+            for name, _ in self.named_parameters()
+            if ".ln." in name or name.startswith("final_layernorm.") or name.endswith(("dense.bias", "fc2.bias"))
+        ]
 
     @property
     def attention_backend(self) -> str | None:

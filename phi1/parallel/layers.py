@@ -3,10 +3,10 @@
 With `group=None` (or a group of one rank) each layer holds the whole weight and computes exactly what
 `nn.Linear` / `nn.Embedding` compute, with the same state-dict names, so the model is written once.
 
-Every sharded parameter carries `tp_partition_dim` (the dim it is split along; None when replicated) so that
-initialisation, gradient-norm accounting and checkpoint resharding need no table of names. Parameters that
-see only a sequence shard of the activations under sequence parallelism carry `sequence_parallel = True`: their
-gradients are partial and must be all-reduced over the TP group (see `phi1.parallel.grads`).
+Each layer class declares in `partition_dims` the dim along which each of its parameters is split (None when
+replicated); `tensor_parallel_dims(model)` reads them for initialisation, gradient-norm accounting and
+checkpoint resharding. (A class attribute, not a tag on the Parameter: tags do not survive `to_empty`, `.to()`
+or DeepSpeed's parameter replacement.)
 """
 
 from __future__ import annotations
@@ -33,10 +33,15 @@ def _divide(numerator: int, denominator: int, what: str) -> int:
     return numerator // denominator
 
 
-def mark_partition(param: nn.Parameter, dim: int | None, sequence_parallel: bool = False) -> nn.Parameter:
-    param.tp_partition_dim = dim
-    param.sequence_parallel = sequence_parallel
-    return param
+def tensor_parallel_dims(model: nn.Module) -> dict[str, int | None]:
+    """{parameter name: dim it is split along over the TP group, or None when every TP rank holds all of it}."""
+    dims: dict[str, int | None] = {}
+    for module_name, module in model.named_modules():
+        declared = getattr(type(module), "partition_dims", {})
+        for param_name, _ in module.named_parameters(recurse=False):
+            full_name = f"{module_name}.{param_name}" if module_name else param_name
+            dims[full_name] = declared.get(param_name)
+    return dims
 
 
 class ColumnParallelLinear(nn.Module):
@@ -47,6 +52,8 @@ class ColumnParallelLinear(nn.Module):
     `gather_output`. Set `enter_tp_region=False` when the caller already applied the entering mapping (phi's
     parallel block enters once for both attention and MLP).
     """
+
+    partition_dims = {"weight": 0, "bias": 0}
 
     def __init__(
         self,
@@ -66,8 +73,8 @@ class ColumnParallelLinear(nn.Module):
         self.enter_tp_region = enter_tp_region
         self.sequence_parallel = sequence_parallel
         local_out = _divide(out_features, group_size(group), "out_features")
-        self.weight = mark_partition(nn.Parameter(torch.empty(local_out, in_features)), 0)
-        self.bias = mark_partition(nn.Parameter(torch.empty(local_out)), 0) if bias else None
+        self.weight = nn.Parameter(torch.empty(local_out, in_features))
+        self.bias = nn.Parameter(torch.empty(local_out)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.enter_tp_region:
@@ -88,6 +95,8 @@ class RowParallelLinear(nn.Module):
     sums partials, reduces once and adds `self.bias` (phi's parallel block does this for attention + MLP).
     """
 
+    partition_dims = {"weight": 1, "bias": None}
+
     def __init__(
         self,
         in_features: int,
@@ -104,8 +113,8 @@ class RowParallelLinear(nn.Module):
         self.reduce_output = reduce_output
         self.sequence_parallel = sequence_parallel
         local_in = _divide(in_features, group_size(group), "in_features")
-        self.weight = mark_partition(nn.Parameter(torch.empty(out_features, local_in)), 1)
-        self.bias = mark_partition(nn.Parameter(torch.empty(out_features)), None, sequence_parallel) if bias else None
+        self.weight = nn.Parameter(torch.empty(out_features, local_in))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.reduce_output:
@@ -127,6 +136,8 @@ class VocabParallelEmbedding(nn.Module):
     Each rank looks up the ids in its range, zeroes the rest, and the partial results are summed.
     """
 
+    partition_dims = {"weight": 0}
+
     def __init__(
         self,
         num_embeddings: int,
@@ -142,7 +153,7 @@ class VocabParallelEmbedding(nn.Module):
         local_rows = _divide(num_embeddings, group_size(group), "num_embeddings (vocab size)")
         self.vocab_start = group_rank(group) * local_rows
         self.vocab_end = self.vocab_start + local_rows
-        self.weight = mark_partition(nn.Parameter(torch.empty(local_rows, embedding_dim)), 0)
+        self.weight = nn.Parameter(torch.empty(local_rows, embedding_dim))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if group_size(self.group) == 1:
