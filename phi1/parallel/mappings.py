@@ -25,6 +25,10 @@ from torch.distributed import ProcessGroup
 
 SEQUENCE_DIM = 1
 
+# torch 2.13 renamed the tensor-in / tensor-out collectives; keep working on older torch too.
+_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def group_size(group: ProcessGroup | None) -> int:
     if group is None or not dist.is_available() or not dist.is_initialized():
@@ -74,7 +78,7 @@ def _gather_along(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torc
     moved = x.movedim(dim, 0).contiguous()
     out = torch.empty((world * moved.shape[0], *moved.shape[1:]), dtype=x.dtype, device=x.device)
     COMM_BYTES["all_gather"] += moved.numel() * moved.element_size()
-    dist.all_gather_into_tensor(out, moved, group=group)
+    _all_gather_tensor(out, moved, group=group)
     return out.movedim(0, dim).contiguous()
 
 
@@ -87,7 +91,7 @@ def _reduce_scatter_along(x: torch.Tensor, dim: int, group: ProcessGroup | None)
     moved = x.movedim(dim, 0).contiguous()
     out = torch.empty((moved.shape[0] // world, *moved.shape[1:]), dtype=x.dtype, device=x.device)
     COMM_BYTES["reduce_scatter"] += moved.numel() * moved.element_size()
-    dist.reduce_scatter_tensor(out, moved, group=group)
+    _reduce_scatter_tensor(out, moved, group=group)
     return out.movedim(0, dim).contiguous()
 
 

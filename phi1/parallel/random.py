@@ -68,6 +68,31 @@ def _restore(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def checkpoint_rng_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """`context_fn` for `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)` that makes recomputation
+    replay the tracker's named states.
+
+    torch's checkpoint restores the default generator before recomputing, but not the states this tracker swaps
+    in with `fork()`; without this, dropout inside the TP region would draw a new mask on recompute and the
+    gradients would belong to a different forward. Returns (forward context, recompute context): the states are
+    captured now (just before the forward), set back for the recompute, and the states the later forward
+    passes advanced to are restored after it.
+    """
+    tracker = _TRACKER
+    states_at_forward = tracker.get_states()
+
+    @contextlib.contextmanager
+    def replay() -> Iterator[None]:
+        states_now = tracker.get_states()
+        tracker.set_states(states_at_forward)
+        try:
+            yield
+        finally:
+            tracker.set_states(states_now)
+
+    return contextlib.nullcontext(), replay()
+
+
 # One per process, like the generators it wraps.
 _TRACKER = RNGStatesTracker()
 
