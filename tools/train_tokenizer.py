@@ -1,0 +1,139 @@
+"""Trains a tokenizer for code on a jsonl corpus.
+
+    # SentencePiece BPE (byte fallback, whitespace kept, space-run tokens, <|endoftext|> as eod):
+    python tools/train_tokenizer.py --input data/stdlib.jsonl --output-dir data/tok-sp8k --vocab-size 8000
+    # GPT-2-style byte-level BPE with HuggingFace tokenizers (vocab.json, merges.txt, tokenizer.json):
+    python tools/train_tokenizer.py --type bpe-bytelevel --input data/stdlib.jsonl --output-dir data/tok-bbpe8k
+
+SentencePiece settings and why: identity normalisation and `remove_extra_whitespaces=False` keep code byte for
+byte (`add_dummy_prefix=False`: a file's first word is not given a space it does not have); byte fallback
+means no <unk>; `\\n` and runs of 2..N spaces are user-defined pieces (as codegen's added
+whitespace tokens), so indentation costs one token; `split_by_whitespace=True` keeps pieces word-like (a piece
+never spans two words), which trains faster and generalises like GPT-2's pre-tokenizer; `<|endoftext|>` is a
+control symbol: never produced from text, used as the end-of-document id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+from collections.abc import Iterator
+
+EOD_TOKEN = "<|endoftext|>"
+
+
+def iter_texts(path: str, key: str = "text", max_documents: int | None = None) -> Iterator[str]:
+    """The `key` field of each jsonl line (gzip allowed); malformed lines are skipped with a count."""
+    opener = gzip.open if path.endswith(".gz") else open
+    count = 0
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                text = json.loads(line)[key]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+            yield text
+            count += 1
+            if max_documents is not None and count >= max_documents:
+                return
+
+
+def whitespace_runs(longest: int) -> list[str]:
+    """Runs of 2..longest spaces, longest first (matching prefers them)."""
+    return [" " * n for n in range(longest, 1, -1)]
+
+
+def train_sentencepiece(input_path: str, output_dir: str, vocab_size: int, max_space_run: int, max_documents: int | None,
+                        threads: int) -> str:
+    """Trains a SentencePiece BPE model; returns the .model path."""
+    import sentencepiece
+
+    os.makedirs(output_dir, exist_ok=True)
+    prefix = os.path.join(output_dir, "tokenizer")
+
+    def sentences() -> Iterator[str]:
+        # SentencePiece trains on lines; code lines are natural sentences (newlines become a piece of their own).
+        for text in iter_texts(input_path, max_documents=max_documents):
+            for line in text.split("\n"):
+                if line.strip():
+                    yield line
+
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=sentences(),
+        model_prefix=prefix,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        character_coverage=1.0,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        split_by_whitespace=True,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        user_defined_symbols=["\n", "\t"] + whitespace_runs(max_space_run),
+        control_symbols=[EOD_TOKEN],
+        unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
+        max_sentence_length=1 << 16,
+        input_sentence_size=2_000_000,
+        shuffle_input_sentence=True,
+        num_threads=threads,
+        minloglevel=2,
+    )
+    return prefix + ".model"
+
+
+def train_bytelevel_bpe(input_path: str, output_dir: str, vocab_size: int, max_space_run: int,
+                        max_documents: int | None) -> str:
+    """Trains a GPT-2-style byte-level BPE; writes vocab.json, merges.txt, tokenizer.json and a
+    tokenizer_config.json (so transformers' AutoTokenizer, hence Megatron's HuggingFaceTokenizer, can load it)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    os.makedirs(output_dir, exist_ok=True)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(iter_texts(input_path, max_documents=max_documents), trainer=trainer)
+    if max_space_run > 1:
+        # codegen-style whitespace-run tokens, added after training (ids after the BPE vocabulary)
+        tokenizer.add_tokens(whitespace_runs(max_space_run))
+    tokenizer.save(os.path.join(output_dir, "tokenizer.json"))
+    tokenizer.model.save(output_dir)  # vocab.json + merges.txt
+    with open(os.path.join(output_dir, "tokenizer_config.json"), "w", encoding="utf-8") as handle:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOD_TOKEN, "bos_token": EOD_TOKEN,
+                   "unk_token": EOD_TOKEN, "model_max_length": 1 << 30}, handle, indent=1)
+    return os.path.join(output_dir, "tokenizer.json")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="jsonl corpus with a 'text' field (.gz allowed)")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--type", choices=["sentencepiece", "bpe-bytelevel"], default="sentencepiece")
+    parser.add_argument("--vocab-size", type=int, default=8000)
+    parser.add_argument("--max-space-run", type=int, default=None,
+                        help="add tokens for runs of 2..N spaces; default 16 for sentencepiece, 0 (none) for bpe-bytelevel")
+    parser.add_argument("--max-documents", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+    if args.max_space_run is None:
+        args.max_space_run = 16 if args.type == "sentencepiece" else 0
+    if args.type == "sentencepiece":
+        path = train_sentencepiece(args.input, args.output_dir, args.vocab_size, args.max_space_run,
+                                   args.max_documents, args.threads)
+    else:
+        path = train_bytelevel_bpe(args.input, args.output_dir, args.vocab_size, args.max_space_run, args.max_documents)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
