@@ -35,7 +35,7 @@ from phi1.parallel.mappings import (
     reduce_from_tp,
     reduce_scatter_to_sequence,
 )
-from phi1.parallel.random import get_rng_tracker
+from phi1.parallel.random import checkpoint_rng_contexts, get_rng_tracker
 
 logger = logging.getLogger("phi1.model")
 
@@ -148,8 +148,9 @@ class PhiAttention(nn.Module):
         key_padding: torch.Tensor | None,
         kv_cache: KVCache | None,
     ) -> torch.Tensor:
-        B, T, _ = x.shape
-        qkv = self.qkv(x).view(B, T, self.n_local_heads, 3, self.head_dim)
+        qkv = self.qkv(x)  # (B, T, 3 d / tp); T is the whole sequence even when x is a sequence shard
+        B, T, _ = qkv.shape
+        qkv = qkv.view(B, T, self.n_local_heads, 3, self.head_dim)
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # each (B, nh, T, hs)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
@@ -333,7 +334,10 @@ class PhiForCausalLM(nn.Module):
 
         for block in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, cos, sin, attention_mask, kv_cache, use_reentrant=False)
+                # context_fn replays the TP-region RNG state so recomputed dropout masks match the forward's.
+                h = checkpoint(
+                    block, h, cos, sin, attention_mask, kv_cache, use_reentrant=False, context_fn=checkpoint_rng_contexts
+                )
             else:
                 h = block(h, cos, sin, attention_mask, kv_cache)
         if kv_cache is not None:
