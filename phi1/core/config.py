@@ -15,7 +15,8 @@ import torch
 ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "math")
 
 # Rows of the embedding must be a multiple of this: the lm_head GEMM tiles well and tensor parallelism splits
-# the vocabulary evenly. 50,295 real codegen tokens pad to 51,200 (= 800 x 64).
+# the vocabulary evenly. (microsoft/phi-1 padded its 50,295 codegen tokens further, to 51,200 = 50 x 1024; the
+# phi-1 preset keeps that so its weights import unchanged.)
 VOCAB_MULTIPLE = 64
 
 
