@@ -318,6 +318,25 @@ class PhiForCausalLM(nn.Module):
             position_ids: (B, T) rotary positions; by default the cache length onwards.
             kv_cache: a KVCache to read and extend (generation).
         """
+        h = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache)
+        logits = self.lm_head(h)  # (B, T, V/tp): the lm_head gathers sequence shards, not the vocabulary
+        if labels is None:
+            return CausalLMOutput(logits=gather_from_tp(logits, self.tp_group))
+        losses = vocab_parallel_cross_entropy(logits, labels, self.tp_group)  # (B, T) fp32
+        n_tokens = (labels != IGNORE_INDEX).sum().clamp(min=1)
+        return CausalLMOutput(logits=logits, loss=losses.sum() / n_tokens)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """The final LayerNorm's output (B, T, d) — (B, T / tp, d) under sequence parallelism.
+
+        What the lm_head reads; the quality filter and decontamination embed code with its mean over tokens.
+        """
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
         if past + T > self.config.max_seq_len:
@@ -342,14 +361,7 @@ class PhiForCausalLM(nn.Module):
                 h = block(h, cos, sin, attention_mask, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
-
-        h = self.final_layernorm(h)
-        logits = self.lm_head(h)  # (B, T, V/tp): the lm_head gathers sequence shards, not the vocabulary
-        if labels is None:
-            return CausalLMOutput(logits=gather_from_tp(logits, self.tp_group))
-        losses = vocab_parallel_cross_entropy(logits, labels, self.tp_group)  # (B, T) fp32
-        n_tokens = (labels != IGNORE_INDEX).sum().clamp(min=1)
-        return CausalLMOutput(logits=logits, loss=losses.sum() / n_tokens)
+        return self.final_layernorm(h)
 
     # -- helpers --------------------------------------------------------------------------------------------------
 
