@@ -32,5 +32,4 @@ def wrap_data_parallel(model: nn.Module, state: ParallelState, bucket_cap_mb: fl
         bucket_cap_mb=bucket_cap_mb,
         # Gradients live inside the buckets: no copy between .grad and the communication buffer.
         gradient_as_bucket_view=True,
-        broadcast_buffers=False,
     )
