@@ -23,6 +23,7 @@ from torch.distributed import ProcessGroup
 from torch.utils.checkpoint import checkpoint
 
 from phi1.core.attention import KERNELS, causal_keep_mask, default_scale, select_backend
+from phi1.core.chunked_cross_entropy import chunked_linear_cross_entropy
 from phi1.core.config import ModelConfig
 from phi1.parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_cross_entropy
 from phi1.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, tensor_parallel_dims
@@ -257,6 +258,9 @@ class PhiForCausalLM(nn.Module):
         self.tp_group = tp_group
         self.sequence_parallel = sequence_parallel
         self.activation_checkpointing = False
+        # Tokens per chunk of the fused lm_head + cross-entropy (0: plain path). Not under ZeRO-3, whose
+        # parameter gathering hooks the lm_head's own forward, which the chunked path bypasses.
+        self.loss_chunk_size = 0
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.d_model, group=tp_group, sequence_parallel=sequence_parallel)
         self.layers = nn.ModuleList(
             PhiBlock(config, i, tp_group, fused_tp_reduce, sequence_parallel) for i in range(config.n_layer)
@@ -319,6 +323,11 @@ class PhiForCausalLM(nn.Module):
             kv_cache: a KVCache to read and extend (generation).
         """
         h = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache)
+        if labels is not None and self.loss_chunk_size > 0 and group_size(self.tp_group) == 1:
+            # Chunked lm_head + loss: the (B, T, V) logits are never held at once (no logits returned).
+            n_tokens = (labels != IGNORE_INDEX).sum().clamp(min=1)
+            loss_sum = chunked_linear_cross_entropy(h, self.lm_head.weight, self.lm_head.bias, labels, self.loss_chunk_size)
+            return CausalLMOutput(logits=None, loss=loss_sum / n_tokens)
         logits = self.lm_head(h)  # (B, T, V/tp): the lm_head gathers sequence shards, not the vocabulary
         if labels is None:
             return CausalLMOutput(logits=gather_from_tp(logits, self.tp_group))
