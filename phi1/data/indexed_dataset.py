@@ -167,6 +167,13 @@ class IndexedDatasetWriter:
         os.replace(index_tmp, index_file_path(self.prefix))
         self._finalized = True
 
+    def abort(self) -> None:
+        """Closes and deletes the partial output (nothing under the final names is touched)."""
+        if not self._bin.closed:
+            self._bin.close()
+        if not self._finalized and os.path.exists(self._bin_tmp):
+            os.remove(self._bin_tmp)
+
     def __enter__(self) -> IndexedDatasetWriter:
         return self
 
@@ -174,9 +181,7 @@ class IndexedDatasetWriter:
         if exc_type is None:
             self.finalize()
         else:
-            self._bin.close()
-            if os.path.exists(self._bin_tmp):
-                os.remove(self._bin_tmp)
+            self.abort()
 
 
 class IndexedDataset:
