@@ -1,0 +1,162 @@
+"""Hostile programs in the sandbox: each is contained, scored as a failure, and leaves the machine unharmed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from phi1.eval.harness import score_samples
+from phi1.eval.sandbox import SandboxConfig, namespaces_available, processes_of_uid, run_program
+from phi1.eval.tasks import HUMANEVAL_STOP_STRINGS, Problem
+
+PROMPT = 'def add(a: int, b: int) -> int:\n    """Return a + b."""\n'
+TEST = "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-1, 1) == 0\n"
+PROBLEM = Problem("Toy/0", PROMPT, "add", TEST, HUMANEVAL_STOP_STRINGS, "humaneval")
+CONFIG = SandboxConfig(timeout_s=2.0, cpu_time_s=2, memory_mb=512, max_processes=8)
+
+
+def run_completion(completion: str, config: SandboxConfig = CONFIG):
+    """Run the toy problem's program with `completion`; returns the result after checking the clean-up."""
+    start = time.monotonic()
+    result = run_program(PROBLEM.program(completion), config)
+    assert time.monotonic() - start < config.timeout_s + 3, "the evaluator itself waited too long"
+    uid = result.isolation.get("uid")
+    if uid and uid != os.getuid():
+        assert processes_of_uid(uid) == [], "processes of the sandbox's uid survived"
+    return result
+
+
+def test_correct_solution_passes_and_isolation_is_active():
+    result = run_completion("    return a + b\n")
+    assert result.passed, result.stderr
+    if os.geteuid() == 0:
+        assert result.isolation["uid"] != 0
+        assert result.isolation["namespaces"] == namespaces_available()
+        assert result.isolation["readonly_failures"] == []
+
+
+def test_wrong_solution_fails():
+    result = run_completion("    return a - b\n")
+    assert result.status == "failed" and "AssertionError" in result.stderr
+
+
+def test_infinite_loop_is_killed():
+    start = time.monotonic()
+    result = run_completion("    while True:\n        pass\n")
+    assert result.status == "timed out"
+    assert time.monotonic() - start < CONFIG.timeout_s + 2
+
+
+@pytest.mark.parametrize("fork", ["os.fork()", "__import__('ctypes').CDLL(None).fork()"])
+def test_fork_bomb_is_contained(fork):
+    # The ctypes variant bypasses the in-process guard: RLIMIT_NPROC of the private uid and the final kill of
+    # everything that uid owns must hold it.
+    processes_before = len(os.listdir("/proc"))
+    result = run_completion(f"    while True:\n        {fork}\n    return a + b\n")
+    assert not result.passed
+    assert len(os.listdir("/proc")) < processes_before + 20
+
+
+def test_memory_bomb_hits_the_limit():
+    result = run_completion("    hog = []\n    while True:\n        hog.append(bytearray(50 * 2**20))\n")
+    assert result.status == "failed"
+    assert "MemoryError" in result.stderr
+
+
+def test_writing_or_deleting_outside_the_workdir_fails(tmp_path):
+    # A world-writable directory: file permissions alone would not protect it from another uid.
+    victim_dir = tmp_path / "shared"
+    victim_dir.mkdir()
+    os.chmod(tmp_path, 0o755)
+    os.chmod(victim_dir, 0o777)
+    victim = victim_dir / "precious.txt"
+    victim.write_text("keep me")
+    os.chmod(victim, 0o666)
+    created = victim_dir / "planted.txt"
+    attempts = [
+        f"os.remove({str(victim)!r})",
+        f"__import__('shutil').rmtree({str(victim_dir)!r})",
+        f"open({str(victim)!r}, 'w').write('gone')",
+        f"open({str(created)!r}, 'w').write('x')",
+        # Bypass the guard: raw libc calls and the C-level open meet the read-only mounts instead.
+        f"__import__('ctypes').CDLL(None).unlink({str(victim).encode()!r})",
+        f"__import__('_io').open({str(created)!r}, 'w').write('x')",
+        f"__import__('_io').open({str(victim)!r}, 'a').write('x')",
+        "__import__('_io').open('/tmp/phi1-sandbox-planted', 'w').write('x')",
+    ]
+    body = "    import os\n" + "".join(f"    try:\n        {a}\n    except Exception:\n        pass\n" for a in attempts)
+    result = run_completion(body + "    return a - b\n")
+    assert not result.passed
+    assert victim.read_text() == "keep me"
+    assert not created.exists()
+    assert not os.path.exists("/tmp/phi1-sandbox-planted")
+
+
+def test_network_connection_fails():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    attempts = [
+        f"socket.create_connection(('127.0.0.1', {port}), timeout=1)",
+        f"_socket.socket().connect(('127.0.0.1', {port}))",  # the C module, past the guard
+    ]
+    body = "    import socket, _socket\n    reached = 0\n" + "".join(
+        f"    try:\n        {a}\n        reached += 1\n    except Exception:\n        pass\n" for a in attempts
+    )
+    result = run_completion(body + "    return a + b if reached else -1\n")
+    listener.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        listener.accept()
+    listener.close()
+    assert not result.passed
+
+
+def test_killing_the_parent_fails():
+    sentinel = subprocess.Popen(["sleep", "60"])
+    try:
+        body = (
+            "    import os, signal\n"
+            "    for attempt in (lambda: os.kill(os.getppid(), signal.SIGKILL),\n"
+            "                    lambda: os.killpg(os.getpgid(os.getppid()), signal.SIGKILL),\n"
+            "                    lambda: __import__('ctypes').CDLL(None).kill(os.getppid(), 9),\n"
+            f"                    lambda: __import__('ctypes').CDLL(None).kill({sentinel.pid}, 9),\n"
+            "                    lambda: __import__('ctypes').CDLL(None).kill(-1, 9)):\n"
+            "        try:\n            attempt()\n        except Exception:\n            pass\n"
+            "    return a - b\n"
+        )
+        result = run_completion(body)
+        assert not result.passed
+        assert sentinel.poll() is None, "the sandbox killed a process outside it"
+        os.kill(os.getpid(), 0)  # the evaluator (this process) is alive
+    finally:
+        sentinel.send_signal(signal.SIGKILL)
+        sentinel.wait()
+
+
+def test_exit_before_the_asserts_fails():
+    result = run_completion("    return a - b\nimport os\nos._exit(0)\n")
+    assert result.exit_code == 0  # the process exited "successfully"...
+    assert result.status == "failed"  # ...but never reached the end of check()
+
+
+def test_printing_passed_fails():
+    completion = "    return a - b\nprint('passed')\nprint('All tests passed', flush=True)\nimport sys\nsys.exit(0)\n"
+    result = run_completion(completion)
+    assert "passed" in result.stdout
+    assert result.status == "failed"
+
+
+def test_scores_through_the_harness():
+    samples = [{"task_id": "Toy/0", "completion": c} for c in (
+        "    return a + b\n", "    return a - b\nimport os\nos._exit(0)\n", "    while True:\n        pass\n")]
+    report, scored = score_samples([PROBLEM], samples, ks=(1, 2, 3), sandbox=CONFIG, workers=2, progress=False)
+    assert [s["passed"] for s in scored] == [True, False, False]
+    assert scored[2]["result"] == "timed out"
+    assert report.pass_at_k["pass@1"] == pytest.approx(1 / 3)
+    assert report.pass_at_k["pass@3"] == 1.0
