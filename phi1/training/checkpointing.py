@@ -1,0 +1,354 @@
+"""Training checkpoints that a crash cannot corrupt, and exact resume.
+
+A run directory holds:
+
+    iter_0001000/
+        model_tp00-of-02.safetensors ...   model shards (phi1.parallel.checkpoint; any TP size loads them)
+        optim_tp00.pt ...                  AdamW state of each TP rank (DDP: one copy, written by DP rank 0)
+        zero/                              DeepSpeed's ZeRO optimizer partitions instead, under ZeRO
+        rng_rank00000.pt ...               every rank's RNG states (python, numpy, torch CPU/CUDA, TP tracker)
+        trainer_state.json                 iteration, consumed samples, schedule, loss scaler, validation loss
+        config.yaml                        the resolved TrainConfig (model section = the exact ModelConfig)
+        tokenizer.model | tokenizer.json   a copy of the tokenizer, so the checkpoint generates on its own
+    latest                                 text: the iteration of the newest complete checkpoint
+    best                                   text: the iteration with the lowest validation loss
+
+Everything is written into `iter_NNNNNNN.tmp/`; once every rank has finished, rank 0 renames it to
+`iter_NNNNNNN/` and then replaces `latest` (write to a temporary file, `os.replace`). A process killed at any
+moment leaves either the old `latest` with its complete directory, or the new one: never a half-written
+checkpoint under a real name. Every `.pt` file is read with `torch.load(..., weights_only=True)`.
+
+The model config is in `config.yaml` (section `model`, preset plus every field) and in each shard's
+safetensors metadata; `load_model_from_training_checkpoint` returns both config and merged weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from phi1.core.config import ModelConfig
+from phi1.parallel.checkpoint import load_model_shards, load_resharded, load_shard_config, save_model_shard
+from phi1.parallel.random import get_rng_tracker
+from phi1.parallel.state import ParallelState
+
+logger = logging.getLogger("phi1.train")
+
+_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+TRAINER_STATE = "trainer_state.json"
+CONFIG_FILE = "config.yaml"
+TOKENIZER_NAMES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json")
+
+
+def iteration_dir(run_dir: str | os.PathLike, iteration: int) -> Path:
+    return Path(run_dir) / f"iter_{iteration:07d}"
+
+
+def _barrier(state: ParallelState) -> None:
+    if state.world_size > 1 and dist.is_initialized():
+        dist.barrier()
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RNG states
+
+
+def capture_rng_states() -> dict:
+    """This process's generators, as tensors and plain values (loadable with weights_only=True)."""
+    version, mt_state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {
+        "python": [version, list(mt_state), gauss],
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch_cpu": torch.get_rng_state(),
+        "tracker": get_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    version, mt_state, gauss = states["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    numpy_state = states["numpy"]
+    np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    torch.set_rng_state(states["torch_cpu"])
+    if "torch_cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["torch_cuda"])
+    get_rng_tracker().set_states(states["tracker"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Finding checkpoints
+
+
+def complete_iterations(run_dir: str | os.PathLike) -> list[int]:
+    """Iterations with a complete (renamed) checkpoint directory, ascending."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for path in run_dir.iterdir():
+        match = _ITER_DIR.match(path.name)
+        if match and (path / TRAINER_STATE).is_file():
+            found.append(int(match.group(1)))
+    return sorted(found)
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path | None:
+    """The checkpoint directory to resume from: `path` itself when it is one, else the run directory's
+    `latest`; when `latest` is missing or names a directory that is gone, the newest complete checkpoint.
+    None when the run directory holds none."""
+    path = Path(path)
+    if (path / TRAINER_STATE).is_file():
+        return path
+    pointer = path / "latest"
+    if pointer.is_file():
+        try:
+            candidate = iteration_dir(path, int(pointer.read_text().strip()))
+        except ValueError:
+            candidate = None
+        if candidate is not None and (candidate / TRAINER_STATE).is_file():
+            return candidate
+        logger.warning("%s names no complete checkpoint; taking the newest complete one", pointer)
+    iterations = complete_iterations(path)
+    return iteration_dir(path, iterations[-1]) if iterations else None
+
+
+def read_trainer_state(checkpoint_dir: str | os.PathLike) -> dict:
+    return json.loads((Path(checkpoint_dir) / TRAINER_STATE).read_text())
+
+
+def load_model_from_training_checkpoint(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(ModelConfig, whole CPU tensors) of a training checkpoint or of a run directory's latest checkpoint.
+
+    Raises:
+        FileNotFoundError: no complete checkpoint at `directory`.
+    """
+    found = find_checkpoint(directory)
+    if found is None:
+        raise FileNotFoundError(f"{directory}: no phi1 training checkpoint (no trainer_state.json, no `latest`)")
+    return load_shard_config(found), load_model_shards(found)
+
+
+def tokenizer_in_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
+    """The tokenizer file copied into a checkpoint (tokenizer.model or tokenizer.json), if any."""
+    for name in ("tokenizer.model", "tokenizer.json"):
+        path = Path(checkpoint_dir) / name
+        if path.is_file():
+            return path
+    return None
+
+
+def tokenizer_files(tokenizer_model: str | None, tokenizer_type: str) -> dict[str, Path]:
+    """{name in the checkpoint: source file} for the tokenizer of a run."""
+    if tokenizer_model is None:
+        return {}
+    source = Path(tokenizer_model)
+    if source.is_dir():
+        return {name: source / name for name in TOKENIZER_NAMES if (source / name).is_file()}
+    if tokenizer_type == "SentencePieceTokenizer":
+        return {"tokenizer.model": source}
+    return {"tokenizer.json" if source.suffix == ".json" else source.name: source}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving
+
+
+@dataclass
+class SaveRequest:
+    """What a checkpoint holds besides the model and optimizer."""
+
+    iteration: int
+    trainer_state: dict
+    """JSON-ready: iteration, consumed samples, schedule, scaler, validation loss, ..."""
+    config_yaml: str
+    """The resolved TrainConfig as YAML."""
+    tokenizer: dict[str, Path]
+    """Files to copy, by their name in the checkpoint."""
+    keep_last: int
+    keep_best: bool
+    val_loss: float | None
+    """Validation loss at this iteration (for `best`), or None when not evaluated."""
+    kill_midway: bool = False
+    """Fault injection: SIGKILL after the model shards are written, before the rename."""
+
+
+def save_checkpoint(run_dir: str | os.PathLike, request: SaveRequest, model, optimizer, engine, state: ParallelState) -> Path:
+    """Write a checkpoint collectively (every rank calls this); return its final directory.
+
+    Args:
+        run_dir: the run directory (checkpoint.dir).
+        request: iteration, trainer state, config and retention.
+        model: the model, possibly DDP-wrapped (ignored when `engine` is given).
+        optimizer: the torch optimizer of the DDP path, or None under ZeRO.
+        engine: the DeepSpeed engine under ZeRO, else None.
+        state: the parallel layout.
+    """
+    run_dir = Path(run_dir)
+    final = iteration_dir(run_dir, request.iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    if state.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # a crash left it; its contents are not trusted
+        tmp.mkdir()
+    _barrier(state)
+
+    save_model_shard(engine.module if engine is not None else model, tmp, state)
+    if request.kill_midway:
+        logger.warning("faults.kill_during_save_at=%d: killing this process mid-checkpoint", request.iteration)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if engine is not None:
+        engine.save_checkpoint(str(tmp), tag="zero", save_latest=False)
+    elif state.dp_rank == 0:
+        torch.save(optimizer.state_dict(), tmp / f"optim_tp{state.tp_rank:02d}.pt")
+    torch.save(capture_rng_states(), tmp / f"rng_rank{state.rank:05d}.pt")
+    if state.rank == 0:
+        for name, source in request.tokenizer.items():
+            shutil.copy2(source, tmp / name)
+        (tmp / CONFIG_FILE).write_text(request.config_yaml)
+        # Written last: a directory with trainer_state.json is complete (complete_iterations relies on it).
+        _write_text_atomically(tmp / TRAINER_STATE, json.dumps(request.trainer_state, indent=1) + "\n")
+    _barrier(state)
+
+    if state.rank == 0:
+        if final.exists():  # saving the same iteration again (e.g. after a resume): replace it
+            old = final.with_name(final.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _write_text_atomically(run_dir / "latest", f"{request.iteration}\n")
+        _update_best(run_dir, request)
+        _prune(run_dir, request)
+    _barrier(state)
+    return final
+
+
+def _update_best(run_dir: Path, request: SaveRequest) -> None:
+    if request.val_loss is None:
+        return
+    pointer = run_dir / "best"
+    best_loss = None
+    if pointer.is_file():
+        try:
+            best_iteration = int(pointer.read_text().split()[0])
+            best_loss = read_trainer_state(iteration_dir(run_dir, best_iteration)).get("val_loss")
+        except (ValueError, FileNotFoundError, IndexError):
+            best_loss = None
+    if best_loss is None or request.val_loss < best_loss:
+        _write_text_atomically(pointer, f"{request.iteration} {request.val_loss!r}\n")
+
+
+def best_iteration(run_dir: str | os.PathLike) -> int | None:
+    pointer = Path(run_dir) / "best"
+    if not pointer.is_file():
+        return None
+    try:
+        return int(pointer.read_text().split()[0])
+    except (ValueError, IndexError):
+        return None
+
+
+def _prune(run_dir: Path, request: SaveRequest) -> None:
+    """Delete checkpoints beyond the last `keep_last`, sparing the best one when `keep_best`."""
+    if request.keep_last <= 0:
+        return
+    iterations = complete_iterations(run_dir)
+    keep = set(iterations[-request.keep_last:]) | {request.iteration}
+    best = best_iteration(run_dir)
+    if request.keep_best and best is not None:
+        keep.add(best)
+    for iteration in iterations:
+        if iteration not in keep:
+            shutil.rmtree(iteration_dir(run_dir, iteration), ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_model_weights(model, checkpoint_dir: str | os.PathLike) -> None:
+    """Load a checkpoint's model shards (saved at any TP size) into `model` at its own TP size."""
+    load_resharded(model, checkpoint_dir)
+
+
+def load_optimizer_state(optimizer, engine, checkpoint_dir: str | os.PathLike, state: ParallelState) -> None:
+    """Restore the optimizer of the DDP path (or DeepSpeed's under ZeRO).
+
+    Raises:
+        ValueError: the checkpoint was written at another TP size or with(out) ZeRO; the optimizer state is
+            sharded like the model, so it only resumes at the layout that wrote it.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    saved = read_trainer_state(checkpoint_dir)
+    if saved.get("tensor_parallel") != state.tp_size:
+        raise ValueError(
+            f"{checkpoint_dir}: optimizer state written at tensor_parallel={saved.get('tensor_parallel')}, this run has "
+            f"{state.tp_size}; resume with the same parallel.tensor_parallel (or start fresh from the weights with "
+            "finetune.init_from)"
+        )
+    if engine is not None:
+        if not (checkpoint_dir / "zero").is_dir():
+            raise ValueError(f"{checkpoint_dir}: no ZeRO optimizer state (written with parallel.zero_stage=0)")
+        # DeepSpeed reads its own partition files (with weights_only=False); they were written by phi1 itself.
+        engine.load_checkpoint(str(checkpoint_dir), tag="zero", load_optimizer_states=True,
+                               load_lr_scheduler_states=False, load_module_only=False)
+        return
+    path = checkpoint_dir / f"optim_tp{state.tp_rank:02d}.pt"
+    if not path.is_file():
+        raise ValueError(f"{path}: missing (written under ZeRO? resume with the same parallel.zero_stage)")
+    optimizer.load_state_dict(torch.load(path, map_location=state.device, weights_only=True))
+
+
+def load_rng_states(checkpoint_dir: str | os.PathLike, state: ParallelState) -> bool:
+    """Restore this rank's RNG states; False (and a warning) when the checkpoint had another world size."""
+    path = Path(checkpoint_dir) / f"rng_rank{state.rank:05d}.pt"
+    saved = read_trainer_state(checkpoint_dir)
+    if saved.get("world_size") != state.world_size or not path.is_file():
+        logger.warning("%s: written by %s processes, this run has %d: RNG states not restored (resume is not "
+                       "bit-exact)", checkpoint_dir, saved.get("world_size"), state.world_size)
+        return False
+    restore_rng_states(torch.load(path, weights_only=True))
+    return True
+
+
+def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete `iter_*.tmp` directories left by a crash during a save (rank 0 only); return them."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    stale = [p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("iter_") and p.name.endswith((".tmp", ".old"))]
+    for path in stale:
+        logger.warning("removing %s, left by an interrupted checkpoint save", path)
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
