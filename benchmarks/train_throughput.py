@@ -1,0 +1,235 @@
+#!/usr/bin/env python
+"""Training throughput of one device: tokens/s, TFLOP/s, MFU, peak memory, attention kernel.
+
+    python benchmarks/train_throughput.py --preset phi-1 --micro-batch 8 --seq-len 2048 --precision bf16 \
+        --steps 20 --compare-hf
+
+Times N training steps (forward, backward, fused AdamW step) after warm-up. With --compare-hf it also runs
+HuggingFace `PhiForCausalLM` (SDPA attention, the same weights, batch, precision and optimizer) in the same
+process and prints both rows and the ratio. MFU counts model FLOPs as `6 N + 12 L d T` per token
+(`ModelConfig.flops_per_token`; recomputation not counted) over the device's peak, looked up by its name.
+Runs on CPU too (small presets), so CI exercises it; CPU rows have no MFU (no peak is known for a CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from phi1.core.config import PRESETS, get_preset  # noqa: E402
+from phi1.core.model import PhiForCausalLM  # noqa: E402
+from phi1.training.metrics import device_name, mfu, peak_tflops  # noqa: E402
+from phi1.training.precision import autocast  # noqa: E402
+
+
+@dataclass
+class Row:
+    system: str
+    preset: str
+    micro_batch: int
+    seq_len: int
+    precision: str
+    activation_checkpointing: bool
+    attention: str
+    tokens_per_second: float
+    tflops_per_second: float
+    mfu: float | None
+    peak_memory_gib: float
+    step_ms: float
+
+
+def attention_kernel_name(model: PhiForCausalLM, device: torch.device, dtype: torch.dtype) -> str:
+    """Our backend, and for SDPA on CUDA whether its flash kernel accepts these shapes (checked by running it)."""
+    backend = model.attention_backend or "?"
+    if backend != "sdpa" or device.type != "cuda":
+        return backend
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(1, model.config.n_head, 128, model.config.head_dim, device=device, dtype=dtype)
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+        return "sdpa (flash kernel)"
+    except RuntimeError:
+        return "sdpa (flash kernel unavailable: efficient/math)"
+
+
+def _reset_peak(device: torch.device) -> float:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return 0.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _peak(device: torch.device, baseline: float) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # CPU: growth of the peak resident set since the baseline (an upper bound shared by both rows).
+    return max(0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 - baseline)
+
+
+def time_steps(model, step_fn, optimizer, batches, args, device) -> float:
+    """Seconds per step, averaged over args.steps after args.warmup untimed steps."""
+
+    def one(tokens):
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(args.precision, device):
+            loss = step_fn(tokens)
+        loss.backward()
+        optimizer.step()
+
+    for i in range(args.warmup):
+        one(batches[i % len(batches)])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for i in range(args.steps):
+        one(batches[i % len(batches)])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / args.steps
+
+
+def make_optimizer(model, device):
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-7, weight_decay=0.1,
+                             fused=device.type == "cuda")
+
+
+def run_ours(config, args, device, batches) -> tuple[Row, dict]:
+    baseline = _reset_peak(device)
+    model = PhiForCausalLM(config, init_seed=0).to(device)
+    model.activation_checkpointing = args.activation_checkpointing
+    model.loss_chunk_size = args.loss_chunk_size
+    model.train()
+    block_forward = None
+    if args.compile:
+        for block in model.layers:
+            block.compile()
+        block_forward = "compiled blocks"
+    optimizer = make_optimizer(model, device)
+
+    def step(tokens):
+        return model(tokens[:, :-1], labels=tokens[:, 1:]).loss
+
+    seconds = time_steps(model, step, optimizer, batches, args, device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
+    attention = attention_kernel_name(model, device, dtype) + (f", {block_forward}" if block_forward else "")
+    row = _row("phi1", config, args, device, seconds, _peak(device, baseline), attention)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    del model, optimizer
+    return row, state
+
+
+def run_hf(config, args, device, batches, phi1_state) -> Row:
+    import transformers
+
+    from phi1.core.hf_interop import config_to_hf, state_dict_to_hf
+
+    baseline = _reset_peak(device)
+    hf_values = {k: v for k, v in config_to_hf(config).items() if k not in ("architectures", "torch_dtype")}
+    hf_config = transformers.PhiConfig(**hf_values)
+    hf_config._attn_implementation = "sdpa"
+    model = transformers.PhiForCausalLM(hf_config)
+    model.load_state_dict(state_dict_to_hf(phi1_state, config))
+    model = model.to(device).train()
+    if args.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    optimizer = make_optimizer(model, device)
+
+    def step(tokens):
+        # HF shifts labels inside; give it the same T input positions as ours.
+        return model(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
+
+    seconds = time_steps(model, step, optimizer, batches, args, device)
+    row = _row("HF PhiForCausalLM", config, args, device, seconds, _peak(device, baseline), "sdpa (transformers)")
+    del model, optimizer
+    return row
+
+
+def _row(system, config, args, device, seconds, peak_gib, attention) -> Row:
+    tokens_per_second = args.micro_batch * args.seq_len / seconds
+    flops_per_token = config.flops_per_token(args.seq_len)
+    peak = peak_tflops(device_name(device), args.precision)
+    return Row(
+        system=system,
+        preset=config.name,
+        micro_batch=args.micro_batch,
+        seq_len=args.seq_len,
+        precision=args.precision,
+        activation_checkpointing=args.activation_checkpointing,
+        attention=attention,
+        tokens_per_second=tokens_per_second,
+        tflops_per_second=flops_per_token * tokens_per_second / 1e12,
+        mfu=mfu(flops_per_token, tokens_per_second, 1, peak),
+        peak_memory_gib=peak_gib,
+        step_ms=seconds * 1e3,
+    )
+
+
+def print_table(rows: list[Row], device: torch.device) -> None:
+    print(f"device: {device_name(device)}")
+    header = f"{'system':<20} {'preset':<12} {'mb':>3} {'seq':>5} {'prec':>5} {'ckpt':>5} {'tokens/s':>11} {'TFLOP/s':>8} {'MFU':>7} {'peak GiB':>9} {'step ms':>9}  attention"
+    print(header)
+    for r in rows:
+        m = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "n/a"
+        print(f"{r.system:<20} {r.preset:<12} {r.micro_batch:>3} {r.seq_len:>5} {r.precision:>5} {str(r.activation_checkpointing):>5} "
+              f"{r.tokens_per_second:>11.1f} {r.tflops_per_second:>8.2f} {m:>7} {r.peak_memory_gib:>9.2f} {r.step_ms:>9.1f}  {r.attention}")
+    if len(rows) == 2:
+        print(f"ratio phi1 / HF tokens/s: {rows[0].tokens_per_second / rows[1].tokens_per_second:.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="phi-1-tiny", choices=sorted(PRESETS))
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=None, help="default: the preset's max_seq_len")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
+                        help="autocast precision over fp32 weights (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--attention-backend", default="auto", choices=("auto", "flash", "sdpa", "math"))
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--loss-chunk-size", type=int, default=0, help="chunked lm_head + loss (0: off)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block")
+    parser.add_argument("--compare-hf", action="store_true", help="also run HuggingFace PhiForCausalLM")
+    parser.add_argument("--json-out", type=Path, default=None, help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    config = get_preset(args.preset, attention_backend=args.attention_backend)
+    args.seq_len = args.seq_len or config.max_seq_len
+    if args.seq_len > config.max_seq_len:
+        parser.error(f"--seq-len {args.seq_len} exceeds the preset's max_seq_len {config.max_seq_len}")
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, config.vocab_size, (args.micro_batch, args.seq_len + 1), generator=generator).to(device)
+               for _ in range(2)]
+
+    rows = []
+    ours, state = run_ours(config, args, device, batches)
+    rows.append(ours)
+    if args.compare_hf:
+        rows.append(run_hf(config, args, device, batches, state))
+    print_table(rows, device)
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps({"device": device_name(device), "rows": [asdict(r) for r in rows]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
