@@ -74,8 +74,8 @@ def train_sentencepiece(input_path: str, output_dir: str, vocab_size: int, max_s
         split_digits=True,
         allow_whitespace_only_pieces=True,
         user_defined_symbols=["\n", "\t"] + whitespace_runs(max_space_run),
-        control_symbols=[EOD_TOKEN],
-        unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
+        # <|endoftext|> is the EOS control piece, so readers that take EOS as eod (Megatron) agree with ours.
+        unk_id=0, bos_id=-1, eos_id=1, pad_id=-1, eos_piece=EOD_TOKEN,
         max_sentence_length=1 << 16,
         input_sentence_size=2_000_000,
         shuffle_input_sentence=True,
