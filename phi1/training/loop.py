@@ -149,6 +149,9 @@ def micro_batches(dataset, config: TrainConfig, state: ParallelState, consumed_s
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=config.data.num_workers, collate_fn=collate,
         pin_memory=state.device.type == "cuda",
+        # Its own generator: a DataLoader iterator draws a base seed, and from the global generator that draw
+        # would shift dropout masks whenever an iterator is created (after a resume, for each evaluation).
+        generator=torch.Generator().manual_seed(config.seed + consumed_samples),
     )
     return iter(loader)
 
