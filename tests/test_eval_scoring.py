@@ -151,3 +151,30 @@ def test_cli_rejects_bad_options(tmp_path):
         config = get_preset("phi-1-nano")
         save_pretrained(PhiForCausalLM(config).state_dict(), config, tmp_path / "m")
         main(["--model", str(tmp_path / "m"), "--limit", "1", "--quiet"])
+
+
+@pytest.mark.slow
+def test_generation_spread_over_two_data_parallel_ranks(tmp_path):
+    """torchrun with 2 gloo ranks writes the same greedy samples as one process, every problem once."""
+    import os
+    import subprocess
+    import sys
+
+    from phi1.eval.toy_model import build_toy_model_dir
+
+    model_dir = build_toy_model_dir(tmp_path / "model", "phi-1-nano", max_seq_len=1024)
+    common = ["--model", str(model_dir), "--limit", "5", "--max-new-tokens", "12", "--batch-size", "2", "--quiet",
+              "--workers", "2", "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "phi1.eval", *common, "--output-dir", str(tmp_path / "dp")],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert main([*common, "--output-dir", str(tmp_path / "single")]) == 0
+    dp = (tmp_path / "dp" / "samples.jsonl").read_text().splitlines()
+    single = (tmp_path / "single" / "samples.jsonl").read_text().splitlines()
+    assert len(dp) == 5 and dp == single
+    summary = json.loads((tmp_path / "dp" / "summary.json").read_text())
+    assert summary["world_size"] == 2
