@@ -1,5 +1,6 @@
 """10 training steps at TP = 2 x DP = 2 (4 gloo processes) against one process with the same global batch, and
-the TP-resharding round trip TP 2 -> 1 -> 4 (with an HF export), in one spawn.
+the TP-resharding round trip TP 2 -> 1 -> 4 (with an HF export), in one spawn. The TP x DP runs: DDP, DDP with
+sequence parallelism, ZeRO-1, and ZeRO-3 with sequence parallelism.
 
 The reference runs in the test process: plain model, torch's own `clip_grad_norm_`, AdamW with the same
 parameter groups. The parallel run uses DDP over the DP group, the sequence-parallel gradient all-reduce and
@@ -76,6 +77,29 @@ def _train(state: ParallelState, sequence_parallel: bool) -> tuple[list[float], 
     return losses, norms, model
 
 
+def _train_zero(state: ParallelState, stage: int, sequence_parallel: bool) -> list[float]:
+    from phi1.parallel.zero import deepspeed_config, initialize_zero
+
+    model = PhiForCausalLM(get_preset("phi-1-nano"), tp_group=state.tp_group, sequence_parallel=sequence_parallel)
+    micro = GLOBAL_BATCH // state.dp_size
+    config = deepspeed_config(
+        zero_stage=stage, micro_batch_size=micro, grad_accum_steps=1, dp_size=state.dp_size, lr=LR,
+        betas=(0.9, 0.999), eps=1e-8, weight_decay=WEIGHT_DECAY, grad_clip=MAX_NORM, precision="fp32",
+    )
+    engine = initialize_zero(model, config, state)
+    losses = []
+    for batch in _batches(model.config.vocab_size):
+        rows = batch[state.dp_rank * micro : (state.dp_rank + 1) * micro]
+        loss = engine(rows[:, :-1], labels=rows[:, 1:]).loss
+        engine.backward(loss)
+        engine.step()
+        reported = loss.detach().clone()
+        dist.all_reduce(reported, group=state.dp_group)
+        losses.append(reported.item() / state.dp_size)
+    engine.destroy()
+    return losses
+
+
 def _reshard_round_trip(state: ParallelState, model: PhiForCausalLM, root: Path) -> dict:
     """TP 2 -> 1 -> 4 through shard files; returns how the merged tensors and logits compare."""
     config = model.config
@@ -119,8 +143,13 @@ def _training_worker(rank: int, world_size: int, root: str) -> dict:
     assert (state.tp_size, state.dp_size) == (2, 2)
     losses, norms, model = _train(state, sequence_parallel=False)
     sp_losses, sp_norms, _ = _train(state, sequence_parallel=True)
+    zero1_losses = _train_zero(state, stage=1, sequence_parallel=False)
+    zero3_sp_losses = _train_zero(state, stage=3, sequence_parallel=True)
     reshard = _reshard_round_trip(state, model, Path(root))
-    return {"losses": losses, "norms": norms, "sp_losses": sp_losses, "sp_norms": sp_norms, **reshard}
+    return {
+        "losses": losses, "norms": norms, "sp_losses": sp_losses, "sp_norms": sp_norms,
+        "zero1_losses": zero1_losses, "zero3_sp_losses": zero3_sp_losses, **reshard,
+    }
 
 
 @pytest.mark.slow
@@ -130,7 +159,10 @@ def test_tp2_dp2_training_matches_one_process_and_reshards():
     with tempfile.TemporaryDirectory(prefix="phi1-reshard-") as root:
         results = run_on_gloo(_training_worker, 4, root, timeout_s=180)
     for rank, result in enumerate(results):
-        for key, want in (("losses", ref_losses), ("sp_losses", ref_losses), ("norms", ref_norms), ("sp_norms", ref_norms)):
+        for key, want in (
+            ("losses", ref_losses), ("sp_losses", ref_losses), ("norms", ref_norms), ("sp_norms", ref_norms),
+            ("zero1_losses", ref_losses), ("zero3_sp_losses", ref_losses),
+        ):
             err = max(abs(a - b) for a, b in zip(result[key], want))
             assert err <= TOL, f"rank {rank} {key}: max difference {err:.3e} from one process ({result[key]} vs {want})"
     assert ref_losses[-1] < ref_losses[0]  # it trained

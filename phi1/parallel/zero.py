@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from phi1.parallel.layers import tensor_parallel_dims
@@ -128,12 +129,30 @@ class _ModelParallelUnit:
         return list(range(self.state.tp_rank, self.state.world_size, self.state.tp_size))
 
 
+def _reduce_sequence_parallel_grads_in_backward(model: nn.Module, state: ParallelState) -> None:
+    """Hook each sequence-parallel parameter so that its gradient is summed over the TP group as it is produced,
+    before DeepSpeed's own gradient hooks (which run after accumulation) reduce it over DP."""
+    if not getattr(model, "sequence_parallel", False) or state.tp_size == 1:
+        return
+    params = dict(model.named_parameters())
+
+    def all_reduce_over_tp(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=state.tp_group)
+        return grad
+
+    for name in model.sequence_parallel_param_names():
+        params[name].register_hook(all_reduce_over_tp)
+
+
 def initialize_zero(model: nn.Module, ds_config: dict, state: ParallelState):
     """Wrap `model` in a DeepSpeed engine running ZeRO over `state.dp_group`.
 
     torch.distributed must already be initialised (by `init_distributed`); DeepSpeed is told not to initialise
     it again. Tensor-parallel shards are tagged `tensor_model_parallel` so that DeepSpeed's clipping counts
-    them on every TP rank and replicated parameters once.
+    them on every TP rank and replicated parameters once. Under sequence parallelism the TP all-reduce of the
+    sequence-parallel gradients runs inside the backward (ZeRO reduces and partitions gradients there, before
+    the loop could call `allreduce_sequence_parallel_grads`; do not call it with ZeRO).
 
     Args:
         model: the PhiForCausalLM (not DDP-wrapped), on `state.device`.
@@ -142,19 +161,12 @@ def initialize_zero(model: nn.Module, ds_config: dict, state: ParallelState):
     Returns:
         The DeepSpeedEngine; `.module` is the model.
     Raises:
-        ValueError: sequence parallelism with ZeRO stage 2 or 3 (ZeRO reduces and partitions gradients inside
-            `backward`, before the TP all-reduce of the sequence-parallel gradients could run), or a config
-            without "optimizer" params.
+        ValueError: a config without "optimizer" params.
     """
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if state.device.type == "cuda" else "cpu")
     import deepspeed  # imported here: it is heavy and only ZeRO runs need it
 
-    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    if getattr(model, "sequence_parallel", False) and stage >= 2:
-        raise ValueError(
-            f"sequence_parallel=True with ZeRO stage {stage} is not supported: use ZeRO stage 1 or DDP, or turn "
-            "sequence parallelism off"
-        )
+    _reduce_sequence_parallel_grads_in_backward(model, state)
     try:
         opt = ds_config["optimizer"]["params"]
     except KeyError:
