@@ -18,8 +18,12 @@ from phi1.parallel.state import ParallelState
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The phi model inside DDP / DeepSpeed wrappers (both keep it as `.module`)."""
-    while not hasattr(model, "sequence_parallel_param_names") and hasattr(model, "module"):
+    """The phi model inside DDP / DeepSpeed wrappers (both keep it as `.module`).
+
+    Unwrapped by the `.module` attribute itself: a DeepSpeed engine forwards unknown attributes to its module,
+    so asking the wrapper for a model method would wrongly answer yes.
+    """
+    while isinstance(getattr(model, "module", None), nn.Module):
         model = model.module
     return model
 
