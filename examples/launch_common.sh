@@ -19,6 +19,17 @@ phi1_gpu_count() {
     fi
 }
 
+# Overrides from the environment, for launchers that serve any config (multi-node, SLURM): only those set.
+phi1_env_overrides() {
+    phi1_env_args=()
+    [[ -n "${DATA_PATH:-}" ]] && phi1_env_args+=("data.path=$DATA_PATH")
+    [[ -n "${TOKENIZER_MODEL:-}" ]] && phi1_env_args+=("data.tokenizer_model=$TOKENIZER_MODEL")
+    [[ -n "${CHECKPOINT_DIR:-}" ]] && phi1_env_args+=("checkpoint.dir=$CHECKPOINT_DIR")
+    [[ -n "${INIT_FROM:-}" ]] && phi1_env_args+=("finetune.init_from=$INIT_FROM")
+    [[ -n "${EXERCISES:-}" ]] && phi1_env_args+=("finetune.data=$EXERCISES")
+    return 0
+}
+
 phi1_launch() {
     local config="$1"
     shift

@@ -1,0 +1,110 @@
+"""The example launchers train the same run whatever starts the processes: one torchrun launch of 2 processes,
+two torchrun launches of one process each joined by a rendezvous on 127.0.0.1 (two "nodes"), torchrun running
+the shell script with --no-python, and mpirun with ranks from mpi4py."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from phi1.training.metrics import read_jsonl
+from phi1.training.synthetic import write_synthetic_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.preset=phi-1-nano", "model.vocab_size=128", "model.attn_dropout=0.1", "model.resid_dropout=0.1",
+    "data.seq_len=32", "data.split=90,10,0", "batch.global_batch_size=8", "batch.micro_batch_size=2",
+    "schedule.train_steps=4", "schedule.warmup_steps=1", "parallel.zero_stage=0", "precision=fp32",
+    "activation_checkpointing=false", "eval.interval=0", "logging.interval=1", "checkpoint.interval=0",
+    "logging.tensorboard_dir=",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def env_for(data_dir: Path, run_dir: Path, **extra: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+               DATA_PATH=str(data_dir / "counting_text_document"), TOKENIZER_MODEL=str(data_dir / "tokenizer.json"),
+               CHECKPOINT_DIR=str(run_dir), **extra)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK"):
+        if key not in extra:
+            env.pop(key, None)
+    return env
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["step_losses"][-1] for r in read_jsonl(run_dir / "metrics.jsonl") if "step_losses" in r]
+
+
+def check(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One launch of 2 processes on this machine (`bash examples/pretrain_phi1.sh`, GPUS_PER_NODE=2)."""
+    data_dir = tmp_path_factory.mktemp("data")
+    write_synthetic_dataset(data_dir)
+    run_dir = tmp_path_factory.mktemp("reference")
+    result = subprocess.run(["bash", "examples/pretrain_phi1.sh", *TINY], cwd=REPO, capture_output=True, text=True,
+                            env=env_for(data_dir, run_dir, GPUS_PER_NODE="2"), timeout=180)
+    check(result)
+    expected = losses(run_dir)
+    assert len(expected) == 4
+    return data_dir, expected
+
+
+@pytest.mark.slow
+def test_two_nodes_train_like_one_launch(reference, tmp_path) -> None:
+    data_dir, expected = reference
+    port = str(free_port())
+    nodes = [
+        subprocess.Popen(["bash", "examples/multinode_torchrun.sh", *TINY], cwd=REPO, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         env=env_for(data_dir, tmp_path, NNODES="2", NODE_RANK=str(node), GPUS_PER_NODE="1",
+                                     MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RUN_ID="test-two-nodes",
+                                     CONFIG="configs/pretrain_phi1.yaml"))
+        for node in range(2)
+    ]
+    outputs = []
+    for process in nodes:
+        try:
+            outputs.append(process.communicate(timeout=180)[0])
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert all(p.returncode == 0 for p in nodes), "\n".join(o[-3000:] for o in outputs)
+    assert "2 processes: tensor parallel 1 x data parallel 2" in "".join(outputs)
+    assert losses(tmp_path) == expected
+
+
+@pytest.mark.slow
+def test_torchrun_runs_the_script_with_no_python(reference, tmp_path) -> None:
+    data_dir, expected = reference
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python",
+               "examples/pretrain_phi1.sh", *TINY]
+    check(subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env_for(data_dir, tmp_path), timeout=180))
+    assert losses(tmp_path) == expected
+
+
+@pytest.mark.slow
+def test_mpirun_trains_with_ranks_from_mpi(reference, tmp_path) -> None:
+    if shutil.which("mpirun") is None:
+        pytest.skip("mpirun not found: install Open MPI (apt-get install openmpi-bin libopenmpi-dev); CI does")
+    pytest.importorskip("mpi4py", reason="mpi4py not installed (pip install mpi4py); CI installs it")
+    data_dir, expected = reference
+    env = env_for(data_dir, tmp_path, NP="2", MPIRUN_ARGS="--oversubscribe", CONFIG="configs/pretrain_phi1.yaml",
+                  OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", MASTER_ADDR="127.0.0.1")
+    check(subprocess.run(["bash", "examples/mpirun_pretrain.sh", *TINY], cwd=REPO, capture_output=True, text=True,
+                         env=env, timeout=180))
+    assert losses(tmp_path) == expected
