@@ -1,0 +1,88 @@
+#!/usr/bin/env python
+"""The planner's memory per process against the measured peak of real training steps, on CPU.
+
+    python benchmarks/bench_planner_memory.py [--configs mb4,tp2,...] [--steps 3] [--with-zero]
+
+Each configuration launches fresh processes (torchrun for two) that build the real Trainer on a synthetic
+corpus, run `--steps` optimizer steps and report their peak resident memory above the baseline taken just
+before the Trainer was built (see phi1.planning.measure: MALLOC_MMAP_THRESHOLD_=65536 makes the resident set
+follow the live tensors). The model: 4 layers, d_model 512, 8 heads, MLP 2048, vocabulary 8192 (~21M
+parameters), sequences of 256 tokens. Prints predicted, measured and the error; exits 1 when an error passes
+--tolerance (10%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from phi1.planning.measure import measure_peak_memory  # noqa: E402
+from phi1.training.synthetic import write_synthetic_dataset  # noqa: E402
+
+MODEL = ["model.preset=phi-1-tiny", "model.n_layer=4", "model.d_model=512", "model.n_head=8", "model.d_mlp=2048",
+         "model.vocab_size=8192", "model.max_seq_len=256"]
+
+# name: (processes, overrides)
+CONFIGS: dict[str, tuple[int, list[str]]] = {
+    "mb4": (1, ["batch.micro_batch_size=4", "batch.global_batch_size=4"]),
+    "mb8": (1, ["batch.micro_batch_size=8", "batch.global_batch_size=8"]),
+    "mb8-ac": (1, ["batch.micro_batch_size=8", "batch.global_batch_size=8", "activation_checkpointing=true"]),
+    "mb4-accum2": (1, ["batch.micro_batch_size=4", "batch.global_batch_size=8"]),
+    "mb4-bf16": (1, ["batch.micro_batch_size=4", "batch.global_batch_size=4", "precision=bf16"]),
+    "tp2-mb4": (2, ["batch.micro_batch_size=4", "batch.global_batch_size=4", "parallel.tensor_parallel=2"]),
+    "dp2-mb4": (2, ["batch.micro_batch_size=4", "batch.global_batch_size=8"]),
+}
+ZERO_CONFIGS: dict[str, tuple[int, list[str]]] = {
+    "dp2-zero1-mb4": (2, ["batch.micro_batch_size=4", "batch.global_batch_size=8", "parallel.zero_stage=1"]),
+}
+
+
+def base_overrides(data_dir: Path, run_dir: Path, seq_len: int = 256) -> list[str]:
+    """TrainConfig overrides shared by every configuration: the model, the synthetic data, no logging."""
+    return MODEL + [
+        f"data.path={data_dir / 'counting_text_document'}", f"data.tokenizer_model={data_dir / 'tokenizer.json'}",
+        f"data.seq_len={seq_len}", "data.split=100,0,0", "eval.interval=0", f"checkpoint.dir={run_dir}",
+        "checkpoint.resume=false", "logging.jsonl=", "logging.tensorboard_dir=", "schedule.train_steps=20",
+        "schedule.warmup_steps=1",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names of " + ", ".join(CONFIGS))
+    parser.add_argument("--with-zero", action="store_true", help="also DeepSpeed ZeRO-1 (slow to start)")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--tolerance", type=float, default=0.10)
+    args = parser.parse_args(argv)
+    table = dict(CONFIGS, **ZERO_CONFIGS)
+    names = [n for n in args.configs.split(",") if n] + (list(ZERO_CONFIGS) if args.with_zero else [])
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        print(f"unknown configs {unknown}; known: {sorted(table)}", file=sys.stderr)
+        return 2
+    worst = 0.0
+    with tempfile.TemporaryDirectory(prefix="phi1-planner-mem-") as tmp:
+        data_dir = Path(tmp) / "data"
+        write_synthetic_dataset(data_dir)
+        print(f"{'config':<16} {'procs':>5} {'predicted MiB':>13} {'measured MiB':>12} {'error':>7}  peak moment (predicted)")
+        for name in names:
+            nproc, overrides = table[name]
+            start = time.perf_counter()
+            result = measure_peak_memory(base_overrides(data_dir, Path(tmp) / name) + overrides, nproc=nproc,
+                                         steps=args.steps)
+            error = result["predicted"] / result["measured"] - 1
+            if not name.startswith("dp2-zero"):
+                worst = max(worst, abs(error))
+            print(f"{name:<16} {nproc:>5} {result['predicted'] / 2**20:>13.1f} {result['measured'] / 2**20:>12.1f} "
+                  f"{100 * error:>+6.1f}%  {result['peak_moment']} ({time.perf_counter() - start:.0f} s)", flush=True)
+    print(f"largest error {100 * worst:.1f}% (tolerance {100 * args.tolerance:.0f}%)")
+    return 0 if worst <= args.tolerance else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

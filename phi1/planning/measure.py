@@ -1,0 +1,136 @@
+"""Measured peak memory of real training steps on CPU, to check `phi1.planning.memory` against.
+
+`measure_peak_memory` launches fresh processes (torchrun for more than one) that each build the real
+`phi1.training.loop.Trainer` from TrainConfig overrides, take their resident memory as the baseline, run a few
+`Trainer.train_step` calls, and report the peak resident memory above that baseline next to the planner's
+prediction for the same layout. Every process runs with `MALLOC_MMAP_THRESHOLD_=65536`, so every tensor larger
+than 64 KiB is its own mmap returned to the kernel when freed and the resident set follows the live tensors;
+the peak is reset at the baseline by writing 5 to /proc/self/clear_refs (Linux), so the import and start-up
+transients do not count.
+
+    python -m phi1.planning.measure model.n_layer=4 batch.micro_batch_size=4 ...   (one worker; see below)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from phi1.planning.memory import estimate_memory, layout_from_train_config
+
+REPO = Path(__file__).resolve().parents[2]
+RESULT_PREFIX = "PHI1_MEMORY_RESULT "
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _warm_up_runtime() -> None:
+    """One step of a throwaway nano model and AdamW, so that what torch imports and initialises lazily on first
+    use (the optimizer's compile machinery, kernels' scratch space) is in the baseline, not in the peak."""
+    import torch
+
+    from phi1.core.config import get_preset
+    from phi1.core.model import PhiForCausalLM
+
+    model = PhiForCausalLM(get_preset("phi-1-nano"))
+    optimizer = torch.optim.AdamW(model.parameters(), foreach=True)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def worker(overrides: list[str], steps: int) -> dict:
+    """Run inside one launched process: build the Trainer, run `steps` steps, return measured and predicted bytes."""
+    import torch.distributed as dist
+
+    from phi1.parallel.state import destroy_distributed, init_distributed
+    from phi1.training.config import load_config, validate_config
+    from phi1.training.loop import Trainer, launched_world_size, micro_batches, resolve_config
+
+    config = load_config(None, overrides)
+    world_size = launched_world_size()
+    resolve_config(config, world_size)
+    model_config = validate_config(config, world_size)
+    state = init_distributed(config.parallel.tensor_parallel)
+    try:
+        _warm_up_runtime()
+        baseline = _status_kib("VmRSS") * 1024
+        reset = _reset_peak()
+        trainer = Trainer(config, model_config, state)
+        data = micro_batches(trainer.train_data, config, state, 0)
+        for _ in range(steps):
+            trainer.train_step(data)
+        peak = _status_kib("VmHWM") * 1024
+        trainer.close()
+        layout = layout_from_train_config(config, model_config, world_size, gpu=False)
+        estimate = estimate_memory(model_config, layout)
+        result = {"rank": state.rank, "measured": peak - baseline, "baseline": baseline, "peak_reset": reset,
+                  "predicted": estimate.total, "peak_moment": estimate.peak_moment, "parts": estimate.as_dict()}
+        if dist.is_initialized():
+            gathered = [None] * state.world_size
+            dist.all_gather_object(gathered, result)
+            result = max(gathered, key=lambda r: r["measured"])
+        return result
+    finally:
+        destroy_distributed()
+
+
+def measure_peak_memory(overrides: list[str], nproc: int = 1, steps: int = 3, timeout: float = 300,
+                        threads: int = 1) -> dict:
+    """Launch `nproc` fresh processes training with `overrides`; return the worst rank's measured peak bytes
+    above its baseline (`measured`), the planner's `predicted` bytes, and the estimate's parts.
+
+    Raises:
+        RuntimeError: the workers failed (their output is in the message).
+        subprocess.TimeoutExpired: they ran longer than `timeout` seconds.
+    """
+    env = dict(os.environ, PYTHONPATH=str(REPO), MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(threads),
+               DS_ACCELERATOR="cpu")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    module = ["-m", "phi1.planning.measure", f"--steps={steps}", *overrides]
+    if nproc > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *module]
+    else:
+        command = [sys.executable, *module]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    for line in result.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    raise RuntimeError(f"memory measurement failed (exit {result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    steps = 3
+    for item in list(args):
+        if item.startswith("--steps="):
+            steps = int(item.split("=", 1)[1])
+            args.remove(item)
+    result = worker(args, steps)
+    if result["rank"] == 0 or int(os.environ.get("RANK", "0")) == 0:
+        print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

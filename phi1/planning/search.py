@@ -1,0 +1,105 @@
+"""Every parallel layout of a model on a cluster, with its memory and step time, best first.
+
+The choices: tensor parallel size (divisors of the GPU count that split the heads, MLP and vocabulary and fit
+in one node), data parallel = GPUs / TP, ZeRO stage 0-3, micro-batch (powers of two that divide the per-replica
+batch), activation checkpointing on or off, and sequence parallelism when TP > 1 (phi1 supports it with ZeRO 0
+and 1). A plan fits when its peak memory is within the GPU's memory; fitting plans come first, fastest first;
+among equally fast ones, the smaller memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from phi1.core.config import ModelConfig
+from phi1.planning.hardware import Cluster
+from phi1.planning.memory import GIB, Layout, MemoryEstimate, estimate_memory
+from phi1.planning.timing import StepTime, predict_on_cluster
+
+MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass
+class Plan:
+    """One layout with its predicted memory per GPU and step time."""
+
+    layout: Layout
+    memory: MemoryEstimate
+    time: StepTime
+    fits: bool
+    gradient_accumulation: int
+
+    def describe(self) -> str:
+        """A short name: 'TP2 DP4 ZeRO-1 mb4 AC SP'."""
+        lay = self.layout
+        parts = [f"TP{lay.tensor_parallel}", f"DP{lay.data_parallel}",
+                 "DDP" if lay.zero_stage == 0 else f"ZeRO-{lay.zero_stage}", f"mb{lay.micro_batch_size}"]
+        if lay.activation_checkpointing:
+            parts.append("AC")
+        if lay.sequence_parallel:
+            parts.append("SP")
+        return " ".join(parts)
+
+
+def tensor_parallel_choices(config: ModelConfig, gpus: int, gpus_per_node: int) -> list[int]:
+    """TP sizes that divide the GPU count, fit in one node and split the model's heads, MLP and vocabulary."""
+    choices = []
+    for tp in range(1, min(gpus, gpus_per_node) + 1):
+        if gpus % tp:
+            continue
+        try:
+            config.validate(tensor_parallel_size=tp)
+        except ValueError:
+            continue
+        choices.append(tp)
+    return choices
+
+
+def enumerate_plans(
+    config: ModelConfig,
+    cluster: Cluster,
+    global_batch: int,
+    seq_len: int,
+    precision: str,
+    utilisation: float,
+    zero_stages: tuple[int, ...] = (0, 1, 2, 3),
+) -> list[Plan]:
+    """Every layout choice with its memory and time, best first (see the module docstring).
+
+    Raises:
+        ValueError: seq_len beyond the model's max_seq_len, or no layout divides the global batch.
+    """
+    if seq_len > config.max_seq_len:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
+    capacity = cluster.gpu.memory_gib * GIB
+    overhead = cluster.gpu.runtime_overhead_gib * GIB
+    plans = []
+    for tp in tensor_parallel_choices(config, cluster.count, cluster.gpus_per_node):
+        dp = cluster.count // tp
+        per_replica, remainder = divmod(global_batch, dp)
+        if remainder:
+            continue
+        for zero in zero_stages:
+            if zero > 0 and dp == 1:
+                continue  # ZeRO partitions over DP: nothing to partition
+            for micro in MICRO_BATCHES:
+                if per_replica % micro:
+                    continue
+                for checkpointing in (False, True):
+                    for sp in ((False, True) if tp > 1 and zero <= 1 else (False,)):
+                        layout = Layout(
+                            tensor_parallel=tp, data_parallel=dp, zero_stage=zero, micro_batch_size=micro,
+                            seq_len=seq_len, precision=precision, activation_checkpointing=checkpointing,
+                            sequence_parallel=sp, gpu=True, runtime_overhead_bytes=overhead,
+                            attn_dropout=config.attn_dropout, resid_dropout=config.resid_dropout,
+                        )
+                        memory = estimate_memory(config, layout)
+                        time = predict_on_cluster(config, layout, global_batch, cluster, utilisation)
+                        plans.append(Plan(layout, memory, time, memory.total <= capacity, per_replica // micro))
+    if not plans:
+        raise ValueError(f"no layout of {cluster.count} GPUs divides the global batch {global_batch}")
+    plans.sort(key=lambda p: (not p.fits, round(p.time.total, 4), p.memory.total))
+    return plans
+
+
+__all__ = ["MICRO_BATCHES", "Plan", "enumerate_plans", "tensor_parallel_choices"]
