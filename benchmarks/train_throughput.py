@@ -129,7 +129,6 @@ def run_ours(config, args, device, batches) -> tuple[Row, dict]:
     attention = attention_kernel_name(model, device, dtype) + (f", {block_forward}" if block_forward else "")
     row = _row("phi1", config, args, device, seconds, _peak(device, baseline), attention)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    del model, optimizer
     return row, state
 
 
@@ -154,9 +153,7 @@ def run_hf(config, args, device, batches, phi1_state) -> Row:
         return model(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
 
     seconds = time_steps(model, step, optimizer, batches, args, device)
-    row = _row("HF PhiForCausalLM", config, args, device, seconds, _peak(device, baseline), "sdpa (transformers)")
-    del model, optimizer
-    return row
+    return _row("HF PhiForCausalLM", config, args, device, seconds, _peak(device, baseline), "sdpa (transformers)")
 
 
 def _row(system, config, args, device, seconds, peak_gib, attention) -> Row:

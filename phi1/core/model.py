@@ -26,7 +26,12 @@ from phi1.core.attention import KERNELS, causal_keep_mask, default_scale, select
 from phi1.core.chunked_cross_entropy import chunked_linear_cross_entropy
 from phi1.core.config import ModelConfig
 from phi1.parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_cross_entropy
-from phi1.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, tensor_parallel_dims
+from phi1.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    tensor_parallel_dims,
+)
 from phi1.parallel.mappings import (
     copy_to_tp,
     gather_from_sequence,
