@@ -129,6 +129,18 @@ class _ModelParallelUnit:
         return list(range(self.state.tp_rank, self.state.world_size, self.state.tp_size))
 
 
+def _skip_shared_memory_allreduce_build(deepspeed) -> None:
+    """Keep DeepSpeed's CPU backend from JIT-compiling its shared-memory all-reduce.
+
+    That op serves only DeepSpeed's inference all-reduce; ZeRO training communicates through torch.distributed.
+    On a machine without a warm torch-extensions cache the build costs minutes of g++ on every rank (measured:
+    2.5 min on a 2-core machine), so it is marked incompatible before the comm backend is created.
+    """
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
+
+
 def _reduce_sequence_parallel_grads_in_backward(model: nn.Module, state: ParallelState) -> None:
     """Hook each sequence-parallel parameter so that its gradient is summed over the TP group as it is produced,
     before DeepSpeed's own gradient hooks (which run after accumulation) reduce it over DP."""
@@ -165,6 +177,9 @@ def initialize_zero(model: nn.Module, ds_config: dict, state: ParallelState):
     """
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if state.device.type == "cuda" else "cpu")
     import deepspeed  # imported here: it is heavy and only ZeRO runs need it
+
+    if state.device.type == "cpu":
+        _skip_shared_memory_allreduce_build(deepspeed)
 
     _reduce_sequence_parallel_grads_in_backward(model, state)
     try:
