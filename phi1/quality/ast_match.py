@@ -25,7 +25,9 @@ import numpy as np
 
 BUILTIN_NAMES = frozenset(dir(builtins))
 _FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
-_CONTEXTS = (ast.Load, ast.Store, ast.Del)
+_CONTEXTS = frozenset((ast.Load, ast.Store, ast.Del))
+_NAME_FIELDS = frozenset(("name", "id", "arg", "attr", "asname", "type_comment"))
+_NAME_AND_ANNOTATION_FIELDS = _NAME_FIELDS | {"returns", "annotation", "type_params"}
 # ```python ... ``` blocks of a markdown document (synthetic textbooks hold code this way).
 _FENCED = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
 
@@ -61,6 +63,8 @@ class _Normaliser:
         self.options = options
         self.names: dict[str, str] = {}
         self.tokens: list[str] = []
+        self.functions: list[tuple[str, int, int, int]] = []
+        """(name, line, start, end) of each function's span in `tokens`."""
 
     def name(self, identifier: str | None) -> str:
         if identifier is None:
@@ -73,53 +77,69 @@ class _Normaliser:
         return placeholder
 
     def visit(self, node: ast.AST) -> None:
-        if isinstance(node, _CONTEXTS):
+        kind = type(node)
+        if kind in _CONTEXTS:
             return
         out = self.tokens
-        out.append(type(node).__name__)
-        if isinstance(node, ast.Name):
+        start = len(out)
+        out.append(kind.__name__)
+        if kind is ast.Name:
             out.append(self.name(node.id))
             return
-        if isinstance(node, ast.arg):
+        if kind is ast.Constant:
+            value_kind = type(node.value).__name__
+            out.append(f"c:{value_kind}:{node.value!r}" if self.options.constant_values else f"c:{value_kind}")
+            return
+        if kind is ast.Attribute:
+            self.visit(node.value)
+            out.append("." + node.attr)
+            return
+        if kind is ast.arg:
             out.append(self.name(node.arg))
             if self.options.annotations and node.annotation is not None:
                 self.visit(node.annotation)
             return
-        if isinstance(node, ast.Constant):
-            kind = type(node.value).__name__
-            out.append(f"c:{kind}:{node.value!r}" if self.options.constant_values else f"c:{kind}")
-            return
-        if isinstance(node, ast.Attribute):
-            self.visit(node.value)
-            out.append("." + node.attr)
-            return
-        if isinstance(node, (*_FUNCTIONS, ast.ClassDef)):
+        is_function = kind in _FUNCTIONS
+        if is_function or kind is ast.ClassDef:
             out.append(self.name(node.name))
-        elif isinstance(node, ast.keyword):
+        elif kind is ast.keyword:
             out.append(f"kw:{node.arg}")
-        elif isinstance(node, ast.alias):
+        elif kind is ast.alias:
             out.append(node.name)
             if node.asname:
                 out.append(self.name(node.asname))
             return
-        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+        elif kind is ast.Global or kind is ast.Nonlocal:
             out.extend(self.name(n) for n in node.names)
             return
-        elif isinstance(node, ast.ExceptHandler) and node.name:
+        elif kind is ast.ExceptHandler and node.name:
             out.append(self.name(node.name))
-        for field_name, value in ast.iter_fields(node):
-            if field_name in ("returns", "annotation", "type_comment", "type_params") and not self.options.annotations:
+        skipped = _NAME_FIELDS if self.options.annotations else _NAME_AND_ANNOTATION_FIELDS
+        for field_name in node._fields:
+            if field_name in skipped:
                 continue
-            if field_name in ("name", "id", "arg", "attr", "asname"):
-                continue
-            if isinstance(value, list):
-                if field_name == "body" and isinstance(node, (*_FUNCTIONS, ast.ClassDef, ast.Module)):
+            value = getattr(node, field_name, None)
+            if type(value) is list:
+                if field_name == "body" and (is_function or kind is ast.ClassDef or kind is ast.Module):
                     value = _docstring_free(value)
                 for item in value:
                     if isinstance(item, ast.AST):
                         self.visit(item)
             elif isinstance(value, ast.AST):
                 self.visit(value)
+        if is_function:
+            self.functions.append((node.name, node.lineno, start, len(out)))
+
+
+def _renumbered(tokens: list[str]) -> list[str]:
+    """Placeholders numbered again from v0 by first appearance within `tokens` (a function's own span)."""
+    mapping: dict[str, str] = {}
+    result = []
+    for token in tokens:
+        if token[0] == "v" and token[1:].isdigit():
+            token = mapping.setdefault(token, f"v{len(mapping)}")
+        result.append(token)
+    return result
 
 
 def normalise(node: ast.AST, options: NormaliseOptions | None = None) -> list[str]:
@@ -156,9 +176,12 @@ def function_sequences(text: str, options: NormaliseOptions | None = None) -> li
     """
     sequences = []
     for module in parse_code(text):
-        for node in ast.walk(module):
-            if isinstance(node, _FUNCTIONS):
-                sequences.append(FunctionSequence(node.name, node.lineno, normalise(node, options)))
+        # One pass over the module; each function's span is cut out and its names renumbered from v0, which
+        # is what normalising the function alone gives (nested functions included).
+        normaliser = _Normaliser(options or NormaliseOptions())
+        normaliser.visit(module)
+        for name, line, start, end in sorted(normaliser.functions, key=lambda f: f[2]):
+            sequences.append(FunctionSequence(name, line, _renumbered(normaliser.tokens[start:end])))
     return sequences
 
 

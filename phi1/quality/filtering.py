@@ -1,0 +1,83 @@
+"""Scoring and filtering jsonl shards with a saved quality classifier, one worker per chunk of lines."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from phi1.quality.jsonl import LineStats, check_record
+from phi1.quality.shards import Chunk, read_chunk
+
+
+@dataclass
+class FilterConfig:
+    """What a filter worker needs (picklable: it is sent to spawned workers)."""
+
+    classifier_dir: str
+    embedding_model: str
+    tokenizer_type: str | None = None
+    tokenizer_model: str | None = None
+    threshold: float = 0.5
+    """Lines scoring at or above it are kept."""
+    text_key: str = "text"
+    score_key: str = "quality_score"
+    """Field added to every kept line."""
+    batch_size: int = 32
+    keep_all: bool = False
+    """Keep every line (scored) instead of filtering."""
+
+
+@dataclass
+class FilterResult:
+    stats: LineStats = field(default_factory=LineStats)
+    kept: int = 0
+    dropped: int = 0
+    score_sum: float = 0.0
+    output_part: str = ""
+
+
+_loaded: tuple[str, object, object] | None = None
+
+
+def _models(config: FilterConfig):
+    global _loaded
+    from phi1.quality.classifier import QualityClassifier
+    from phi1.quality.embeddings import CodeEmbedder
+
+    key = json.dumps(config.__dict__, sort_keys=True)
+    if _loaded is None or _loaded[0] != key:
+        embedder = CodeEmbedder(config.embedding_model, config.tokenizer_type, config.tokenizer_model,
+                                batch_size=config.batch_size, threads=1)
+        _loaded = (key, embedder, QualityClassifier.load(config.classifier_dir))
+    return _loaded[1], _loaded[2]
+
+
+def filter_chunk(config: FilterConfig, work_dir: str, chunk: Chunk) -> FilterResult:
+    """Score every record of `chunk`; write those kept, with their score, to a part file under `work_dir`."""
+    embedder, classifier = _models(config)
+    result = FilterResult(output_part=os.path.join(work_dir, f"part.{chunk.index:06d}"))
+    with open(result.output_part, "w", encoding="utf-8") as sink:
+        batch: list[dict] = []
+
+        def flush() -> None:
+            scores = classifier.score(embedder.embed([r[config.text_key] for r in batch]))
+            for record, score in zip(batch, scores.tolist()):
+                result.score_sum += score
+                if config.keep_all or score >= config.threshold:
+                    record[config.score_key] = round(score, 6)
+                    sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    result.kept += 1
+                else:
+                    result.dropped += 1
+            batch.clear()
+
+        for line_number, raw in read_chunk(chunk):
+            record = check_record(raw, {config.text_key: str}, chunk.path, line_number, result.stats)
+            if record is not None:
+                batch.append(record)
+                if len(batch) >= 4 * config.batch_size:
+                    flush()
+        if batch:
+            flush()
+    return result

@@ -1,0 +1,224 @@
+"""The paper's quality filter: a random forest on code embeddings from a phi1 checkpoint.
+
+    # an honest labelled set computable offline: documented stdlib functions (1) vs docstring removed (0)
+    python tools/quality_filter.py make-labels --output data/quality/labels.jsonl --count 1000
+    # a small embedder trained briefly on stdlib code (CPU, about a minute), when no real checkpoint is at hand
+    python tools/quality_filter.py demo-embedder --output-dir runs/quality/embedder
+    # embeddings -> 5-fold cross-validated report (precision, recall, AUC vs the majority class) -> classifier
+    python tools/quality_filter.py train --labelled data/quality/labels.jsonl \
+        --embedding-model runs/quality/embedder --output runs/quality/classifier
+    # score and filter shards with several workers; every kept line gets "quality_score"
+    python tools/quality_filter.py filter --classifier runs/quality/classifier --input data/shards/*.jsonl \
+        --output-dir data/filtered --threshold 0.5 --workers 2
+
+Labels are 0/1 (classification) or scores (regression; the report binarises them at --threshold). Classifiers
+are saved as arrays + JSON (no pickle) and record the checkpoint whose embeddings they read; `filter` refuses
+another checkpoint unless --allow-other-embedder. Bad lines are counted and listed by file and line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from phi1.quality.jsonl import LineStats, iter_records
+
+
+def make_labels(args: argparse.Namespace) -> None:
+    from phi1.quality.stdlib_functions import documented_labelled_set
+
+    records = documented_labelled_set(args.count, seed=args.seed)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+    print(f"{args.output}: {len(records)} functions, {sum(r['label'] for r in records)} documented (label 1), "
+          "the rest with their docstring removed (label 0)", file=sys.stderr)
+
+
+def demo_embedder(args: argparse.Namespace) -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from train_tokenizer import main as train_tokenizer
+
+    from phi1.core.config import get_preset
+    from phi1.data.tokenizers import build_tokenizer
+    from phi1.quality.stdlib_functions import stdlib_functions
+    from phi1.quality.tiny_model import train_tiny_model
+
+    # Functions from other files than make-labels draws from first (another seed): the embedder learns code,
+    # not the labelled examples.
+    texts = [f.source for f in stdlib_functions(args.documents, seed=args.seed + 1000)]
+    work = tempfile.mkdtemp(prefix="phi1-embedder-")
+    corpus = os.path.join(work, "corpus.jsonl")
+    with open(corpus, "w", encoding="utf-8") as handle:
+        for text in texts:
+            handle.write(json.dumps({"text": text}) + "\n")
+    vocab = min(get_preset(args.preset).vocab_size, 8000)
+    train_tokenizer(["--input", corpus, "--output-dir", os.path.join(work, "tokenizer"), "--vocab-size", str(vocab),
+                     "--threads", "1"])
+    model_file = os.path.join(work, "tokenizer", "tokenizer.model")
+    tokenizer = build_tokenizer("SentencePieceTokenizer", model_file)
+    start = time.perf_counter()
+    losses = train_tiny_model(texts, tokenizer, args.output_dir, preset=args.preset, steps=args.steps,
+                              seed=args.seed, tokenizer_file=model_file)
+    print(f"{args.output_dir}: {args.preset} trained {args.steps} steps on {len(texts)} stdlib functions in "
+          f"{time.perf_counter() - start:.0f}s, loss {losses[0]:.2f} -> {np.mean(losses[-20:]):.2f}", file=sys.stderr)
+
+
+def read_labelled(path: str, text_key: str, label_key: str) -> tuple[list[str], np.ndarray, LineStats]:
+    """Texts and labels of a labelled jsonl; bad lines are counted (and printed by the caller)."""
+    stats = LineStats()
+    texts, labels = [], []
+    for _, record in iter_records(path, {text_key: str, label_key: (int, float)}, stats):
+        texts.append(record[text_key])
+        labels.append(float(record[label_key]))
+    return texts, np.array(labels), stats
+
+
+def train(args: argparse.Namespace) -> dict:
+    from phi1.quality.classifier import (
+        ForestConfig,
+        QualityClassifier,
+        cross_validate,
+        export_forest,
+        fit_forest,
+        format_report,
+        is_binary,
+    )
+    from phi1.quality.embeddings import CodeEmbedder, checkpoint_fingerprint
+
+    texts, labels, stats = read_labelled(args.labelled, args.text_key, args.label_key)
+    print(f"{args.labelled}: {stats.summary()}", file=sys.stderr)
+    if not texts:
+        raise SystemExit(f"{args.labelled}: no usable labelled records")
+    embedder = CodeEmbedder(args.embedding_model, args.tokenizer_type, args.tokenizer_model,
+                            batch_size=args.batch_size)
+    start = time.perf_counter()
+    features = embedder.embed(texts)
+    print(f"embedded {len(texts)} texts in {time.perf_counter() - start:.1f}s ({features.shape[1]} features)",
+          file=sys.stderr)
+    config = ForestConfig(trees=args.trees, seed=args.seed, jobs=args.jobs, min_samples_leaf=args.min_samples_leaf)
+    report = cross_validate(features, labels, config, folds=args.folds, threshold=args.threshold)
+    print(format_report(report))
+    forest = fit_forest(features, labels, config)
+    header = {
+        "kind": "classification" if is_binary(labels) else "regression",
+        "n_features": int(features.shape[1]), "n_trees": config.trees, "threshold": args.threshold,
+        "embedder": {"model_dir": os.path.abspath(args.embedding_model),
+                     "fingerprint": checkpoint_fingerprint(args.embedding_model),
+                     "pooling": "mean of final LayerNorm states over real tokens",
+                     "max_tokens": embedder.max_tokens},
+        "trained_on": os.path.abspath(args.labelled), "cross_validation": report, "forest": config.__dict__,
+    }
+    QualityClassifier(export_forest(forest), header).save(args.output)
+    print(f"{args.output}: classifier saved", file=sys.stderr)
+    return report
+
+
+def filter_shards(args: argparse.Namespace) -> dict:
+    from phi1.quality.classifier import QualityClassifier
+    from phi1.quality.embeddings import checkpoint_fingerprint
+    from phi1.quality.filtering import FilterConfig, filter_chunk
+    from phi1.quality.shards import concatenate, default_chunk_bytes, plan_chunks, run_chunks
+
+    classifier = QualityClassifier.load(args.classifier)
+    embedder = classifier.header.get("embedder", {})
+    model_dir = args.embedding_model or embedder.get("model_dir")
+    if not model_dir or not os.path.isdir(model_dir):
+        raise SystemExit(f"{args.classifier}: its embedder {model_dir!r} is not a directory; pass --embedding-model")
+    if checkpoint_fingerprint(model_dir) != embedder.get("fingerprint") and not args.allow_other_embedder:
+        raise SystemExit(f"{model_dir}: not the checkpoint {args.classifier} was trained on (fingerprints differ); "
+                         "its scores would mean nothing. Pass --allow-other-embedder to force it")
+    threshold = classifier.header.get("threshold", 0.5) if args.threshold is None else args.threshold
+    config = FilterConfig(classifier_dir=args.classifier, embedding_model=model_dir, tokenizer_type=args.tokenizer_type,
+                          tokenizer_model=args.tokenizer_model, threshold=threshold, text_key=args.text_key,
+                          batch_size=args.batch_size, keep_all=args.keep_all)
+    os.makedirs(args.output_dir, exist_ok=True)
+    start = time.perf_counter()
+    chunks = plan_chunks(args.input, args.chunk_bytes or default_chunk_bytes(args.input, args.workers))
+    work_dir = tempfile.mkdtemp(prefix=".quality-", dir=args.output_dir)
+    results = run_chunks(chunks, functools.partial(filter_chunk, config, work_dir), args.workers, "scoring",
+                         progress=not args.no_progress)
+    for path in args.input:  # one output shard per input shard, same name
+        parts = [r.output_part for r, c in zip(results, chunks) if c.path == path]
+        concatenate(parts, os.path.join(args.output_dir, os.path.basename(path)))
+    os.rmdir(work_dir)
+    stats = LineStats()
+    for result in results:
+        stats.merge(result.stats)
+    kept, dropped = sum(r.kept for r in results), sum(r.dropped for r in results)
+    elapsed = time.perf_counter() - start
+    summary = {"kept": kept, "dropped": dropped, "threshold": threshold, "seconds": round(elapsed, 2),
+               "documents_per_second": round((kept + dropped) / elapsed, 1) if elapsed else None,
+               "mean_score": round(sum(r.score_sum for r in results) / max(1, kept + dropped), 4),
+               "bad_lines": stats.to_dict()}
+    print(f"scored {kept + dropped} documents in {elapsed:.1f}s with {args.workers} workers: kept {kept} "
+          f"(score >= {threshold}), dropped {dropped}", file=sys.stderr)
+    print(f"input lines: {stats.summary()}", file=sys.stderr)
+    if args.strict and stats.bad:
+        raise SystemExit(2)
+    return summary
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    labels = commands.add_parser("make-labels", help="documented vs undocumented stdlib functions")
+    labels.add_argument("--output", required=True)
+    labels.add_argument("--count", type=int, default=1000)
+    labels.add_argument("--seed", type=int, default=0)
+
+    demo = commands.add_parser("demo-embedder", help="train a small phi1 embedder on stdlib code (CPU)")
+    demo.add_argument("--output-dir", required=True)
+    demo.add_argument("--preset", default="phi-1-nano")
+    demo.add_argument("--steps", type=int, default=300)
+    demo.add_argument("--documents", type=int, default=1500)
+    demo.add_argument("--seed", type=int, default=0)
+
+    for name in ("train", "filter"):
+        sub = commands.add_parser(name)
+        sub.add_argument("--embedding-model", required=name == "train", help="phi1 model directory")
+        sub.add_argument("--tokenizer-type")
+        sub.add_argument("--tokenizer-model")
+        sub.add_argument("--text-key", default="text")
+        sub.add_argument("--batch-size", type=int, default=32)
+        if name == "train":
+            sub.add_argument("--labelled", required=True, help="jsonl with text and label (0/1 or a score)")
+            sub.add_argument("--label-key", default="label")
+            sub.add_argument("--output", required=True, help="classifier directory")
+            sub.add_argument("--folds", type=int, default=5)
+            sub.add_argument("--trees", type=int, default=200)
+            sub.add_argument("--min-samples-leaf", type=int, default=1)
+            sub.add_argument("--threshold", type=float, default=0.5, help="score at which a text counts as good")
+            sub.add_argument("--jobs", type=int, default=1)
+            sub.add_argument("--seed", type=int, default=0)
+        else:
+            sub.add_argument("--classifier", required=True)
+            sub.add_argument("--input", nargs="+", required=True)
+            sub.add_argument("--output-dir", required=True)
+            sub.add_argument("--threshold", type=float, default=None, help="default: the classifier's")
+            sub.add_argument("--keep-all", action="store_true", help="score every line, drop none")
+            sub.add_argument("--workers", type=int, default=1)
+            sub.add_argument("--chunk-bytes", type=int, default=None)
+            sub.add_argument("--allow-other-embedder", action="store_true")
+            sub.add_argument("--strict", action="store_true", help="exit 2 when any line was bad")
+            sub.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None):
+    args = parse_args(argv)
+    command = {"make-labels": make_labels, "demo-embedder": demo_embedder, "train": train, "filter": filter_shards}
+    return command[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
