@@ -31,12 +31,14 @@ _reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 
 def group_size(group: ProcessGroup | None) -> int:
+    """Ranks in `group`; 1 for None or when torch.distributed is not initialised."""
     if group is None or not dist.is_available() or not dist.is_initialized():
         return 1
     return dist.get_world_size(group)
 
 
 def group_rank(group: ProcessGroup | None) -> int:
+    """This process's rank inside `group`; 0 for None or when torch.distributed is not initialised."""
     if group is None or not dist.is_available() or not dist.is_initialized():
         return 0
     return dist.get_rank(group)
@@ -48,6 +50,7 @@ COMM_BYTES: dict[str, int] = {"all_reduce": 0, "all_gather": 0, "reduce_scatter"
 
 
 def reset_comm_bytes() -> None:
+    """Zero every COMM_BYTES counter."""
     for key in COMM_BYTES:
         COMM_BYTES[key] = 0
 
