@@ -28,17 +28,21 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 
 
 def load_any(directory: Path, fmt: str):
-    """(ModelConfig, whole state dict) from a model directory or a phi1 training checkpoint."""
+    """(ModelConfig, whole state dict, the directory holding its tokenizer files) from a model directory or a
+    phi1 training checkpoint (an iter_* directory, or a run directory whose `latest` is followed)."""
     if (directory / "config.json").is_file():
         found = detect_format(directory)
         if found != fmt:
             raise SystemExit(f"error: {directory} holds a {found!r} model but --input-format is {fmt!r}")
-        return load_config_and_state_dict(directory)
+        return (*load_config_and_state_dict(directory), directory)
     if fmt != "phi1":
         raise SystemExit(f"error: {directory}: no config.json; a HuggingFace model directory needs one")
-    from phi1.training.checkpointing import load_model_from_training_checkpoint
+    from phi1.training.checkpointing import find_checkpoint, load_model_from_training_checkpoint
 
-    return load_model_from_training_checkpoint(directory)
+    checkpoint = find_checkpoint(directory)
+    if checkpoint is None:
+        raise SystemExit(f"error: {directory}: neither a model directory (config.json) nor a phi1 training checkpoint")
+    return (*load_model_from_training_checkpoint(checkpoint), checkpoint)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,11 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--input {args.input}: no such directory")
     if args.output.resolve() == args.input.resolve():
         parser.error("--output must differ from --input")
-    config, state = load_any(args.input, args.input_format)
+    config, state, source_dir = load_any(args.input, args.input_format)
     out = save_pretrained(state, config, args.output, fmt=args.output_format, dtype=DTYPES.get(args.dtype))
     copied = []
     for name in TOKENIZER_FILES:  # keep the tokenizer beside the weights
-        src = args.input / name
+        src = source_dir / name
         if src.is_file():
             shutil.copy2(src, out / name)
             copied.append(name)
