@@ -255,6 +255,10 @@ class IndexedDataset:
             raise ValueError(f"{index_path}: document indices decrease; {_RERUN}")
         data_bytes = os.path.getsize(data_path)
         itemsize = self.dtype.itemsize
+        # Writers (ours and Megatron-LM's) lay sequences end to end: each pointer is the previous one plus the
+        # previous size. Checking it catches a damaged size, pointer or dtype code that would otherwise read
+        # other tokens than were written, without an error.
+        expected_next = 0
         for start in range(0, self.sizes.size, _CHECK_CHUNK):
             sizes = self.sizes[start : start + _CHECK_CHUNK].astype(np.int64)
             pointers = self.pointers[start : start + _CHECK_CHUNK]
@@ -268,6 +272,20 @@ class IndexedDataset:
                     f"{data_path}: truncated or wrong index: sequence {sequence} ends at byte {int(ends[last])}, "
                     f"the file has {data_bytes} bytes (index {index_path}); {_RERUN}"
                 )
+            steps = np.concatenate(([expected_next], pointers[:-1] + sizes[:-1] * itemsize))
+            mismatch = np.flatnonzero(pointers != steps)
+            if mismatch.size:
+                sequence = start + int(mismatch[0])
+                raise ValueError(
+                    f"{index_path}: sequence {sequence} starts at byte {int(self.pointers[sequence])}, the sizes before "
+                    f"it (dtype {self.dtype}) put it at byte {int(steps[mismatch[0]])}; the index is damaged; {_RERUN}"
+                )
+            expected_next = int(pointers[-1] + sizes[-1] * itemsize)
+        if data_bytes != expected_next:
+            raise ValueError(
+                f"{data_path}: {data_bytes} bytes, the index {index_path} describes {expected_next} (trailing bytes "
+                f"or a wrong dtype code); {_RERUN}"
+            )
 
     def __len__(self) -> int:
         return int(self.sizes.size)

@@ -78,7 +78,10 @@ class SentencePieceTokenizer(Tokenizer):
         self.model_file = os.fspath(model_file)
         if not os.path.isfile(self.model_file):
             raise FileNotFoundError(f"{self.model_file}: no SentencePiece model; train one with tools/train_tokenizer.py")
-        self.processor = sentencepiece.SentencePieceProcessor(model_file=self.model_file)
+        try:
+            self.processor = sentencepiece.SentencePieceProcessor(model_file=self.model_file)
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{self.model_file}: not a readable SentencePiece model ({e})") from None
         self.num_threads = num_threads
         eod = self.processor.piece_to_id(EOD_TOKEN)
         if eod == self.processor.unk_id():
@@ -120,8 +123,11 @@ class HuggingFaceTokenizer(Tokenizer):
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{file}: no tokenizer.json (this loader reads local files only, it never downloads)")
-        with open(file, encoding="utf-8") as handle:
-            spec = json.load(handle)
+        try:
+            with open(file, encoding="utf-8") as handle:
+                spec = json.load(handle)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ValueError(f"{file}: not a readable tokenizer.json ({type(e).__name__}: {e})") from None
         self._init_from_spec(spec, source=file, engine=engine, num_threads=num_threads)
 
     def _init_from_spec(self, spec: dict, source: str, engine: str, num_threads: int) -> None:
@@ -131,7 +137,12 @@ class HuggingFaceTokenizer(Tokenizer):
             raise ValueError(f"tokenizer engine {engine!r}: choose one of {ENGINES}")
         self.source = source
         self.num_threads = num_threads
-        self.hf = tokenizers.Tokenizer.from_str(json.dumps(spec))
+        if not isinstance(spec, dict):
+            raise ValueError(f"{source}: a tokenizer spec is a JSON object, this file holds a {type(spec).__name__}")
+        try:
+            self.hf = tokenizers.Tokenizer.from_str(json.dumps(spec))
+        except Exception as e:  # the tokenizers library raises plain Exception for a spec it cannot read
+            raise ValueError(f"{source}: the tokenizers library cannot read this tokenizer ({e})") from None
         self._vocab_size = int(self.hf.get_vocab_size(with_added_tokens=True))
         eod = self.hf.token_to_id(EOD_TOKEN)
         self._eod = -1 if eod is None else int(eod)
@@ -183,10 +194,21 @@ class GPT2BPETokenizer(HuggingFaceTokenizer):
         for file in (vocab_file, merge_file):
             if not os.path.isfile(file):
                 raise FileNotFoundError(f"{file}: missing (GPT2BPETokenizer needs vocab.json and merges.txt)")
-        with open(vocab_file, encoding="utf-8") as handle:
-            vocab = json.load(handle)
-        with open(merge_file, encoding="utf-8") as handle:
-            merges = [line.rstrip("\n") for line in handle if line.strip() and not line.startswith("#version")]
+        try:
+            with open(vocab_file, encoding="utf-8") as handle:
+                vocab = json.load(handle)
+        except (ValueError, RecursionError) as e:
+            raise ValueError(f"{vocab_file}: not a readable vocab.json ({type(e).__name__}: {e})") from None
+        if not isinstance(vocab, dict):
+            raise ValueError(f"{vocab_file}: expected a JSON object of token -> id, got a {type(vocab).__name__}")
+        try:
+            with open(merge_file, encoding="utf-8") as handle:
+                merges = [line.rstrip("\n") for line in handle if line.strip() and not line.startswith("#version")]
+        except ValueError as e:
+            raise ValueError(f"{merge_file}: not readable text ({e})") from None
+        malformed = next((m for m in merges if len(m.split(" ")) != 2), None)
+        if malformed is not None:
+            raise ValueError(f"{merge_file}: malformed merge {malformed!r}; each line must be two tokens separated by a space")
         specials = [{"id": vocab[EOD_TOKEN], "content": EOD_TOKEN, "single_word": False, "lstrip": False,
                      "rstrip": False, "normalized": False, "special": True}] if EOD_TOKEN in vocab else []
         byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
