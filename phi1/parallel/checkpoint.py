@@ -98,8 +98,16 @@ def _shard_files(directory: Path) -> tuple[int, list[Path]]:
     return tp_size, [by_rank[r] for r in range(tp_size)]
 
 
+def _open_shard(path: Path):
+    """safe_open, with a damaged file reported by its name (safetensors' own errors do not name it)."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # SafetensorError derives from Exception only
+        raise ValueError(f"{path}: damaged or not a safetensors file ({e})") from None
+
+
 def _read_shard(path: Path, tp_size: int, tp_rank: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(path), framework="pt") as f:
+    with _open_shard(path) as f:
         meta = f.metadata() or {}
         if meta.get("format") != SHARD_FORMAT:
             raise ValueError(f"{path}: not a phi1 TP shard (metadata format {meta.get('format')!r})")
@@ -140,7 +148,7 @@ def load_model_shards(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
 def load_shard_config(directory: str | os.PathLike) -> ModelConfig:
     """The ModelConfig recorded in the shards of `directory`."""
     _, paths = _shard_files(Path(directory))
-    with safe_open(str(paths[0]), framework="pt") as f:
+    with _open_shard(paths[0]) as f:
         meta = f.metadata() or {}
     if "model_config" not in meta:
         raise ValueError(f"{paths[0]}: no model_config in the metadata")

@@ -28,14 +28,21 @@ def read_exercises(path: str | os.PathLike, prompt_key: str = "prompt", solution
         ValueError: a line that is not JSON or lacks a key, naming the file, line and key.
     """
     pairs = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{number}: not UTF-8 ({e})") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not JSON ({e})") from None
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise ValueError(f"{path}:{number}: not JSON ({type(e).__name__}: {e})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object with {prompt_key!r} and {solution_key!r}, "
+                                 f"got a {type(record).__name__}")
             for key in (prompt_key, solution_key):
                 if not isinstance(record.get(key), str):
                     raise ValueError(f"{path}:{number}: no string field {key!r} (finetune.prompt_key / solution_key)")
