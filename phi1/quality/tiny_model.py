@@ -56,7 +56,7 @@ def train_tiny_model(texts: list[str], tokenizer, output_dir: str | os.PathLike,
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.detach().item())
     save_pretrained(model.state_dict(), config, output_dir)
     if tokenizer_file is not None:
         name = "tokenizer.model" if tokenizer_file.endswith(".model") else "tokenizer.json"
