@@ -15,6 +15,7 @@ import argparse
 import sys
 
 from phi1.training.config import ConfigError, load_config, validate_config
+from phi1.training.fault import CheckpointCorruptError, NonFiniteTrainingError
 from phi1.training.loop import launched_world_size, resolve_config, train
 from phi1.training.plan import dry_run_report
 
@@ -42,9 +43,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(dry_run_report(config, model_config, world_size))
             return 0
         train(config)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, CheckpointCorruptError) as e:
         print(f"phi1-train: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteTrainingError as e:
+        print(f"phi1-train: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -10,6 +10,7 @@ A run directory holds:
         trainer_state.json                 iteration, consumed samples, schedule, loss scaler, validation loss
         config.yaml                        the resolved TrainConfig (model section = the exact ModelConfig)
         tokenizer.model | tokenizer.json   a copy of the tokenizer, so the checkpoint generates on its own
+        manifest.json                      every other file's size and SHA-256 (phi1.training.fault)
     latest                                 text: the iteration of the newest complete checkpoint
     best                                   text: the iteration with the lowest validation loss
 
@@ -17,6 +18,10 @@ Everything is written into `iter_NNNNNNN.tmp/`; once every rank has finished, ra
 `iter_NNNNNNN/` and then replaces `latest` (write to a temporary file, `os.replace`). A process killed at any
 moment leaves either the old `latest` with its complete directory, or the new one: never a half-written
 checkpoint under a real name. Every `.pt` file is read with `torch.load(..., weights_only=True)`.
+
+A file damaged after the save (a bad disk, a partial copy) is caught by the manifest: resuming verifies the
+checkpoint first and names the damaged files; with `checkpoint.fallback` it resumes from the previous complete
+checkpoint that verifies instead.
 
 The model config is in `config.yaml` (section `model`, preset plus every field) and in each shard's
 safetensors metadata; `load_model_from_training_checkpoint` returns both config and merged weights.
@@ -42,6 +47,7 @@ from phi1.core.config import ModelConfig
 from phi1.parallel.checkpoint import load_model_shards, load_resharded, load_shard_config, save_model_shard
 from phi1.parallel.random import get_rng_tracker
 from phi1.parallel.state import ParallelState
+from phi1.training.fault import CheckpointCorruptError, verify_checkpoint, write_manifest
 
 logger = logging.getLogger("phi1.train")
 
@@ -140,7 +146,69 @@ def find_checkpoint(path: str | os.PathLike) -> Path | None:
 
 
 def read_trainer_state(checkpoint_dir: str | os.PathLike) -> dict:
-    return json.loads((Path(checkpoint_dir) / TRAINER_STATE).read_text())
+    """The checkpoint's trainer_state.json.
+
+    Raises:
+        ValueError: the file is not a JSON object (names the file).
+    """
+    path = Path(checkpoint_dir) / TRAINER_STATE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: not readable JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a {type(state).__name__}")
+    return state
+
+
+def load_pt(path: str | os.PathLike, map_location=None):
+    """`torch.load(path, weights_only=True)`, with a damaged file or a refused pickle payload named.
+
+    Raises:
+        ValueError: the file is truncated, not a torch file, or holds objects other than tensors and plain
+            containers (weights_only refuses to run their code).
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # pickle.UnpicklingError, RuntimeError from the zip reader, EOFError, ...
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        refused = "Weights only load failed" in str(e)
+        why = ("holds objects other than tensors (a pickle payload?); refused by weights_only loading"
+               if refused else f"damaged or not a torch file ({type(e).__name__}: {first_line})")
+        raise ValueError(f"{path}: {why}") from None
+
+
+def find_verified_checkpoint(run_dir: str | os.PathLike, fallback: bool) -> Path | None:
+    """The checkpoint to resume from (as `find_checkpoint`), verified against its manifest.
+
+    With `fallback`, a checkpoint that fails verification is logged with its damaged files and the next older
+    complete checkpoint is tried. None when there is no checkpoint at all.
+
+    Raises:
+        CheckpointCorruptError: the checkpoint is damaged and `fallback` is off, or every one is damaged.
+    """
+    first = find_checkpoint(run_dir)
+    if first is None:
+        return None
+    candidates = [first]
+    if first.parent == Path(run_dir):
+        older = [iteration_dir(run_dir, i) for i in reversed(complete_iterations(run_dir))]
+        candidates += [c for c in older if c != first]
+    damaged: CheckpointCorruptError | None = None
+    for candidate in candidates:
+        try:
+            verify_checkpoint(candidate)
+            if damaged is not None:
+                logger.warning("falling back to %s, the newest checkpoint that verifies", candidate)
+            return candidate
+        except CheckpointCorruptError as e:
+            if not fallback:
+                raise
+            logger.error("%s", e)
+            damaged = damaged or e
+    raise CheckpointCorruptError(Path(run_dir), [f"no checkpoint verifies; the newest: {'; '.join(damaged.damaged)}"])
 
 
 def load_model_from_training_checkpoint(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -238,6 +306,7 @@ def save_checkpoint(run_dir: str | os.PathLike, request: SaveRequest, model, opt
     _barrier(state)
 
     if state.rank == 0:
+        write_manifest(tmp)  # every rank's files are in place (barrier above); last before the rename
         if final.exists():  # saving the same iteration again (e.g. after a resume): replace it
             old = final.with_name(final.name + ".old")
             if old.exists():
@@ -327,7 +396,14 @@ def load_optimizer_state(optimizer, engine, checkpoint_dir: str | os.PathLike, s
     path = checkpoint_dir / f"optim_tp{state.tp_rank:02d}.pt"
     if not path.is_file():
         raise ValueError(f"{path}: missing (written under ZeRO? resume with the same parallel.zero_stage)")
-    optimizer.load_state_dict(torch.load(path, map_location=state.device, weights_only=True))
+    try:
+        optimizer.load_state_dict(load_pt(path, map_location=state.device))
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not an AdamW state of this model ({type(e).__name__}: {e})") from None
+    except ValueError as e:
+        if str(path) in str(e):
+            raise
+        raise ValueError(f"{path}: does not fit this model's optimizer ({e})") from None
 
 
 def load_rng_states(checkpoint_dir: str | os.PathLike, state: ParallelState) -> bool:
@@ -338,7 +414,11 @@ def load_rng_states(checkpoint_dir: str | os.PathLike, state: ParallelState) -> 
         logger.warning("%s: written by %s processes, this run has %d: RNG states not restored (resume is not "
                        "bit-exact)", checkpoint_dir, saved.get("world_size"), state.world_size)
         return False
-    restore_rng_states(torch.load(path, weights_only=True))
+    states = load_pt(path)
+    try:
+        restore_rng_states(states)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise ValueError(f"{path}: not the RNG states phi1 saves ({type(e).__name__}: {e})") from None
     return True
 
 

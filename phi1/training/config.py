@@ -155,6 +155,8 @@ class CheckpointSection:
     """Resume from this checkpoint (iter_ directory or run directory) instead; new checkpoints still go to `dir`."""
     exit_at_iteration: int | None = None
     """Save a checkpoint and stop once this iteration is done (time-limited jobs); the schedule is unchanged."""
+    fallback: bool = False
+    """When the checkpoint to resume from fails its manifest check, resume from the previous complete one (else stop)."""
 
 
 @dataclass
@@ -205,6 +207,22 @@ class FaultsSection:
     """Iterations whose gradients are overwritten with inf (exercises fp16 overflow skipping)."""
     kill_during_save_at: int | None = None
     """SIGKILL this process half-way through writing the checkpoint of this iteration."""
+    kill_at_iteration: int | None = None
+    """SIGKILL rank `kill_rank` right after this iteration's step, in the first launch only (torchrun restarts)."""
+    kill_rank: int = 0
+    """The rank that kill_at_iteration kills."""
+    inject_nan_at: list[int] = field(default_factory=list)
+    """Iterations whose gradient of `inject_nan_param` is overwritten with NaN (exercises the non-finite guard)."""
+    inject_nan_param: str = "layers.0.mlp.fc1.weight"
+    """The parameter whose gradient inject_nan_at poisons."""
+
+
+@dataclass
+class GuardSection:
+    """What the loop does about non-finite losses and gradients (see phi1.training.fault)."""
+
+    max_consecutive_nonfinite: int = 5
+    """Stop the run after this many consecutive skipped non-finite steps, with a diagnosis; 0 never stops."""
 
 
 @dataclass
@@ -235,6 +253,8 @@ class TrainConfig:
     """Fine-tuning."""
     faults: FaultsSection = field(default_factory=FaultsSection)
     """Fault injection (tests)."""
+    guard: GuardSection = field(default_factory=GuardSection)
+    """Non-finite loss / gradient handling."""
     precision: str = "fp32"
     """'fp32', 'bf16' (autocast, no scaler) or 'fp16' (autocast with dynamic loss scaling)."""
     activation_checkpointing: bool = False
@@ -404,15 +424,21 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         FileNotFoundError: `path` does not exist.
     """
     if path is not None:
-        text = Path(path).read_text()
-        config = config_from_dict(yaml.safe_load(text) or {}, source=str(path))
+        try:
+            values = yaml.safe_load(Path(path).read_bytes().decode("utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        config = config_from_dict(values or {}, source=str(path))
     else:
         config = TrainConfig()
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. optim.lr=3e-4")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw  # not a YAML value: the field's type decides (and names the key if it cannot)
         if isinstance(value, str) or value is None:
             value = raw  # keep strings as typed ('1e-3' and 'None' are coerced by the field's type)
         _set(config, key.strip(), value)
@@ -519,6 +545,11 @@ def validate_config(config: TrainConfig, world_size: int, *, check_files: bool =
         fail("logging.peak_tflops", f"must be > 0, got {config.logging.peak_tflops}")
     if config.eval.interval < 0 or config.eval.iters < 0:
         fail("eval", "interval and iters must be >= 0")
+    if config.guard.max_consecutive_nonfinite < 0:
+        fail("guard.max_consecutive_nonfinite", f"must be >= 0 (0 never stops), got {config.guard.max_consecutive_nonfinite}")
+    faults = config.faults
+    if faults.kill_at_iteration is not None and not 0 <= faults.kill_rank < world_size:
+        fail("faults.kill_rank", f"{faults.kill_rank} is not a rank of the {world_size} launched processes")
 
     ft = config.finetune
     if ft.data is None and data.path is None:
@@ -565,6 +596,7 @@ __all__ = [
     "EvalSection",
     "FaultsSection",
     "FinetuneSection",
+    "GuardSection",
     "LoggingSection",
     "LossScaleSection",
     "ModelSection",

@@ -7,6 +7,8 @@ One step (DDP path):
                                          (DDP all-reduces only after the last one: no_sync before)
     sequence-parallel grads all-reduced over TP -> unscale (fp16) -> global-norm clip (TP-aware)
     non-finite norm: skip the update, halve the loss scale, count it; else set the lr and step AdamW
+    non-finite loss, or non-finite norm that is no fp16 overflow: skipped too, and counted by the guard, which
+    stops the run with a diagnosis after guard.max_consecutive_nonfinite in a row (phi1.training.fault)
 
 Under ZeRO the engine does the accumulation, clipping, loss scaling and update (`engine.backward`,
 `engine.step`); phi1 still sets the learning rate. The logged loss is the mean of the step's micro-batch losses
@@ -19,6 +21,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,6 +43,7 @@ from phi1.parallel.random import seed_everything
 from phi1.parallel.state import ParallelState, _launch_env, destroy_distributed, init_distributed
 from phi1.training import checkpointing
 from phi1.training.config import ConfigError, TrainConfig, default_paths, validate_config
+from phi1.training.fault import NonFiniteGuard, gather_names, nonfinite_gradients
 from phi1.training.metrics import (
     MetricsSink,
     device_name,
@@ -201,6 +205,9 @@ class Trainer:
         model.activation_checkpointing = config.activation_checkpointing
         model.to(self.device)
         self.model = model
+        self.guard = NonFiniteGuard(config.guard.max_consecutive_nonfinite)
+        if config.faults.inject_nan_at and config.faults.inject_nan_param not in dict(model.named_parameters()):
+            raise ConfigError(f"faults.inject_nan_param: {config.faults.inject_nan_param!r} is not a parameter of the model")
 
         self.resume_from = self._find_resume()
         if self.resume_from is not None:
@@ -254,13 +261,32 @@ class Trainer:
     def _find_resume(self) -> Path | None:
         ckpt = self.config.checkpoint
         if ckpt.load is not None:
-            found = checkpointing.find_checkpoint(ckpt.load)
+            found = self._verified_checkpoint(ckpt.load)
             if found is None:
                 raise ConfigError(f"checkpoint.load: {ckpt.load} holds no complete checkpoint")
             return found
         if ckpt.resume:
-            return checkpointing.find_checkpoint(ckpt.dir)
+            return self._verified_checkpoint(ckpt.dir)
         return None
+
+    def _verified_checkpoint(self, path: str) -> Path | None:
+        """Rank 0 verifies the checkpoint's manifest (falling back to older ones when checkpoint.fallback) and
+        tells the others which one to load, or the error that stops every rank."""
+        found, error = None, None
+        if self.state.rank == 0:
+            try:
+                found = checkpointing.find_verified_checkpoint(path, self.config.checkpoint.fallback)
+            except ValueError as e:
+                error = e
+        if self.state.world_size > 1:
+            message = [str(found) if found is not None else None, str(error) if error is not None else None]
+            dist.broadcast_object_list(message, src=0)
+            found = Path(message[0]) if message[0] is not None else None
+            if message[1] is not None and error is None:
+                error = ValueError(message[1])
+        if error is not None:
+            raise error
+        return found
 
     def _load_pretrained(self, path: str) -> None:
         from phi1.core.pretrained import load_config_and_state_dict, load_state_dict_into
@@ -283,6 +309,7 @@ class Trainer:
         rs = self.run_state
         rs.iteration, rs.consumed_samples = int(saved["iteration"]), int(saved["consumed_samples"])
         rs.best_val_loss = saved.get("best_val_loss")
+        self.guard.load_state_dict(saved.get("nonfinite", {}))
 
     # -- one step -------------------------------------------------------------------------------------------------
 
@@ -312,24 +339,51 @@ class Trainer:
         grads = [p.grad for p in inner.parameters() if p.grad is not None]
         if self.scaler.scale != 1.0:
             torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
-        if self.run_state.iteration + 1 in self.config.faults.inject_overflow_at:
+        iteration = self.run_state.iteration + 1
+        if iteration in self.config.faults.inject_overflow_at:
             grads[0].fill_(float("inf"))
+        if iteration in self.config.faults.inject_nan_at:
+            dict(inner.named_parameters())[self.config.faults.inject_nan_param].grad.fill_(float("nan"))
         clip = self.config.optim.grad_clip
         norm = clip_grad_norm_(inner, clip, self.state) if clip > 0 else grad_norm(inner, self.state)
-        overflow = not math.isfinite(norm)
+        loss = _dp_mean(loss_sum / self.accum, self.state)
+        loss_value = float(loss)  # the same on every rank (DP mean), as the norm is: every rank decides alike
+        skip = not (math.isfinite(norm) and math.isfinite(loss_value))
         lr = self.schedule.next_lr()
-        if overflow:
-            logger.warning("iteration %d: gradient norm %s, step skipped (loss scale %g)",
-                           self.run_state.iteration + 1, norm, self.scaler.scale)
+        if skip:
+            logger.warning("iteration %d: loss %s, gradient norm %s, step skipped (loss scale %g)",
+                           iteration, loss_value, norm, self.scaler.scale)
         else:
             self.schedule.apply(self.optimizer)
             self.optimizer.step()
             self.schedule.step()
+        self._guard(iteration, loss_value, norm, skip)
         scale_used = self.scaler.scale
-        self.scaler.update(overflow)
+        self.scaler.update(skip)
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": _dp_mean(loss_sum / self.accum, self.state), "lr": lr, "grad_norm": norm,
-                "skipped": overflow, "loss_scale": scale_used}
+        if self.guard.must_stop:
+            self._stop_nonfinite()
+        return {"loss": loss, "lr": lr, "grad_norm": norm, "skipped": skip, "loss_scale": scale_used}
+
+    def _guard(self, iteration: int, loss: float, norm: float, skipped: bool) -> None:
+        """Count a bad step (see phi1.training.fault); names the parameters with non-finite gradients."""
+        can_back_off = self.config.precision == "fp16" and self.scaler.scale > getattr(self.scaler, "min_scale", 1.0)
+        bad = skipped and NonFiniteGuard.is_bad(loss, norm, can_back_off)
+        names = gather_names(nonfinite_gradients(self.train_model), self.world_size) if bad else []
+        self.guard.record(iteration, bad, loss, norm, names)
+
+    def _stop_nonfinite(self) -> None:
+        """Raise the guard's error; rank 0 also writes the diagnosis beside the checkpoints. Nothing is saved."""
+        latest = checkpointing.find_checkpoint(self.config.checkpoint.dir)
+        error = self.guard.error(str(latest) if latest is not None else None)
+        if self.state.is_main:
+            import json
+
+            path = Path(self.config.checkpoint.dir) / "nonfinite_diagnosis.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(error.diagnosis, indent=1) + "\n")
+            logger.error("%s; diagnosis in %s", error, path)
+        raise error
 
     def _zero_step(self, data) -> dict:
         engine = self.engine
@@ -351,8 +405,17 @@ class Trainer:
         self.scaler.update(skipped)
         norm = engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
-        return {"loss": _dp_mean(loss_sum / self.accum, self.state), "lr": lr, "grad_norm": norm,
-                "skipped": skipped, "loss_scale": scale_used}
+        loss = _dp_mean(loss_sum / self.accum, self.state)
+        loss_value = float(loss)
+        if not math.isfinite(loss_value) or (skipped and not math.isfinite(norm)):
+            self._guard(self.run_state.iteration + 1, loss_value, norm, True)
+            # DeepSpeed skips only fp16 overflows; any other non-finite step has already updated the weights,
+            # so the run stops at once and the last checkpoint is what is left to resume from.
+            if self.guard.must_stop or not skipped:
+                self._stop_nonfinite()
+        else:
+            self.guard.record(self.run_state.iteration + 1, False, loss_value, norm, [])
+        return {"loss": loss, "lr": lr, "grad_norm": norm, "skipped": skipped, "loss_scale": scale_used}
 
     # -- evaluation -----------------------------------------------------------------------------------------------
 
@@ -388,6 +451,7 @@ class Trainer:
             "best_val_loss": rs.best_val_loss,
             "world_size": state.world_size, "tensor_parallel": state.tp_size, "data_parallel": state.dp_size,
             "zero_stage": self.config.parallel.zero_stage, "precision": self.config.precision,
+            "nonfinite": self.guard.state_dict(),
             "model_config": self.model_config.to_dict(),
         }
 
@@ -436,6 +500,7 @@ class Trainer:
             interval_losses.append(out["loss"])
             rs.iteration += 1
             rs.consumed_samples += g
+            self._maybe_kill(rs.iteration)
 
             if rs.iteration % config.logging.interval == 0 or rs.iteration == steps:
                 losses = [float(v) for v in interval_losses]
@@ -445,6 +510,7 @@ class Trainer:
                     "loss": sum(losses) / len(losses), "step_losses": losses, "lr": out["lr"],
                     "grad_norm": out["grad_norm"], "loss_scale": out["loss_scale"],
                     "skipped_steps": self.scaler.skipped_steps, "skipped_in_interval": interval_skipped,
+                    "nonfinite_steps": self.guard.total,
                     "step_time_s": interval_time / interval_steps, "tokens_per_second": tokens_per_second,
                     "tflops_per_device": model_flops_per_second(self.flops_per_token, tokens_per_second, self.world_size) / 1e12,
                     "mfu": mfu(self.flops_per_token, tokens_per_second, self.world_size, self.peak),
@@ -466,11 +532,27 @@ class Trainer:
             exiting = config.checkpoint.exit_at_iteration == rs.iteration
             interval = config.checkpoint.interval
             if (interval > 0 and rs.iteration % interval == 0) or rs.iteration == steps or exiting:
-                self.save()
+                if self.guard.consecutive > 0 and rs.iteration != steps and not exiting:
+                    # In a run of non-finite steps: keep the last good checkpoint as the newest one.
+                    logger.warning("iteration %d: not saving during %d consecutive non-finite steps",
+                                   rs.iteration, self.guard.consecutive)
+                else:
+                    self.save()
             if exiting:
                 logger.info("checkpoint.exit_at_iteration=%d reached: stopping", rs.iteration)
                 break
         return rs
+
+    def _maybe_kill(self, iteration: int) -> None:
+        """faults.kill_at_iteration: SIGKILL one rank after this step, in the first launch only (torchrun counts
+        restarts in TORCHELASTIC_RESTART_COUNT), so the restarted job runs through."""
+        faults = self.config.faults
+        if (faults.kill_at_iteration == iteration and self.state.rank == faults.kill_rank
+                and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0):
+            logger.warning("faults.kill_at_iteration=%d: killing rank %d", iteration, self.state.rank)
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _layout_line(self) -> str:
         s = self.state
@@ -509,6 +591,8 @@ def train(config: TrainConfig) -> RunState:
     model_config = validate_config(config, world_size)
     if config.faults.inject_overflow_at and config.parallel.zero_stage > 0:
         raise ConfigError("faults.inject_overflow_at: only supported with parallel.zero_stage=0")
+    if config.faults.inject_nan_at and config.parallel.zero_stage > 0:
+        raise ConfigError("faults.inject_nan_at: only supported with parallel.zero_stage=0")
     state = init_distributed(config.parallel.tensor_parallel)
     setup_logging(state.rank)
     trainer = None

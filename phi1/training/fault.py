@@ -1,0 +1,227 @@
+"""Fault tolerance helpers: the non-finite step guard and the checkpoint manifest.
+
+Non-finite steps. Every step the loop checks the data-parallel mean loss and the global gradient norm (both
+the same number on every rank, so every rank takes the same decision). A step with either non-finite is
+skipped (no update, the schedule does not advance) and counted. Under fp16 a finite loss with a non-finite
+gradient norm is an ordinary overflow that the loss scaler answers by halving the scale; it counts as bad only
+once the scale is at its floor. After `max_consecutive` bad steps in a row the run stops with a
+`NonFiniteTrainingError` whose diagnosis names the steps, the losses and the parameters whose gradients were
+not finite (gathered from every rank); nothing is saved, so the last good checkpoint is left as it was.
+
+Checkpoint manifest. `manifest.json` in each checkpoint lists every other file with its size and SHA-256.
+`verify_checkpoint` recomputes them and raises `CheckpointCorruptError` naming each missing, resized or
+altered file; the loader can then fall back to the previous complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+logger = logging.getLogger("phi1.train")
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "phi1-checkpoint-manifest"
+_HASH_BLOCK = 1 << 24
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Non-finite steps
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient norm; `diagnosis` holds the details."""
+
+    def __init__(self, message: str, diagnosis: dict) -> None:
+        super().__init__(message)
+        self.diagnosis = diagnosis
+
+
+def nonfinite_gradients(model: nn.Module) -> list[str]:
+    """Names of this rank's parameters whose gradient holds a NaN or an Inf (a DDP / DeepSpeed wrapper is
+    looked through by its `module`)."""
+    inner = getattr(model, "module", model)
+    names = []
+    for name, param in inner.named_parameters():
+        grad = param.grad
+        if grad is not None and not bool(torch.isfinite(grad).all()):
+            names.append(name)
+    return names
+
+
+def gather_names(names: list[str], group_size: int) -> list[str]:
+    """The union of every rank's `names` (sorted); `names` itself in a single process."""
+    if group_size <= 1 or not dist.is_initialized():
+        return sorted(set(names))
+    gathered: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, names)
+    return sorted({name for part in gathered for name in (part or [])})
+
+
+@dataclass
+class NonFiniteGuard:
+    """Counts bad steps and decides when the run must stop."""
+
+    max_consecutive: int
+    """Stop after this many bad steps in a row; 0 never stops."""
+    total: int = 0
+    """Bad steps in the whole run (restored from checkpoints)."""
+    consecutive: int = 0
+    """Bad steps in a row, up to now."""
+    history: list[dict] = field(default_factory=list)
+    """The current streak: iteration, loss, grad norm and non-finite parameter names of each bad step."""
+
+    @staticmethod
+    def is_bad(loss: float, grad_norm: float, fp16_overflow_can_back_off: bool) -> bool:
+        """A non-finite loss is always bad; a non-finite gradient norm is bad unless it is an fp16 overflow the
+        loss scaler can still answer by lowering the scale."""
+        if not math.isfinite(loss):
+            return True
+        return not math.isfinite(grad_norm) and not fp16_overflow_can_back_off
+
+    def record(self, iteration: int, bad: bool, loss: float, grad_norm: float, parameters: list[str]) -> None:
+        """Account for one step (`parameters`: names with non-finite gradients, for bad steps)."""
+        if not bad:
+            self.consecutive = 0
+            self.history = []
+            return
+        self.total += 1
+        self.consecutive += 1
+        self.history.append({"iteration": iteration, "loss": _json_float(loss), "grad_norm": _json_float(grad_norm),
+                             "nonfinite_gradients": parameters})
+        logger.warning("iteration %d: non-finite %s, step skipped (%d in a row; non-finite gradients in %s)",
+                       iteration, "loss" if not math.isfinite(loss) else "gradient norm", self.consecutive,
+                       _short(parameters))
+
+    @property
+    def must_stop(self) -> bool:
+        return self.max_consecutive > 0 and self.consecutive >= self.max_consecutive
+
+    def error(self, last_checkpoint: str | None) -> NonFiniteTrainingError:
+        """The error that stops the run, with its diagnosis."""
+        first, last = self.history[0]["iteration"], self.history[-1]["iteration"]
+        parameters = sorted({name for step in self.history for name in step["nonfinite_gradients"]})
+        diagnosis = {"first_bad_iteration": first, "last_bad_iteration": last, "consecutive": self.consecutive,
+                     "steps": self.history, "nonfinite_gradients": parameters,
+                     "last_good_checkpoint": last_checkpoint}
+        message = (f"training stopped: {self.consecutive} consecutive steps with a non-finite loss or gradient norm "
+                   f"(iterations {first} to {last}, guard.max_consecutive_nonfinite={self.max_consecutive}); "
+                   f"losses {[s['loss'] for s in self.history]}; non-finite gradients in {_short(parameters, 12)}; "
+                   f"the last good checkpoint {last_checkpoint or '(none saved)'} is untouched")
+        return NonFiniteTrainingError(message, diagnosis)
+
+    def state_dict(self) -> dict:
+        return {"total": self.total}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total = int(state.get("total", 0))
+
+
+def _json_float(value: float) -> float | str:
+    return value if math.isfinite(value) else str(value)
+
+
+def _short(names: list[str], limit: int = 6) -> str:
+    if not names:
+        return "no parameter (the loss itself)"
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoint manifest
+
+
+class CheckpointCorruptError(ValueError):
+    """A checkpoint whose files do not match its manifest; `damaged` lists them."""
+
+    def __init__(self, directory: Path, damaged: list[str]) -> None:
+        super().__init__(f"{directory}: damaged checkpoint: {'; '.join(damaged)} (set checkpoint.fallback=true to "
+                         "resume from the previous complete checkpoint instead)")
+        self.directory = directory
+        self.damaged = damaged
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checkpoint_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(directory: str | os.PathLike) -> Path:
+    """Write `manifest.json` listing every other file of `directory` (recursively) with its bytes and SHA-256."""
+    directory = Path(directory)
+    files = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+             for p in _checkpoint_files(directory)}
+    path = directory / MANIFEST
+    tmp = path.with_name(MANIFEST + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump({"format": MANIFEST_FORMAT, "version": 1, "files": files}, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def verify_checkpoint(directory: str | os.PathLike) -> bool:
+    """Check every file against `manifest.json`.
+
+    Returns:
+        True when verified; False (with a warning) when the checkpoint has no manifest (written before phi1
+        wrote them).
+    Raises:
+        CheckpointCorruptError: naming each file that is missing, of another size, or of another SHA-256, and
+            an unreadable manifest.
+    """
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        logger.warning("%s: no %s; the files cannot be verified", directory, MANIFEST)
+        return False
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
+            raise ValueError("not a phi1 checkpoint manifest")
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointCorruptError(directory, [f"{MANIFEST} unreadable ({e})"]) from None
+    damaged = []
+    for name, entry in sorted(files.items()):
+        file = directory / name
+        if not file.is_file():
+            damaged.append(f"{name} is missing")
+        elif file.stat().st_size != entry["bytes"]:
+            damaged.append(f"{name} has {file.stat().st_size} bytes, the manifest says {entry['bytes']}")
+        elif file_sha256(file) != entry["sha256"]:
+            damaged.append(f"{name} has another SHA-256 than the manifest's")
+    if damaged:
+        raise CheckpointCorruptError(directory, damaged)
+    return True
+
+
+__all__ = [
+    "CheckpointCorruptError",
+    "MANIFEST",
+    "NonFiniteGuard",
+    "NonFiniteTrainingError",
+    "file_sha256",
+    "gather_names",
+    "nonfinite_gradients",
+    "verify_checkpoint",
+    "write_manifest",
+]
