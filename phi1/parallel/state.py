@@ -167,7 +167,16 @@ def init_distributed(
         os.environ["LOCAL_RANK"] = str(local_rank)
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restart is not None:
+            # torchrun's agent store outlives a restart (--max-restarts): without a per-attempt prefix, a rank
+            # of the new attempt can read a peer address the previous attempt wrote and fail to connect.
+            agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                        is_master=False, timeout=timeout)
+            store = dist.PrefixStore(f"phi1/attempt_{restart}", agent_store)
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout)
 
     device = _device_for(local_rank)
     tp_group, dp_group = build_groups(rank, world_size, tensor_parallel_size)
