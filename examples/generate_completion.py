@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=0,
                             eos_token_id=tokenizer.eod, stop_strings=("\ndef ", "\nclass ", "\n\n\n", "\nif __name__"))
     with torch.no_grad():
-        completion = generate(model, [tokenizer.encode(prompt)], params, decode=tokenizer.decode)[0]
+        completion = generate(model, [tokenizer.encode(prompt)], params, decode=tokenizer.decode,
+                              vocab_size=tokenizer.vocab_size)[0]
     print(f"checkpoint {found} ({config.num_parameters():,} parameters)")
     print("----- prompt -----")
     print(prompt, end="")

@@ -165,3 +165,12 @@ def test_bf16_fast_path_agrees_with_math_on_gpu():
         got = fast(x).logits.float()
     assert fast.attention_backend in ("flash", "sdpa")
     torch.testing.assert_close(got, ref(x).logits, atol=5e-2, rtol=5e-2)
+
+
+def test_padding_ids_past_the_tokenizer_vocabulary_are_never_generated(model):
+    # The nano model has 512 rows; pretend the tokenizer knows only the first 100 ids.
+    unrestricted = generate(model, PROMPTS, SamplingParams(max_new_tokens=12))
+    assert any(t >= 100 for c in unrestricted for t in c.token_ids)  # else the test shows nothing
+    for params in (SamplingParams(max_new_tokens=12), SamplingParams(max_new_tokens=12, temperature=1.0, seed=0)):
+        restricted = generate(model, PROMPTS, params, vocab_size=100)
+        assert all(t < 100 for c in restricted for t in c.token_ids)

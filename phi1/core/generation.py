@@ -49,8 +49,13 @@ class Completion:
     """'stop' (stop string), 'eos', or 'length' (max_new_tokens reached)."""
 
 
-def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+def _sample(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None, vocab_size: int | None
+) -> torch.Tensor:
     """Next tokens (B,) from last-position logits (B, V)."""
+    if vocab_size is not None and vocab_size < logits.shape[-1]:
+        logits = logits.clone()
+        logits[:, vocab_size:] = float("-inf")  # padding rows of the embedding are no tokens
     if params.temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
@@ -74,9 +79,13 @@ def iter_generate(
     params: SamplingParams,
     decode: Callable[[list[int]], str] | None = None,
     use_cache: bool = True,
+    vocab_size: int | None = None,
 ) -> Iterator[tuple[int, int | None, Completion]]:
     """Yield (prompt index, new token or None, its Completion so far) as tokens are made; a final yield per
     prompt with token None marks it finished. The Completion objects are updated in place.
+
+    `vocab_size` is the tokenizer's real vocabulary: the model's rows past it are padding (to a multiple of
+    64), and an untrained or lightly trained model may still put mass there, so those ids are never produced.
 
     Raises ValueError for an empty prompt or one that leaves no room in ModelConfig.max_seq_len.
     """
@@ -129,7 +138,7 @@ def iter_generate(
                     ids = tokens[active, :end]
                     positions = (mask[active, :end].cumsum(-1) - 1).clamp(min=0)
                     logits = model(ids, attention_mask=mask[active, :end], position_ids=positions).logits
-                next_tokens = _sample(logits[:, -1, :], params, generator)
+                next_tokens = _sample(logits[:, -1, :], params, generator, vocab_size)
                 tokens[active, end] = next_tokens
                 mask[active, end] = 1
 
@@ -171,11 +180,12 @@ def generate(
     params: SamplingParams | None = None,
     decode: Callable[[list[int]], str] | None = None,
     use_cache: bool = True,
+    vocab_size: int | None = None,
 ) -> list[Completion]:
     """Complete each prompt (a list of token ids). See `iter_generate` for the semantics."""
     params = params or SamplingParams()
     results: list[Completion | None] = [None] * len(prompts)
-    for index, token, result in iter_generate(model, prompts, params, decode, use_cache):
+    for index, token, result in iter_generate(model, prompts, params, decode, use_cache, vocab_size):
         if token is None:
             results[index] = result
     for result in results:

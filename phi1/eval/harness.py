@@ -110,7 +110,8 @@ def generate_completions(
                 stop_strings=stop_strings, eos_token_id=eos,
                 seed=None if config.temperature == 0 else config.seed + batch_number * world_size + rank,
             )
-            completions = generate(model, prompts, params, decode=tokenizer.decode, use_cache=config.use_cache)
+            completions = generate(model, prompts, params, decode=tokenizer.decode, use_cache=config.use_cache,
+                                   vocab_size=tokenizer.vocab_size)
             for (problem_index, sample_index), prompt, completion in zip(items, prompts, completions):
                 copies = range(config.n_samples) if distinct == 1 else [sample_index]
                 for copy in copies:

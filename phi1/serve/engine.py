@@ -73,9 +73,11 @@ class BatchingEngine:
         decode: Callable[[list[int]], str],
         max_batch_size: int = 32,
         batch_window_ms: float = 5.0,
+        vocab_size: int | None = None,
     ) -> None:
         self.model = model
         self.decode = decode
+        self.vocab_size = vocab_size  # the tokenizer's: ids past it are embedding padding, never sampled
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_ms / 1000
         self.pending: queue.Queue[Submission | None] = queue.Queue()
@@ -128,7 +130,7 @@ class BatchingEngine:
         self.batches_run += 1
         self.largest_batch = max(self.largest_batch, len(rows))
         try:
-            for index, token, completion in iter_generate(self.model, prompts, params, self.decode):
+            for index, token, completion in iter_generate(self.model, prompts, params, self.decode, vocab_size=self.vocab_size):
                 submission, choice = rows[index]
                 if token is not None:
                     if completion.finish_reason == "stop":

@@ -32,7 +32,7 @@ class CompletionService:
         self.served_model = served_model
         self.context = model.config.max_seq_len
         self.default_max_tokens = default_max_tokens
-        self.engine = BatchingEngine(model, tokenizer.decode, max_batch_size, batch_window_ms)
+        self.engine = BatchingEngine(model, tokenizer.decode, max_batch_size, batch_window_ms, vocab_size=tokenizer.vocab_size)
         try:
             self.eos = tokenizer.eod
         except (ValueError, AttributeError):
