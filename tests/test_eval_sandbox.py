@@ -168,3 +168,11 @@ def test_scores_through_the_harness():
     assert scored[2]["result"] == "timed out"
     assert report.pass_at_k["pass@1"] == pytest.approx(1 / 3)
     assert report.pass_at_k["pass@3"] == 1.0
+
+
+def test_cpu_limit_before_wall_clock_scores_as_timed_out():
+    # Under load the CPU limit can strike before the wall-clock timeout: that is a time-out, not a failure.
+    result = run_program("while True:\n    pass\n", SandboxConfig(timeout_s=60, cpu_time_s=1))
+    assert result.status == "timed out"
+    assert result.exit_code == -signal.SIGXCPU
+    assert result.wall_time_s < 30

@@ -139,7 +139,8 @@ if orders["namespaces"]:
             isolation["readonly_failures"].append([point, os.strerror(ctypes.get_errno())])
 limits = orders["limits"]
 for name, value in limits.items():
-    resource.setrlimit(getattr(resource, name), (value, value))
+    soft, hard = value if isinstance(value, list) else (value, value)
+    resource.setrlimit(getattr(resource, name), (soft, hard))
 libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
 if orders["uid"] is not None:
     os.setgroups([])
@@ -331,7 +332,9 @@ def run_program(program: str, config: SandboxConfig | None = None) -> ExecutionR
     if uid is not None:
         os.chown(workdir, uid, uid)
     limits = {
-        "RLIMIT_CPU": max(1, int(config.cpu_time_s)),
+        # Soft below hard: the kernel sends SIGXCPU at the soft limit, so a program that spent its CPU budget
+        # dies of a signal that says so (scored 'timed out'); SIGKILL follows a second later if it is caught.
+        "RLIMIT_CPU": [max(1, int(config.cpu_time_s)), max(1, int(config.cpu_time_s)) + 1],
         "RLIMIT_AS": config.memory_mb * 2**20,
         "RLIMIT_FSIZE": config.max_file_mb * 2**20,
         "RLIMIT_CORE": 0,
@@ -385,7 +388,8 @@ def run_program(program: str, config: SandboxConfig | None = None) -> ExecutionR
         except json.JSONDecodeError:
             isolation = {}
         token_seen = exit_code == 0 and len(lines) >= 2 and lines[-2] == token and lines[-1] == ""
-        status = TIMEOUT if timed_out else (PASSED if token_seen else FAILED)
+        out_of_cpu = exit_code == -signal.SIGXCPU
+        status = TIMEOUT if timed_out or out_of_cpu else (PASSED if token_seen else FAILED)
         return ExecutionResult(
             status=status, exit_code=exit_code, wall_time_s=elapsed,
             stdout=_tail(stdout_path, config.max_output_chars), stderr=_tail(stderr_path, config.max_output_chars),
