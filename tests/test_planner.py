@@ -90,7 +90,7 @@ def test_phi1_on_eight_a100_predicts_the_papers_days() -> None:
     assert best.fits and best.memory.total <= 80 * 2**30
     assert 3.5 < best.time.days_for(50e9) < 5.0
     fitting = [p for p in plans if p.fits]
-    assert [p.time.total for p in fitting] == sorted(p.time.total for p in fitting)
+    assert [round(p.time.total, 3) for p in fitting] == sorted(round(p.time.total, 3) for p in fitting)
     assert all(not p.fits for p in plans[len(fitting):])
     ideal = 50e9 * get_preset("phi-1").flops_per_token(2048) / (8 * 312e12 * 0.5) / 86400
     assert best.time.days_for(50e9) == pytest.approx(ideal, rel=0.02)  # one node: communication is small

@@ -114,8 +114,9 @@ def measure_peak_memory(overrides: list[str], nproc: int = 1, steps: int = 3, ti
         command = [sys.executable, *module]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     for line in result.stdout.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
+        at = line.find(RESULT_PREFIX)
+        if at >= 0:  # another rank's output may share the line: take the one JSON object after the prefix
+            return json.JSONDecoder().raw_decode(line[at + len(RESULT_PREFIX):])[0]
     raise RuntimeError(f"memory measurement failed (exit {result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
 
 

@@ -109,6 +109,8 @@ class Layout:
     zero_stage: int = 0
     """0: torch DDP; 1, 2, 3: DeepSpeed ZeRO over the DP group."""
     micro_batch_size: int = 1
+    gradient_accumulation: int = 1
+    """Micro-batches per optimizer step: from the second one on, the gradients of the first already exist."""
     seq_len: int = 2048
     precision: str = "bf16"
     """'fp32', 'bf16' or 'fp16' (16-bit: autocast under DDP, 16-bit weights under ZeRO)."""
@@ -264,12 +266,16 @@ def estimate_memory(config: ModelConfig, layout: Layout) -> MemoryEstimate:
     working = _layer_backward_working_set(config, layout)
 
     # Gradients that exist before the backward starts: DDP's buckets (the gradients themselves, allocated at
-    # wrap time) and ZeRO's partitioned gradient buffers; on one plain process they appear during the backward.
-    static_grads = grads if (layout.zero_stage > 0 or layout.data_parallel > 1) else 0.0
+    # wrap time), ZeRO's partitioned gradient buffers, and with gradient accumulation those of the earlier
+    # micro-batches; on one plain process without accumulation they appear during the backward.
+    static_grads = grads if (layout.zero_stage > 0 or layout.data_parallel > 1
+                             or layout.gradient_accumulation > 1) else 0.0
     # autocast's 16-bit weight copies live from their first use in the forward to the layer's backward
     autocast_copies = 2.0 * counts.linear_weights if (layout.precision != "fp32" and layout.zero_stage == 0) else 0.0
     zero_buffers = 0.0
-    if layout.zero_stage in (1, 2):
+    if layout.zero_stage == 2 or (layout.zero_stage == 1 and layout.gpu):
+        # DeepSpeed allocates its reduce bucket with torch.empty: allocated memory on a GPU; on a CPU only the
+        # pages written count, and ZeRO-1 (no overlap_comm) reduces the gradients in place, never writing it.
         zero_buffers = c * min(ZERO_REDUCE_BUCKET_ELEMENTS, counts.per_rank)
     elif layout.zero_stage == 3:
         zero_buffers = c * (2 * counts.per_layer + counts.largest_layer_full / t)
@@ -313,6 +319,7 @@ def layout_from_train_config(train_config, model_config: ModelConfig, world_size
         data_parallel=max(1, world_size // tp),
         zero_stage=train_config.parallel.zero_stage,
         micro_batch_size=train_config.batch.micro_batch_size,
+        gradient_accumulation=max(1, train_config.grad_accum_steps(world_size)),
         seq_len=train_config.data.seq_len,
         precision=train_config.precision,
         activation_checkpointing=train_config.activation_checkpointing,
