@@ -8,6 +8,8 @@ buffers and transients of the backward and the optimizer step; the total is the 
 
 from __future__ import annotations
 
+import dataclasses
+
 from phi1.core.config import ModelConfig
 from phi1.planning.memory import GIB, estimate_memory, layout_from_train_config
 from phi1.training.config import TrainConfig
@@ -23,7 +25,7 @@ def memory_estimate(config: TrainConfig, model_config: ModelConfig, world_size: 
     layout = layout_from_train_config(config, model_config, world_size, gpu=gpu,
                                       runtime_overhead_bytes=GPU_RUNTIME_OVERHEAD_GIB * GIB if gpu else 0.0)
     if not fused_attention:
-        layout = type(layout)(**{**layout.__dict__, "fused_attention": False})
+        layout = dataclasses.replace(layout, fused_attention=False)
     estimate = estimate_memory(model_config, layout)
     return {k: v for k, v in estimate.as_dict().items() if isinstance(v, float)}
 
