@@ -4,7 +4,7 @@
 # the package's own requirement is a range that 2.13.0 satisfies, so nothing else pulls torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export DS_BUILD_OPS=0 DS_ACCELERATOR=cpu
+export DS_BUILD_OPS=0 DS_ACCELERATOR=cpu PYTHONFAULTHANDLER=1
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[test]"
 python -m pytest -q "$@"
