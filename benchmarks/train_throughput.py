@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -44,7 +43,9 @@ class Row:
     tokens_per_second: float
     tflops_per_second: float
     mfu: float | None
-    peak_memory_gib: float
+    peak_memory_gib: float | None
+    """CUDA: max allocated during the row's steps. None on CPU: the resident set is process-wide, so rows run
+    in one process cannot be told apart (benchmarks/bench_planner_memory.py measures CPU memory per process)."""
     step_ms: float
 
 
@@ -64,21 +65,16 @@ def attention_kernel_name(model: PhiForCausalLM, device: torch.device, dtype: to
         return "sdpa (flash kernel unavailable: efficient/math)"
 
 
-def _reset_peak(device: torch.device) -> float:
+def _reset_peak(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        return 0.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _peak(device: torch.device, baseline: float) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    # CPU: growth of the peak resident set since the baseline (an upper bound shared by both rows).
-    return max(0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 - baseline)
+def _peak(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
 def time_steps(model, step_fn, optimizer, batches, args, device) -> float:
@@ -109,7 +105,7 @@ def make_optimizer(model, device):
 
 
 def run_ours(config, args, device, batches) -> tuple[Row, dict]:
-    baseline = _reset_peak(device)
+    _reset_peak(device)
     model = PhiForCausalLM(config, init_seed=0).to(device)
     model.activation_checkpointing = args.activation_checkpointing
     model.loss_chunk_size = args.loss_chunk_size
@@ -127,7 +123,7 @@ def run_ours(config, args, device, batches) -> tuple[Row, dict]:
     seconds = time_steps(model, step, optimizer, batches, args, device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
     attention = attention_kernel_name(model, device, dtype) + (f", {block_forward}" if block_forward else "")
-    row = _row("phi1", config, args, device, seconds, _peak(device, baseline), attention)
+    row = _row("phi1", config, args, device, seconds, _peak(device), attention)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return row, state
 
@@ -137,7 +133,7 @@ def run_hf(config, args, device, batches, phi1_state) -> Row:
 
     from phi1.core.hf_interop import config_to_hf, state_dict_to_hf
 
-    baseline = _reset_peak(device)
+    _reset_peak(device)
     hf_values = {k: v for k, v in config_to_hf(config).items() if k not in ("architectures", "torch_dtype")}
     hf_config = transformers.PhiConfig(**hf_values)
     hf_config._attn_implementation = "sdpa"
@@ -153,7 +149,7 @@ def run_hf(config, args, device, batches, phi1_state) -> Row:
         return model(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
 
     seconds = time_steps(model, step, optimizer, batches, args, device)
-    return _row("HF PhiForCausalLM", config, args, device, seconds, _peak(device, baseline), "sdpa (transformers)")
+    return _row("HF PhiForCausalLM", config, args, device, seconds, _peak(device), "sdpa (transformers)")
 
 
 def _row(system, config, args, device, seconds, peak_gib, attention) -> Row:
@@ -182,8 +178,9 @@ def print_table(rows: list[Row], device: torch.device) -> None:
     print(header)
     for r in rows:
         m = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "n/a"
+        mem = f"{r.peak_memory_gib:.2f}" if r.peak_memory_gib is not None else "n/a"
         print(f"{r.system:<20} {r.preset:<12} {r.micro_batch:>3} {r.seq_len:>5} {r.precision:>5} {str(r.activation_checkpointing):>5} "
-              f"{r.tokens_per_second:>11.1f} {r.tflops_per_second:>8.2f} {m:>7} {r.peak_memory_gib:>9.2f} {r.step_ms:>9.1f}  {r.attention}")
+              f"{r.tokens_per_second:>11.1f} {r.tflops_per_second:>8.2f} {m:>7} {mem:>9} {r.step_ms:>9.1f}  {r.attention}")
     if len(rows) == 2:
         print(f"ratio phi1 / HF tokens/s: {rows[0].tokens_per_second / rows[1].tokens_per_second:.2f}x")
 

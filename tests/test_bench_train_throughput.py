@@ -26,4 +26,5 @@ def test_throughput_benchmark_reports_both_rows(tmp_path):
     for row in report["rows"]:
         assert row["tokens_per_second"] > 0 and row["seq_len"] == 128
         assert row["mfu"] is None  # no peak FLOP/s is known for a CPU: no made-up MFU
+        assert row["peak_memory_gib"] is None  # CPU RSS is process-wide: no per-row figure
     assert "ratio phi1 / HF tokens/s" in result.stdout
