@@ -32,6 +32,7 @@ CONFIGS: dict[str, tuple[int, list[str]]] = {
     "mb4": (1, ["batch.micro_batch_size=4", "batch.global_batch_size=4"]),
     "mb8": (1, ["batch.micro_batch_size=8", "batch.global_batch_size=8"]),
     "mb8-ac": (1, ["batch.micro_batch_size=8", "batch.global_batch_size=8", "activation_checkpointing=true"]),
+    "mb8-chunked-loss": (1, ["batch.micro_batch_size=8", "batch.global_batch_size=8", "loss_chunk_size=256"]),
     "mb4-accum2": (1, ["batch.micro_batch_size=4", "batch.global_batch_size=8"]),
     "mb4-bf16": (1, ["batch.micro_batch_size=4", "batch.global_batch_size=4", "precision=bf16"]),
     "tp2-mb4": (2, ["batch.micro_batch_size=4", "batch.global_batch_size=4", "parallel.tensor_parallel=2"]),

@@ -55,3 +55,13 @@ def test_no_gradient_work_under_no_grad():
     m.loss_chunk_size = 0
     with torch.no_grad():
         torch.testing.assert_close(loss, m(x, labels=x).loss)
+
+
+def test_training_config_validates_loss_chunk_size():
+    from phi1.training.config import ConfigError, TrainConfig, validate_config
+
+    config = TrainConfig()
+    config.loss_chunk_size = 1024
+    config.parallel.zero_stage = 3
+    with pytest.raises(ConfigError, match="loss_chunk_size"):
+        validate_config(config, world_size=1, check_files=False)

@@ -116,6 +116,8 @@ class Layout:
     """'fp32', 'bf16' or 'fp16' (16-bit: autocast under DDP, 16-bit weights under ZeRO)."""
     activation_checkpointing: bool = False
     sequence_parallel: bool = False
+    loss_chunk_size: int = 0
+    """Tokens per chunk of the fused lm_head + loss (0: the whole micro-batch's logits; TP = 1 only)."""
     fused_attention: bool = True
     """SDPA / FlashAttention (no s x s scores kept); False for the 'math' backend."""
     attn_dropout: float = 0.0
@@ -208,6 +210,13 @@ def _logits_bytes(config: ModelConfig, layout: Layout) -> tuple[float, float]:
     tokens = layout.seq_len * layout.micro_batch_size
     cells = tokens * config.vocab_size / layout.tensor_parallel
     half = layout.precision != "fp32"
+    if layout.loss_chunk_size > 0 and layout.tensor_parallel == 1:
+        # phi1.core.chunked_cross_entropy: one chunk's fp32 logits (softmax and gradient in place, plus the
+        # 16-bit copy under autocast), an fp32 lm_head weight gradient, and d hidden for the whole micro-batch,
+        # all made in the forward and held until the backward.
+        chunk = min(layout.loss_chunk_size, tokens) * config.vocab_size * (4 + (2 if half else 0))
+        kept = 4 * config.vocab_size * (config.d_model + 1) + (2 if half else 4) * tokens * config.d_model
+        return chunk + kept, kept
     if layout.tensor_parallel > 1:
         return cells * (12 + (2 if half else 0)), cells * 4
     return cells * (8 + (6 if half else 0)), cells * (12 + (2 if half else 0))
@@ -324,6 +333,7 @@ def layout_from_train_config(train_config, model_config: ModelConfig, world_size
         precision=train_config.precision,
         activation_checkpointing=train_config.activation_checkpointing,
         sequence_parallel=train_config.parallel.sequence_parallel,
+        loss_chunk_size=train_config.loss_chunk_size,
         fused_attention=model_config.attention_backend != "math",
         attn_dropout=model_config.attn_dropout,
         resid_dropout=model_config.resid_dropout,

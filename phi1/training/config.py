@@ -259,6 +259,9 @@ class TrainConfig:
     """'fp32', 'bf16' (autocast, no scaler) or 'fp16' (autocast with dynamic loss scaling)."""
     activation_checkpointing: bool = False
     """Recompute each block in the backward instead of keeping its activations."""
+    loss_chunk_size: int = 0
+    """Tokens per chunk of the fused lm_head + loss, which never holds the micro-batch's whole logits (0: off;
+    used at tensor_parallel 1, where the vocab-parallel loss does not already split them; not with ZeRO-3)."""
     seed: int = 1234
     """Seed of weight init, dropout and data order."""
 
@@ -479,6 +482,10 @@ def validate_config(config: TrainConfig, world_size: int, *, check_files: bool =
         fail("parallel.sequence_parallel", "needs parallel.tensor_parallel > 1")
     if par.zero_stage not in (0, 1, 2, 3):
         fail("parallel.zero_stage", f"must be 0 (DDP), 1, 2 or 3, got {par.zero_stage}")
+    if config.loss_chunk_size < 0:
+        fail("loss_chunk_size", f"must be >= 0 (0: off), got {config.loss_chunk_size}")
+    if config.loss_chunk_size > 0 and par.zero_stage == 3:
+        fail("loss_chunk_size", "cannot be used with ZeRO-3, which gathers the lm_head only inside its own forward")
     if par.sequence_parallel and par.zero_stage >= 2:
         fail("parallel.sequence_parallel", "is not supported with ZeRO stage 2 or 3; use zero_stage 0 or 1")
     if par.ddp_bucket_mb <= 0:

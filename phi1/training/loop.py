@@ -203,6 +203,7 @@ class Trainer:
         model = PhiForCausalLM(model_config, tp_group=state.tp_group, sequence_parallel=config.parallel.sequence_parallel,
                                init_seed=config.seed)
         model.activation_checkpointing = config.activation_checkpointing
+        model.loss_chunk_size = config.loss_chunk_size
         model.to(self.device)
         self.model = model
         self.guard = NonFiniteGuard(config.guard.max_consecutive_nonfinite)
