@@ -9,7 +9,7 @@ test asserts inside a docstring, after which the model writes the function:
     \"\"\"
     Write a function to find the shared elements from the given two lists.
     assert set(similar_elements((3, 4, 5, 6),(5, 7, 4, 10))) == set((4, 5))
-    ...
+    (the task's other asserts)
     \"\"\"
 
 The program run is that prompt, the completion, the task's `test_setup_code` and its asserts.

@@ -10,7 +10,7 @@ Chat template (phi-1 is a base code model with no chat format of its own; this p
     {system message}\\n\\n            (when there is a system message)
     User: {user message}\\n
     Assistant: {assistant message}\\n
-    ...
+    (further turns alike)
     Assistant:
 
 and generation stops at "\\nUser:" so that the model's answer does not run into an invented next turn.
