@@ -8,7 +8,8 @@ import torch
 from phi1.core.attention import flash_attn_available, select_backend
 from phi1.core.config import get_preset
 from phi1.core.generation import SamplingParams, generate
-from phi1.core.model import PhiForCausalLM, apply_rotary, rotary_cos_sin
+from phi1.core.model import PhiForCausalLM
+from phi1.ops.reference import apply_rotary, rotary_angles
 
 
 def nano(**overrides):
@@ -61,7 +62,7 @@ def test_auto_backend_falls_back_on_cpu():
 
 def test_rotary_touches_only_the_first_rotary_dims():
     x = torch.randn(1, 2, 5, 16)
-    cos, sin = rotary_cos_sin(torch.arange(5).unsqueeze(0), 8, 10000.0, x.dtype)
+    cos, sin = rotary_angles(torch.arange(5).unsqueeze(0), 8, 10000.0)
     y = apply_rotary(x, cos, sin)
     torch.testing.assert_close(y[..., 8:], x[..., 8:])
     assert not torch.allclose(y[..., :8], x[..., :8])

@@ -25,6 +25,8 @@ from torch.utils.checkpoint import checkpoint
 from phi1.core.attention import KERNELS, causal_keep_mask, default_scale, select_backend
 from phi1.core.chunked_cross_entropy import chunked_linear_cross_entropy
 from phi1.core.config import ModelConfig
+from phi1.ops.fused import bias_gelu, rotary_qkv
+from phi1.ops.reference import gelu_new, rotary_angles, rotary_qkv_reference
 from phi1.parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_cross_entropy
 from phi1.parallel.layers import (
     ColumnParallelLinear,
@@ -44,38 +46,6 @@ from phi1.parallel.mappings import (
 from phi1.parallel.random import checkpoint_rng_contexts, get_rng_tracker
 
 logger = logging.getLogger("phi1.model")
-
-
-def gelu_new(x: torch.Tensor) -> torch.Tensor:
-    """GPT-2's tanh approximation of GELU (HuggingFace's `gelu_new`)."""
-    return F.gelu(x, approximate="tanh")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Rotary position embedding (partial, NeoX style)
-
-
-def rotary_cos_sin(
-    position_ids: torch.Tensor, rotary_dim: int, base: float, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (B, 1, T, rotary_dim) for positions (B, T), computed in fp32.
-
-    Computed per call rather than cached: it is B*T*rotary_dim/2 multiplies, nothing next to attention, and a
-    model built on the meta device or moved between devices needs no buffer to be rebuilt.
-    """
-    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, device=position_ids.device, dtype=torch.float32) / rotary_dim))
-    angles = position_ids.float().unsqueeze(-1) * inv_freq  # (B, T, rd/2)
-    angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)  # (B, 1, T, rd)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first rotary_dim dims of x (B, nh, T, hs) by rotate-half; pass the rest through."""
-    rotary_dim = cos.shape[-1]
-    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
-    x1, x2 = x_rot.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -136,6 +106,7 @@ class PhiAttention(nn.Module):
         )
         self.backend: str | None = None
         self._backend_key: tuple | None = None
+        self.fused_ops = False  # set through PhiForCausalLM.fused_ops
 
     def resolve_backend(self, device: torch.device, dtype: torch.dtype) -> str:
         key = (device.type, dtype)
@@ -157,8 +128,8 @@ class PhiAttention(nn.Module):
         qkv = self.qkv(x)  # (B, T, 3 d / tp); T is the whole sequence even when x is a sequence shard
         B, T, _ = qkv.shape
         qkv = qkv.view(B, T, self.n_local_heads, 3, self.head_dim)
-        q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # each (B, nh, T, hs)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # each (B, nh, T, hs), q and k rotated; the fused kernel also makes them contiguous for attention
+        q, k, v = (rotary_qkv if self.fused_ops else rotary_qkv_reference)(qkv, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_index, k, v)  # (B, nh, Tk, hs)
         keep = causal_keep_mask(T, k.shape[2], key_padding, x.device)
@@ -179,8 +150,11 @@ class PhiMLP(nn.Module):
             config.d_model, config.d_mlp, group=group, enter_tp_region=not fused_tp, sequence_parallel=sp
         )
         self.fc2 = RowParallelLinear(config.d_mlp, config.d_model, group=group, reduce_output=not fused_tp, sequence_parallel=sp)
+        self.fused_ops = False  # set through PhiForCausalLM.fused_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_ops:
+            return self.fc2(self.fc1(x, epilogue=bias_gelu))  # (B, T, d_mlp / tp) never holds x W + b apart
         return self.fc2(gelu_new(self.fc1(x)))
 
 
@@ -266,6 +240,7 @@ class PhiForCausalLM(nn.Module):
         # Tokens per chunk of the fused lm_head + cross-entropy (0: plain path). Not under ZeRO-3, whose
         # parameter gathering hooks the lm_head's own forward, which the chunked path bypasses.
         self.loss_chunk_size = 0
+        self._fused_ops = False
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.d_model, group=tp_group, sequence_parallel=sequence_parallel)
         self.layers = nn.ModuleList(
             PhiBlock(config, i, tp_group, fused_tp_reduce, sequence_parallel) for i in range(config.n_layer)
@@ -363,7 +338,7 @@ class PhiForCausalLM(nn.Module):
             rng = get_rng_tracker().fork() if self.sequence_parallel else contextlib.nullcontext()
             with rng:
                 h = F.dropout(h, p=self.config.embd_dropout)
-        cos, sin = rotary_cos_sin(position_ids, self.config.rotary_dim, self.config.rotary_base, h.dtype)
+        cos, sin = rotary_angles(position_ids, self.config.rotary_dim, self.config.rotary_base)  # (B, T, rd/2) fp32
 
         for block in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
@@ -378,6 +353,19 @@ class PhiForCausalLM(nn.Module):
         return self.final_layernorm(h)
 
     # -- helpers --------------------------------------------------------------------------------------------------
+
+    @property
+    def fused_ops(self) -> bool:
+        """Run csrc/fused_ops (bias + gelu, rotary on q/k/v) where `phi1.ops.prepare` loaded them for the
+        activations' device; the PyTorch references elsewhere. Off by default: the trainer turns it on after
+        `prepare` says the kernels are there."""
+        return self._fused_ops
+
+    @fused_ops.setter
+    def fused_ops(self, value: bool) -> None:
+        self._fused_ops = bool(value)
+        for block in self.layers:
+            block.attn.fused_ops = block.mlp.fused_ops = self._fused_ops
 
     def new_kv_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         p = self.lm_head.weight

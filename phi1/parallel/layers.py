@@ -11,6 +11,8 @@ or DeepSpeed's parameter replacement.)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -76,10 +78,17 @@ class ColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(local_out, in_features))
         self.bias = nn.Parameter(torch.empty(local_out)) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, epilogue: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """`epilogue(y, bias)`, when given, adds the bias (None without one) instead of the GEMM: a fused bias +
+        activation, the MLP's bias + gelu. It runs inside this forward, where ZeRO-3 has gathered the bias."""
         if self.enter_tp_region:
             x = gather_from_sequence(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
-        y = F.linear(x, self.weight, self.bias)
+        if epilogue is not None:
+            y = epilogue(F.linear(x, self.weight), self.bias)
+        else:
+            y = F.linear(x, self.weight, self.bias)
         return gather_from_tp(y, self.group) if self.gather_output else y
 
     def extra_repr(self) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from phi1.core.config import PRESETS, ModelConfig, get_preset
+from phi1.ops.loader import MODES as FUSED_OPS_MODES
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DECAYS = ("linear", "cosine", "constant")
@@ -262,6 +263,9 @@ class TrainConfig:
     loss_chunk_size: int = 0
     """Tokens per chunk of the fused lm_head + loss, which never holds the micro-batch's whole logits (0: off;
     used at tensor_parallel 1, where the vocab-parallel loss does not already split them; not with ZeRO-3)."""
+    fused_ops: str = "auto"
+    """csrc/fused_ops (bias + gelu, rotary on q/k/v): 'auto' builds and uses them on CUDA, falling back to the
+    PyTorch references with a warning; 'on' fails at start-up if they cannot be built; 'off' never uses them."""
     seed: int = 1234
     """Seed of weight init, dropout and data order."""
 
@@ -349,6 +353,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
     if hint is str:
+        if isinstance(value, bool):
+            # YAML 1.1 reads on/off/yes/no/true/false as booleans; the string options spell them on / off.
+            return "on" if value else "off"
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
@@ -482,6 +489,8 @@ def validate_config(config: TrainConfig, world_size: int, *, check_files: bool =
         fail("parallel.sequence_parallel", "needs parallel.tensor_parallel > 1")
     if par.zero_stage not in (0, 1, 2, 3):
         fail("parallel.zero_stage", f"must be 0 (DDP), 1, 2 or 3, got {par.zero_stage}")
+    if config.fused_ops not in FUSED_OPS_MODES:
+        fail("fused_ops", f"must be one of {FUSED_OPS_MODES}, got {config.fused_ops!r}")
     if config.loss_chunk_size < 0:
         fail("loss_chunk_size", f"must be >= 0 (0: off), got {config.loss_chunk_size}")
     if config.loss_chunk_size > 0 and par.zero_stage == 3:

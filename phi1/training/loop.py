@@ -35,6 +35,7 @@ from phi1.core.config import PRESETS, ModelConfig
 from phi1.core.model import PhiForCausalLM
 from phi1.data.samplers import MicroBatchSampler
 from phi1.data.tokenizers import build_tokenizer
+from phi1.ops import prepare as prepare_fused_ops
 from phi1.parallel.checkpoint import load_shard_config
 from phi1.parallel.cross_entropy import IGNORE_INDEX
 from phi1.parallel.data_parallel import wrap_data_parallel
@@ -205,6 +206,9 @@ class Trainer:
         model.activation_checkpointing = config.activation_checkpointing
         model.loss_chunk_size = config.loss_chunk_size
         model.to(self.device)
+        # Built (or found cached) here, before any data is read: a failed build is a warning now, not a crash
+        # mid-run ('on' makes it an error).
+        model.fused_ops = prepare_fused_ops(self.device, config.fused_ops)
         self.model = model
         self.guard = NonFiniteGuard(config.guard.max_consecutive_nonfinite)
         if config.faults.inject_nan_at and config.faults.inject_nan_param not in dict(model.named_parameters()):
