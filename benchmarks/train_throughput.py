@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from phi1.core.config import PRESETS, get_preset  # noqa: E402
 from phi1.core.model import PhiForCausalLM  # noqa: E402
+from phi1.ops import MODES as FUSED_OPS_MODES  # noqa: E402
+from phi1.ops import prepare as prepare_fused_ops  # noqa: E402
 from phi1.training.metrics import device_name, mfu, peak_tflops  # noqa: E402
 from phi1.training.precision import autocast  # noqa: E402
 
@@ -39,6 +41,8 @@ class Row:
     seq_len: int
     precision: str
     activation_checkpointing: bool
+    fused_ops: bool
+    """Whether csrc/fused_ops (bias + gelu, rotary on q/k/v) ran; False for HuggingFace."""
     attention: str
     tokens_per_second: float
     tflops_per_second: float
@@ -109,6 +113,8 @@ def run_ours(config, args, device, batches) -> tuple[Row, dict]:
     model = PhiForCausalLM(config, init_seed=0).to(device)
     model.activation_checkpointing = args.activation_checkpointing
     model.loss_chunk_size = args.loss_chunk_size
+    # Under torch.compile the kernels stand aside (phi1.ops.fused) and the compiler fuses the references itself.
+    model.fused_ops = prepare_fused_ops(device, args.fused_ops) and not args.compile
     model.train()
     block_forward = None
     if args.compile:
@@ -123,7 +129,7 @@ def run_ours(config, args, device, batches) -> tuple[Row, dict]:
     seconds = time_steps(model, step, optimizer, batches, args, device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
     attention = attention_kernel_name(model, device, dtype) + (f", {block_forward}" if block_forward else "")
-    row = _row("phi1", config, args, device, seconds, _peak(device), attention)
+    row = _row("phi1", config, args, device, seconds, _peak(device), attention, model.fused_ops)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return row, state
 
@@ -149,10 +155,10 @@ def run_hf(config, args, device, batches, phi1_state) -> Row:
         return model(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
 
     seconds = time_steps(model, step, optimizer, batches, args, device)
-    return _row("HF PhiForCausalLM", config, args, device, seconds, _peak(device), "sdpa (transformers)")
+    return _row("HF PhiForCausalLM", config, args, device, seconds, _peak(device), "sdpa (transformers)", False)
 
 
-def _row(system, config, args, device, seconds, peak_gib, attention) -> Row:
+def _row(system, config, args, device, seconds, peak_gib, attention, fused_ops) -> Row:
     tokens_per_second = args.micro_batch * args.seq_len / seconds
     flops_per_token = config.flops_per_token(args.seq_len)
     peak = peak_tflops(device_name(device), args.precision)
@@ -163,6 +169,7 @@ def _row(system, config, args, device, seconds, peak_gib, attention) -> Row:
         seq_len=args.seq_len,
         precision=args.precision,
         activation_checkpointing=args.activation_checkpointing,
+        fused_ops=fused_ops,
         attention=attention,
         tokens_per_second=tokens_per_second,
         tflops_per_second=flops_per_token * tokens_per_second / 1e12,
@@ -174,12 +181,12 @@ def _row(system, config, args, device, seconds, peak_gib, attention) -> Row:
 
 def print_table(rows: list[Row], device: torch.device) -> None:
     print(f"device: {device_name(device)}")
-    header = f"{'system':<20} {'preset':<12} {'mb':>3} {'seq':>5} {'prec':>5} {'ckpt':>5} {'tokens/s':>11} {'TFLOP/s':>8} {'MFU':>7} {'peak GiB':>9} {'step ms':>9}  attention"
+    header = f"{'system':<20} {'preset':<12} {'mb':>3} {'seq':>5} {'prec':>5} {'ckpt':>5} {'fused':>5} {'tokens/s':>11} {'TFLOP/s':>8} {'MFU':>7} {'peak GiB':>9} {'step ms':>9}  attention"
     print(header)
     for r in rows:
         m = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "n/a"
         mem = f"{r.peak_memory_gib:.2f}" if r.peak_memory_gib is not None else "n/a"
-        print(f"{r.system:<20} {r.preset:<12} {r.micro_batch:>3} {r.seq_len:>5} {r.precision:>5} {str(r.activation_checkpointing):>5} "
+        print(f"{r.system:<20} {r.preset:<12} {r.micro_batch:>3} {r.seq_len:>5} {r.precision:>5} {str(r.activation_checkpointing):>5} {str(r.fused_ops):>5} "
               f"{r.tokens_per_second:>11.1f} {r.tflops_per_second:>8.2f} {m:>7} {mem:>9} {r.step_ms:>9.1f}  {r.attention}")
     if len(rows) == 2:
         print(f"ratio phi1 / HF tokens/s: {rows[0].tokens_per_second / rows[1].tokens_per_second:.2f}x")
@@ -199,7 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--loss-chunk-size", type=int, default=0, help="chunked lm_head + loss (0: off)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
+    parser.add_argument("--fused-ops", choices=FUSED_OPS_MODES, default="auto",
+                        help="csrc/fused_ops: auto = on CUDA when they build (see python -m phi1.ops)")
     parser.add_argument("--compare-hf", action="store_true", help="also run HuggingFace PhiForCausalLM")
+    parser.add_argument("--hf-only", action="store_true", help="run only HuggingFace PhiForCausalLM (its memory alone)")
+    parser.add_argument("--memory-limit-gib", type=float, default=None,
+                        help="CUDA: cap this process's memory (torch.cuda.set_per_process_memory_fraction), e.g. 80 "
+                             "to measure an 80 GB GPU's fit on a larger one")
     parser.add_argument("--json-out", type=Path, default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
 
@@ -213,10 +226,16 @@ def main(argv: list[str] | None = None) -> int:
     batches = [torch.randint(0, config.vocab_size, (args.micro_batch, args.seq_len + 1), generator=generator).to(device)
                for _ in range(2)]
 
+    if args.memory_limit_gib is not None and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_limit_gib * 2**30 / total), device)
     rows = []
-    ours, state = run_ours(config, args, device, batches)
-    rows.append(ours)
-    if args.compare_hf:
+    if args.hf_only:
+        state = PhiForCausalLM(config, init_seed=0).state_dict()
+    else:
+        ours, state = run_ours(config, args, device, batches)
+        rows.append(ours)
+    if args.compare_hf or args.hf_only:
         rows.append(run_hf(config, args, device, batches, state))
     print_table(rows, device)
     if args.json_out:
