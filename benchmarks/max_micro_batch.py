@@ -8,8 +8,9 @@ activation checkpointing.
 Every trial is one `train_throughput.py` step (plus a warm-up step, so the optimizer state exists) in a fresh
 process, so no allocator state leaks from one trial into the next. A trial fits when it exits cleanly and its
 peak memory is within the limit: on CUDA the limit is enforced in the child (set_per_process_memory_fraction)
-and an out-of-memory error is a clean "does not fit"; on CPU the child's peak resident set (from wait4) is
-compared with the limit. Micro-batches double until one does not fit, then a bisection finds the boundary.
+and an out-of-memory error is a clean "does not fit"; on CPU the limit applies to the growth of the child's
+peak resident set over its resident set before the model was built (what the model and its step need, not
+the interpreter and the libraries it loaded: HuggingFace's process also imports transformers). Micro-batches double until one does not fit, then a bisection finds the boundary.
 Any other failure of a trial is reported with its output, not taken for "does not fit".
 """
 
@@ -94,7 +95,7 @@ def run_trial(args: argparse.Namespace, system: str, checkpointing: bool, micro_
             command += ["--memory-limit-gib", str(args.memory_limit_gib)]
         with open(Path(tmp) / "log", "w+") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-            _, status, usage = os.wait4(process.pid, 0)
+            _, status, _ = os.wait4(process.pid, 0)
             process.returncode = os.waitstatus_to_exitcode(status)
             log.seek(0)
             output = log.read()
@@ -104,9 +105,7 @@ def run_trial(args: argparse.Namespace, system: str, checkpointing: bool, micro_
             raise RuntimeError(f"trial {system} micro-batch {micro_batch} failed (exit {process.returncode}):\n{output[-3000:]}")
         row = json.loads(out.read_text())["rows"][0]
     peak = row["peak_memory_gib"]
-    if peak is None:  # CPU: the child's peak resident set (ru_maxrss is in KiB on Linux)
-        peak = usage.ru_maxrss / 2**20
-    fits = args.memory_limit_gib is None or peak <= args.memory_limit_gib
+    fits = args.memory_limit_gib is None or (peak is not None and peak <= args.memory_limit_gib)
     return Trial(micro_batch, fits, peak, row["tokens_per_second"])
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
+import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -48,8 +50,9 @@ class Row:
     tflops_per_second: float
     mfu: float | None
     peak_memory_gib: float | None
-    """CUDA: max allocated during the row's steps. None on CPU: the resident set is process-wide, so rows run
-    in one process cannot be told apart (benchmarks/bench_planner_memory.py measures CPU memory per process)."""
+    """CUDA: max allocated during the row's steps. CPU: growth of the peak resident set over the process's
+    resident set before the model was built, only when the process runs one row (rows in one process cannot be
+    told apart: their resident sets overlap); None otherwise."""
     step_ms: float
 
 
@@ -75,6 +78,16 @@ def _reset_peak(device: torch.device) -> None:
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def resident_gib() -> float:
+    """This process's resident set now (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def peak_resident_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _peak(device: torch.device) -> float | None:
@@ -229,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_limit_gib is not None and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_limit_gib * 2**30 / total), device)
+    resident_before = resident_gib() if device.type == "cpu" and sys.platform == "linux" else None
     rows = []
     if args.hf_only:
         state = PhiForCausalLM(config, init_seed=0).state_dict()
@@ -237,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(ours)
     if args.compare_hf or args.hf_only:
         rows.append(run_hf(config, args, device, batches, state))
+    if resident_before is not None and len(rows) == 1:
+        rows[0].peak_memory_gib = peak_resident_gib() - resident_before
     print_table(rows, device)
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)

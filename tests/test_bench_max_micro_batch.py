@@ -45,10 +45,10 @@ def test_real_trials_on_cpu_respect_the_limit(tmp_path):
     results, stdout = _run(tmp_path, "--memory-limit-gib", "64", "--max-micro-batch", "2", "--checkpointing", "off,on")
     for key in (("phi1", False), ("phi1", True), ("hf", False), ("hf", True)):
         assert results[key]["max_micro_batch"] == 2 and results[key]["capped"], key
-        assert 0.1 < results[key]["peak_memory_gib"] < 64  # a real resident set of a process with torch
+        assert 0.001 < results[key]["peak_memory_gib"] < 64  # what the model and its step added
     assert "max micro-batch" in stdout
-    # A limit below the resident set of the interpreter with torch loaded: nothing fits.
-    results, _ = _run(tmp_path, "--memory-limit-gib", "0.05", "--systems", "phi1", "--checkpointing", "off")
+    # A limit below what even the nano model and its optimizer state take (~ 3 MiB): nothing fits.
+    results, _ = _run(tmp_path, "--memory-limit-gib", "0.0005", "--systems", "phi1", "--checkpointing", "off")
     assert results["phi1", False]["max_micro_batch"] == 0
 
 

@@ -7,6 +7,7 @@ import os
 import torch
 
 from phi1.core.model import PhiForCausalLM
+from phi1.ops import prepare as prepare_fused_ops
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -54,6 +55,8 @@ def load_model(model_dir: str | os.PathLike, device: str = "cpu", dtype: str = "
         raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     model = load_pretrained(model_dir, device=device, dtype=DTYPES[dtype])
     model.eval()
+    # On a GPU, generation runs the fused bias + gelu and rotary kernels when they build (a warning if not).
+    model.fused_ops = prepare_fused_ops(device, "auto")
     return model
 
 
