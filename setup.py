@@ -35,6 +35,7 @@ setup(
         "sentencepiece>=0.1.99",
         "tokenizers>=0.15",
         "tiktoken>=0.6",
+        "ninja>=1.11",  # torch.utils.cpp_extension builds csrc/fused_ops with it (python -m phi1.ops)
     ],
     extras_require={
         "deepspeed": ["deepspeed>=0.14"],
