@@ -1,7 +1,9 @@
 // Fused elementwise ops of the phi-1 block, for CPU here and for CUDA in fused_ops_cuda.cu.
 //
 //   bias_gelu   y = gelu_new(x + b): one pass instead of an add and a gelu (each a full read and write of the
-//               (tokens, d_mlp) activation, the largest of the block), and the backward in one pass too.
+//               (tokens, d_mlp) activation, the largest of the block). The backward is one pass too: it
+//               writes dL/dx and sums dL/db on the way, in fp32 partial sums over fixed blocks of rows (the
+//               same bits on every run, unlike atomics), instead of a gelu backward and a separate reduction.
 //   rotary_qkv  the fused q/k/v projection's output (B, T, nh, 3, hs) -> q, k, v as one (3, B, nh, T, hs)
 //               tensor, the first rotary_dim dims of q and k rotated (NeoX rotate-half). Replaces the split,
 //               the transposes and the ~8 slice / neg / cat / mul / add kernels per tensor of the PyTorch
@@ -13,36 +15,24 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
-#include <cmath>
+#include <algorithm>
+#include <tuple>
+
+#include "gelu_rotary_math.h"
 
 namespace phi1 {
 
 #ifdef PHI1_WITH_CUDA
 // Defined in fused_ops_cuda.cu.
 void bias_gelu_forward_cuda(const at::Tensor& x, const at::Tensor& bias, at::Tensor& out);
-void bias_gelu_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& bias, at::Tensor& out);
+void bias_gelu_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& bias, at::Tensor& out,
+                             at::Tensor& bias_grad_partials, int64_t rows_per_block);
+int64_t bias_gelu_backward_cuda_rows_per_block(int64_t rows, int64_t n);
 void rotary_qkv_cuda(const at::Tensor& src, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& dst,
                      int64_t rotary_dim, bool to_heads_first, bool inverse);
 #endif
 
 namespace {
-
-constexpr float kSqrt2OverPi = 0.7978845608028654f;
-constexpr float kCubic = 0.044715f;
-
-// 0.5 x (1 + tanh(u)) = x * sigmoid(2u): written with exp, which the compiler vectorises (glibc's libmvec)
-// where it cannot vectorise tanh.
-inline float gelu_tanh(float x) {
-  const float inner = kSqrt2OverPi * (x + kCubic * x * x * x);
-  return x / (1.0f + std::exp(-2.0f * inner));
-}
-
-// d/dx of 0.5 x (1 + tanh(k (x + c x^3))).
-inline float gelu_tanh_grad(float x) {
-  const float x2 = x * x;
-  const float t = 2.0f / (1.0f + std::exp(-2.0f * kSqrt2OverPi * (x + kCubic * x2 * x))) - 1.0f;  // tanh
-  return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kCubic * x2);
-}
 
 // Rows of the (rows, n) activation handed to each task: enough work to amortise a thread wake-up.
 constexpr int64_t kGrainRows = 16;
@@ -66,21 +56,32 @@ void bias_gelu_forward_cpu(const at::Tensor& x, const at::Tensor& bias, at::Tens
   });
 }
 
+// Rows per block of the bias-gradient partial sums on CPU. Fixed, not derived from the thread count, so the
+// bias gradient has the same bits on any machine.
+constexpr int64_t kBiasGradRows = 32;
+
 template <typename scalar_t>
-void bias_gelu_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& bias, at::Tensor& out) {
+void bias_gelu_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& bias, at::Tensor& out,
+                            at::Tensor& partials) {
   const int64_t n = bias.numel();
   const int64_t rows = x.numel() / n;
   const scalar_t* gp = grad.data_ptr<scalar_t>();
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const scalar_t* bp = bias.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
-  at::parallel_for(0, rows, kGrainRows, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
+  float* pp = partials.data_ptr<float>();
+  at::parallel_for(0, partials.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      float* acc = pp + block * n;
+      const int64_t last = std::min(rows, (block + 1) * kBiasGradRows);
+      for (int64_t r = block * kBiasGradRows; r < last; ++r) {
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t k = r * n + i;
-        const float pre = static_cast<float>(xp[k]) + static_cast<float>(bp[i]);
-        op[k] = static_cast<scalar_t>(static_cast<float>(gp[k]) * gelu_tanh_grad(pre));
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t k = r * n + i;
+          const float d = static_cast<float>(gp[k]) * gelu_tanh_grad(static_cast<float>(xp[k]) + static_cast<float>(bp[i]));
+          op[k] = static_cast<scalar_t>(d);
+          acc[i] += d;
+        }
       }
     }
   });
@@ -120,8 +121,8 @@ void rotary_qkv_cpu(const at::Tensor& src, const at::Tensor& cos, const at::Tens
           for (; i < half; ++i) {
             const float x1 = static_cast<float>(in[i]), x2 = static_cast<float>(in[i + half]);
             const float si = sign * s[i];
-            out[i] = static_cast<scalar_t>(x1 * c[i] - x2 * si);
-            out[i + half] = static_cast<scalar_t>(x2 * c[i] + x1 * si);
+            out[i] = static_cast<scalar_t>(rotate_half(x1, x2, c[i], si, true));
+            out[i + half] = static_cast<scalar_t>(rotate_half(x2, x1, c[i], si, false));
           }
           i = rotary_dim;
         }
@@ -156,6 +157,7 @@ void check_rotary(const at::Tensor& src, const at::Tensor& cos, const at::Tensor
 at::Tensor bias_gelu_forward(const at::Tensor& x, const at::Tensor& bias) {
   check_bias_gelu(x, bias);
   at::Tensor out = at::empty_like(x);
+  if (x.numel() == 0) return out;
 #ifdef PHI1_WITH_CUDA
   if (x.is_cuda()) {
     bias_gelu_forward_cuda(x, bias, out);
@@ -169,22 +171,28 @@ at::Tensor bias_gelu_forward(const at::Tensor& x, const at::Tensor& bias) {
   return out;
 }
 
-at::Tensor bias_gelu_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& bias) {
+// (dL/dx, dL/dbias): dL/dx in x's dtype, dL/dbias summed in fp32.
+std::tuple<at::Tensor, at::Tensor> bias_gelu_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& bias) {
   check_bias_gelu(x, bias);
   TORCH_CHECK(grad.is_contiguous() && grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(),
               "bias_gelu: grad must be contiguous and match x");
+  const int64_t n = bias.numel();
+  const int64_t rows = n > 0 ? x.numel() / n : 0;
   at::Tensor out = at::empty_like(x);
 #ifdef PHI1_WITH_CUDA
   if (x.is_cuda()) {
-    bias_gelu_backward_cuda(grad, x, bias, out);
-    return out;
+    const int64_t rows_per_block = bias_gelu_backward_cuda_rows_per_block(rows, n);
+    at::Tensor partials = at::empty({(rows + rows_per_block - 1) / rows_per_block, n}, x.options().dtype(at::kFloat));
+    bias_gelu_backward_cuda(grad, x, bias, out, partials, rows_per_block);
+    return {out, partials.sum(0)};
   }
 #endif
   TORCH_CHECK(x.is_cpu(), "bias_gelu: this build has no kernel for ", x.device());
+  at::Tensor partials = at::zeros({(rows + kBiasGradRows - 1) / kBiasGradRows, n}, x.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_gelu_backward", [&] {
-    bias_gelu_backward_cpu<scalar_t>(grad, x, bias, out);
+    bias_gelu_backward_cpu<scalar_t>(grad, x, bias, out, partials);
   });
-  return out;
+  return {out, partials.sum(0)};
 }
 
 // qkv (B, T, nh, 3, hs) -> (3, B, nh, T, hs) with q and k rotated; cos, sin (B, T, rotary_dim / 2) fp32.
@@ -230,7 +238,7 @@ at::Tensor rotary_qkv_backward(const at::Tensor& grad, const at::Tensor& cos, co
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "phi1 fused ops: bias + gelu_new, rotary on the fused q/k/v projection";
   m.def("bias_gelu_forward", &phi1::bias_gelu_forward, "gelu_new(x + bias)");
-  m.def("bias_gelu_backward", &phi1::bias_gelu_backward, "grad * gelu_new'(x + bias)");
+  m.def("bias_gelu_backward", &phi1::bias_gelu_backward, "(grad * gelu_new'(x + bias), its sum over rows in fp32)");
   m.def("rotary_qkv_forward", &phi1::rotary_qkv_forward, "(B,T,nh,3,hs) -> rotated (3,B,nh,T,hs)");
   m.def("rotary_qkv_backward", &phi1::rotary_qkv_backward, "(3,B,nh,T,hs) -> rotated back (B,T,nh,3,hs)");
 #ifdef PHI1_WITH_CUDA

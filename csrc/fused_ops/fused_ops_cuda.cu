@@ -1,5 +1,6 @@
 // CUDA kernels of the fused ops declared in fused_ops.cpp (see there for what each op replaces).
-// Both are memory-bound: the point is one read and one write of each activation, in fp32 arithmetic.
+// All are memory-bound: the point is one read and one write of each activation, in fp32 arithmetic. The
+// formulas are those of gelu_rotary_math.h, shared with the C++ kernels that the CPU tests check.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -12,23 +13,12 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "gelu_rotary_math.h"
+
 namespace phi1 {
 namespace {
 
-constexpr float kSqrt2OverPi = 0.7978845608028654f;
-constexpr float kCubic = 0.044715f;
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float gelu_tanh(float x) {
-  const float inner = kSqrt2OverPi * (x + kCubic * x * x * x);
-  return 0.5f * x * (1.0f + tanhf(inner));
-}
-
-__device__ __forceinline__ float gelu_tanh_grad(float x) {
-  const float x2 = x * x;
-  const float t = tanhf(kSqrt2OverPi * (x + kCubic * x2 * x));
-  return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kCubic * x2);
-}
 
 // VEC values moved by one 16-byte (or narrower) load or store.
 template <typename T, int VEC>
@@ -36,11 +26,15 @@ struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
 
+int sm_count() {
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  return count;
+}
+
 int64_t blocks_for(int64_t work) {
   // Grid-stride loops: a few waves of blocks per SM are enough to saturate memory bandwidth.
-  int sm_count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  const int64_t max_blocks = static_cast<int64_t>(sm_count) * 32;
+  const int64_t max_blocks = static_cast<int64_t>(sm_count()) * 32;
   return std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, max_blocks));
 }
 
@@ -64,25 +58,41 @@ __global__ void bias_gelu_forward_kernel(const scalar_t* __restrict__ x, const s
   }
 }
 
+// Block (column tile, row block): each thread owns VEC consecutive columns and walks the block's rows, writing
+// dL/dx and summing it into fp32 registers; one partial sum per (row block, column) is written at the end and
+// the host sums the partials over row blocks. No atomics: the same bits on every run.
 template <typename scalar_t, int VEC>
 __global__ void bias_gelu_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
                                           const scalar_t* __restrict__ bias, scalar_t* __restrict__ out,
-                                          int64_t packs, int64_t n) {
+                                          float* __restrict__ partials, int64_t rows, int64_t n,
+                                          int64_t rows_per_block) {
   using P = Pack<scalar_t, VEC>;
-  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < packs;
-       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t col = (p * VEC) % n;
-    const P gv = reinterpret_cast<const P*>(grad)[p];
-    const P xv = reinterpret_cast<const P*>(x)[p];
-    const P bv = *reinterpret_cast<const P*>(bias + col);
+  const int64_t col = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) * VEC;
+  if (col >= n) return;
+  const int64_t first = blockIdx.y * rows_per_block;
+  const int64_t last = rows < first + rows_per_block ? rows : first + rows_per_block;
+  const P bv = *reinterpret_cast<const P*>(bias + col);
+  float b[VEC], acc[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    b[j] = static_cast<float>(bv.v[j]);
+    acc[j] = 0.0f;
+  }
+  for (int64_t r = first; r < last; ++r) {
+    const int64_t k = r * n + col;
+    const P gv = *reinterpret_cast<const P*>(grad + k);
+    const P xv = *reinterpret_cast<const P*>(x + k);
     P ov;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const float pre = static_cast<float>(xv.v[j]) + static_cast<float>(bv.v[j]);
-      ov.v[j] = static_cast<scalar_t>(static_cast<float>(gv.v[j]) * gelu_tanh_grad(pre));
+      const float d = static_cast<float>(gv.v[j]) * gelu_tanh_grad(static_cast<float>(xv.v[j]) + b[j]);
+      ov.v[j] = static_cast<scalar_t>(d);
+      acc[j] += d;
     }
-    reinterpret_cast<P*>(out)[p] = ov;
+    *reinterpret_cast<P*>(out + k) = ov;
   }
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) partials[blockIdx.y * n + col + j] = acc[j];
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -125,9 +135,10 @@ __global__ void rotary_qkv_kernel(const scalar_t* __restrict__ src, const float*
       const int64_t j = i < half ? i : i - half;
       const float c = cos[(b * T + t) * half + j];
       const float s = sign * sin[(b * T + t) * half + j];
-      const float x1 = static_cast<float>(in[j]);
-      const float x2 = static_cast<float>(in[j + half]);
-      out[i] = static_cast<scalar_t>(i < half ? x1 * c - x2 * s : x2 * c + x1 * s);
+      const bool first_half = i < half;
+      const float self = static_cast<float>(in[i]);
+      const float partner = static_cast<float>(in[first_half ? i + half : i - half]);
+      out[i] = static_cast<scalar_t>(rotate_half(self, partner, c, s, first_half));
     } else {
       out[i] = in[i];
     }
@@ -157,23 +168,40 @@ void bias_gelu_forward_cuda(const at::Tensor& x, const at::Tensor& bias, at::Ten
   });
 }
 
-void bias_gelu_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& bias, at::Tensor& out) {
+// Enough row blocks for about four blocks per SM over all column tiles, and at most 65,535 (gridDim.y).
+int64_t bias_gelu_backward_cuda_rows_per_block(int64_t rows, int64_t n) {
+  if (rows == 0 || n == 0) return 1;
+  const int64_t column_tiles = std::max<int64_t>(1, n / (kThreads * 8));
+  const int64_t wanted_blocks = std::max<int64_t>(1, 4 * static_cast<int64_t>(sm_count()) / column_tiles);
+  const int64_t per_block = std::max<int64_t>((rows + wanted_blocks - 1) / wanted_blocks, (rows + 65534) / 65535);
+  return std::max<int64_t>(per_block, 1);
+}
+
+void bias_gelu_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& bias, at::Tensor& out,
+                             at::Tensor& partials, int64_t rows_per_block) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = bias.numel();
-  if (x.numel() == 0) return;
+  if (x.numel() == 0) {
+    partials.zero_();
+    return;
+  }
+  const int64_t rows = x.numel() / n;
+  const dim3 blocks_y(1, static_cast<unsigned>(partials.size(0)));
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_gelu_backward_cuda", [&] {
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* bp = bias.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    const int vec = pack_width<scalar_t>(n, {gp, xp, bp, op});
+    float* pp = partials.data_ptr<float>();
     constexpr int kWide = 16 / sizeof(scalar_t);
+    const int vec = pack_width<scalar_t>(n, {gp, xp, bp, op});
+    const int64_t threads_x = (n / vec + kThreads - 1) / kThreads;
+    const dim3 grid(static_cast<unsigned>(threads_x), blocks_y.y);
     if (vec == kWide) {
-      const int64_t packs = x.numel() / kWide;
-      bias_gelu_backward_kernel<scalar_t, kWide><<<blocks_for(packs), kThreads, 0, stream>>>(gp, xp, bp, op, packs, n);
+      bias_gelu_backward_kernel<scalar_t, kWide><<<grid, kThreads, 0, stream>>>(gp, xp, bp, op, pp, rows, n, rows_per_block);
     } else {
-      bias_gelu_backward_kernel<scalar_t, 1><<<blocks_for(x.numel()), kThreads, 0, stream>>>(gp, xp, bp, op, x.numel(), n);
+      bias_gelu_backward_kernel<scalar_t, 1><<<grid, kThreads, 0, stream>>>(gp, xp, bp, op, pp, rows, n, rows_per_block);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
