@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
+import sysconfig
 from pathlib import Path
 from types import ModuleType
 
@@ -46,6 +48,15 @@ def build_directory(kind: str) -> Path:
     return root / f"fused_ops_{kind}-torch{torch.__version__.replace('+', '_')}"
 
 
+def _put_ninja_on_path() -> None:
+    """torch runs `ninja` from PATH; pip installs it beside this interpreter, which a venv used without being
+    activated does not put on PATH."""
+    if shutil.which("ninja") is None:
+        scripts = sysconfig.get_path("scripts")
+        if scripts and (Path(scripts) / "ninja").exists():
+            os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
+
+
 def build(kind: str, verbose: bool = False) -> ModuleType:
     """Compile (or load the cached build of) the extension. kind: 'cpu' (C++ only) or 'cuda' (C++ and CUDA).
 
@@ -67,6 +78,7 @@ def build(kind: str, verbose: bool = False) -> ModuleType:
                                       f"({torch.version.cuda})")
     from torch.utils.cpp_extension import load
 
+    _put_ninja_on_path()
     directory = build_directory(kind)
     directory.mkdir(parents=True, exist_ok=True)
     # -fopenmp: at::parallel_for is an inline OpenMP loop; without the flag it runs on one thread.
