@@ -215,8 +215,9 @@ def test_command_line_build_checks_the_kernels():
 
 @pytest.mark.slow
 def test_training_with_fused_ops_follows_the_reference_run(cpu_kernels, tmp_path):
-    """`fused_ops=on` through phi1.train on 2 processes: the kernels load at start-up and the loss curve is the
-    one without them."""
+    """`fused_ops=on` through phi1.train on 2 processes at tensor parallel 2 with sequence parallelism (each
+    rank's kernels see half the heads and half of d_mlp): the kernels load at start-up and the loss curve is
+    the one without them."""
     from test_train_resume import base_args, check, step_losses, torchrun
 
     from phi1.training.synthetic import write_synthetic_dataset
@@ -224,7 +225,9 @@ def test_training_with_fused_ops_follows_the_reference_run(cpu_kernels, tmp_path
     write_synthetic_dataset(tmp_path / "data")
     runs = {}
     for mode in ("off", "on"):
-        args = base_args(tmp_path / "data", tmp_path / mode, **{"fused_ops": mode, "schedule.train_steps": 4})
+        args = base_args(tmp_path / "data", tmp_path / mode, **{"fused_ops": mode, "schedule.train_steps": 4,
+                                                                   "parallel.tensor_parallel": 2,
+                                                                   "parallel.sequence_parallel": True})
         result = torchrun(args)
         check(result)
         runs[mode] = (result.stdout + result.stderr, step_losses(tmp_path / mode / "metrics.jsonl"))
