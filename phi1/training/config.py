@@ -172,6 +172,26 @@ class LoggingSection:
     """Metrics file, one JSON object per line; default {checkpoint.dir}/metrics.jsonl; '' disables."""
     peak_tflops: float | None = None
     """Peak dense TFLOP/s of one device, for MFU where the device is not in phi1.training.metrics.PEAK_TFLOPS."""
+    wandb_project: str | None = None
+    """Also log to this Weights & Biases project (needs `pip install wandb`); None disables."""
+    wandb_mode: str = "online"
+    """W&B mode: 'online', 'offline' (no network; sync later with `wandb sync`) or 'disabled'."""
+    wandb_run_name: str | None = None
+    """W&B run name; default the name of checkpoint.dir."""
+
+
+@dataclass
+class ProfilingSection:
+    """torch.profiler traces of a chosen range of steps (rank 0), viewable in TensorBoard or Perfetto."""
+
+    steps: list[int] = field(default_factory=list)
+    """[first, last] iterations to trace (inclusive), e.g. [5, 7]; empty disables profiling."""
+    dir: str | None = None
+    """Where the traces go; default {checkpoint.dir}/profile."""
+    record_shapes: bool = False
+    """Record operator input shapes (larger traces)."""
+    profile_memory: bool = False
+    """Record tensor allocations (larger traces)."""
 
 
 @dataclass
@@ -256,6 +276,8 @@ class TrainConfig:
     """Fault injection (tests)."""
     guard: GuardSection = field(default_factory=GuardSection)
     """Non-finite loss / gradient handling."""
+    profiling: ProfilingSection = field(default_factory=ProfilingSection)
+    """torch.profiler traces."""
     precision: str = "fp32"
     """'fp32', 'bf16' (autocast, no scaler) or 'fp16' (autocast with dynamic loss scaling)."""
     activation_checkpointing: bool = False
