@@ -118,3 +118,42 @@ def test_factory_errors(tmp_path) -> None:
         build_tokenizer("HuggingFaceTokenizer", tmp_path)
     with pytest.raises(ValueError, match="--vocab-file"):
         build_tokenizer("GPT2BPETokenizer")
+
+
+def test_detect_tokenizer_type(corpus, tmp_path) -> None:
+    import os
+
+    from phi1.data.tokenizers import detect_tokenizer_type
+
+    sp = _train(corpus, tmp_path / "sp", "--vocab-size", "1000")
+    bbpe = _train(corpus, tmp_path / "bbpe", "--type", "bpe-bytelevel", "--vocab-size", "400")
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        (gpt2 / name).write_bytes((bbpe / name).read_bytes())
+    assert detect_tokenizer_type(sp / "tokenizer.model") == "SentencePieceTokenizer"
+    assert detect_tokenizer_type(bbpe) == "HuggingFaceTokenizer"
+    assert detect_tokenizer_type(str(bbpe / "tokenizer.json")) == "HuggingFaceTokenizer"
+    assert detect_tokenizer_type(gpt2) == "GPT2BPETokenizer"
+    # Each detected type really loads with its path, giving the same ids as the tokenizer that was trained.
+    assert build_tokenizer(detect_tokenizer_type(gpt2), gpt2).encode("def f(x):") == build_tokenizer(
+        "HuggingFaceTokenizer", bbpe).encode("def f(x):")
+
+    (tmp_path / "random.model").write_bytes(os.urandom(3000))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "empty.model").write_bytes(b"")
+    os.mkfifo(tmp_path / "pipe")
+    bad = {
+        tmp_path / "random.model": "neither a tokenizer.json nor a SentencePiece model",
+        tmp_path / "list.json": "not an object",
+        tmp_path / "empty.model": "empty file",
+        tmp_path / "pipe": "named pipe",  # refused without opening: opening a FIFO would block
+        tmp_path / "missing": "no such file",
+        sp: "tokenizer.model",  # a SentencePiece directory: the message names the file to give instead
+        Path("/dev/zero"): "device file",
+        corpus: "not valid JSON",
+    }
+    for path, words in bad.items():
+        with pytest.raises(ValueError, match=words) as raised:
+            detect_tokenizer_type(path)
+        assert str(path) in str(raised.value)

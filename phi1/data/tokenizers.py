@@ -416,3 +416,115 @@ def build_tokenizer(
             raise ValueError("GPT2BPETokenizer needs --tokenizer-model DIR or --vocab-file and --merge-file")
         return GPT2BPETokenizer(vocab_file, merge_file, engine=engine, num_threads=num_threads)
     raise ValueError(f"unknown tokenizer type {tokenizer_type!r}; choose one of {TOKENIZER_TYPES}")
+
+
+# A SentencePiece model is one protobuf message, and protobuf refuses messages over 2 GiB; a tokenizer.json of a
+# real tokenizer is a few MB. Anything larger is not a tokenizer and is not read into memory to find that out.
+_MAX_TOKENIZER_FILE_BYTES = 2 << 30
+
+
+def _describe_directory(path: str) -> str:
+    try:
+        names = sorted(os.listdir(path))
+    except OSError as e:
+        return f"a directory that cannot be listed ({e.strerror})"
+    if not names:
+        return "an empty directory"
+    shown = ", ".join(names[:8]) + (f", ... ({len(names)} entries)" if len(names) > 8 else "")
+    return f"a directory holding {shown}"
+
+
+def _file_kind(path: str) -> str:
+    """What a non-regular path is, in words (for error messages)."""
+    import stat
+
+    mode = os.stat(path).st_mode
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device file"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def _is_sentencepiece_model(path: str) -> str | None:
+    """None when `path` parses as a SentencePiece model, else why it does not."""
+    import sentencepiece
+
+    try:
+        processor = sentencepiece.SentencePieceProcessor(model_file=path)
+    except (RuntimeError, OSError, ValueError) as e:
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if processor.get_piece_size() < 1:
+        return "the model has no pieces"
+    return None
+
+
+def _is_tokenizer_json(path: str) -> str | None:
+    """None when `path` is a JSON object with a tokenizer `model` (HuggingFace's tokenizer.json), else why not."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            spec = json.load(handle)
+    except UnicodeDecodeError:
+        return "not UTF-8 text"
+    except (ValueError, RecursionError) as e:
+        return f"not valid JSON ({type(e).__name__}: {e})"
+    if not isinstance(spec, dict):
+        return f"JSON {type(spec).__name__}, not an object"
+    if not isinstance(spec.get("model"), dict):
+        return "a JSON object without a tokenizer \"model\" entry"
+    return None
+
+
+def detect_tokenizer_type(path: str | os.PathLike) -> str:
+    """Which of TOKENIZER_TYPES reads `path`, decided from the files themselves.
+
+    - a SentencePiece `.model` file (the protobuf must really parse) -> "SentencePieceTokenizer";
+    - a HuggingFace `tokenizer.json`, or a directory holding one -> "HuggingFaceTokenizer";
+    - a directory holding GPT-2's `vocab.json` and `merges.txt` -> "GPT2BPETokenizer".
+
+    A directory holding both tokenizer.json and vocab.json + merges.txt is HuggingFace (tokenizer.json is the
+    complete description). Named pipes and devices are refused without being opened, so this never blocks.
+
+    Raises:
+        ValueError: `path` is none of these; the message names the path and says what it holds.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no such file or directory; give a SentencePiece .model, a tokenizer.json (or its "
+                         "directory) or a directory with vocab.json and merges.txt")
+    if os.path.isdir(path):
+        tokenizer_json = os.path.join(path, "tokenizer.json")
+        if os.path.isfile(tokenizer_json):
+            problem = _is_tokenizer_json(tokenizer_json)
+            if problem is not None:
+                raise ValueError(f"{tokenizer_json}: not a HuggingFace tokenizer.json: {problem}")
+            return "HuggingFaceTokenizer"
+        if os.path.isfile(os.path.join(path, "vocab.json")) and os.path.isfile(os.path.join(path, "merges.txt")):
+            return "GPT2BPETokenizer"
+        hint = ""
+        if os.path.isfile(os.path.join(path, "tokenizer.model")):
+            hint = f"; for its SentencePiece model give the file {os.path.join(path, 'tokenizer.model')}"
+        raise ValueError(f"{path}: no tokenizer found: {_describe_directory(path)}; expected tokenizer.json, or "
+                         f"vocab.json and merges.txt{hint}")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: {_file_kind(path)}, not a tokenizer file")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ValueError(f"{path}: an empty file, not a tokenizer; train one with tools/train_tokenizer.py")
+    if size > _MAX_TOKENIZER_FILE_BYTES:
+        raise ValueError(f"{path}: {size} bytes, larger than any tokenizer file ({_MAX_TOKENIZER_FILE_BYTES} bytes); "
+                         "check the path")
+    with open(path, "rb") as handle:
+        head = handle.read(64).lstrip()
+    if head.startswith(b"{") or path.endswith(".json"):
+        problem = _is_tokenizer_json(path)
+        if problem is None:
+            return "HuggingFaceTokenizer"
+        raise ValueError(f"{path}: not a HuggingFace tokenizer.json: {problem}")
+    problem = _is_sentencepiece_model(path)
+    if problem is None:
+        return "SentencePieceTokenizer"
+    raise ValueError(f"{path}: a file of {size} bytes that is neither a tokenizer.json nor a SentencePiece model "
+                     f"(SentencePiece says: {problem}); train one with tools/train_tokenizer.py")
