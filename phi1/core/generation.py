@@ -29,6 +29,9 @@ class SamplingParams:
     """Generation of a sequence ends at this token (not included in the result)."""
     seed: int | None = None
     """Seed of the sampling generator, for reproducible samples."""
+    logprobs: int | None = None
+    """When set, record each generated token's log-probability and the `logprobs` most likely alternatives: the
+    model's own log-softmax (before temperature and top-p, as OpenAI reports them), padding ids excluded."""
 
     def validate(self) -> None:
         if self.max_new_tokens < 0:
@@ -37,6 +40,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"SamplingParams.logprobs must be >= 0, got {self.logprobs}")
 
 
 @dataclass
@@ -47,18 +52,30 @@ class Completion:
     """Decoded continuation cut before the first stop string (None without a decode function)."""
     finish_reason: str = "length"
     """'stop' (stop string), 'eos', or 'length' (max_new_tokens reached)."""
+    token_logprobs: list[float] = field(default_factory=list)
+    """With SamplingParams.logprobs: the log-probability of each of token_ids."""
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    """With SamplingParams.logprobs = k: per token, the k most likely (id, log-probability), most likely first."""
+
+
+def _mask_padding(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    if vocab_size is not None and vocab_size < logits.shape[-1]:
+        logits = logits.clone()
+        logits[:, vocab_size:] = float("-inf")  # padding rows of the embedding are no tokens
+    return logits
 
 
 def _sample(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None, vocab_size: int | None
 ) -> torch.Tensor:
     """Next tokens (B,) from last-position logits (B, V)."""
-    if vocab_size is not None and vocab_size < logits.shape[-1]:
-        logits = logits.clone()
-        logits[:, vocab_size:] = float("-inf")  # padding rows of the embedding are no tokens
+    logits = _mask_padding(logits, vocab_size)
     if params.temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    # float64, and the maximum subtracted before dividing: any temperature > 0 (1e-300 included) and any top_p > 0
+    # stay finite; the largest logit maps to exactly 0, so a tiny temperature samples the argmax, never NaN.
+    logits = logits.double()
+    probs = torch.softmax((logits - logits.max(dim=-1, keepdim=True).values) / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # Drop a token when the mass before it already reaches top_p (the first token always stays).
@@ -139,6 +156,11 @@ def iter_generate(
                     positions = (mask[active, :end].cumsum(-1) - 1).clamp(min=0)
                     logits = model(ids, attention_mask=mask[active, :end], position_ids=positions).logits
                 next_tokens = _sample(logits[:, -1, :], params, generator, vocab_size)
+                if params.logprobs is not None:
+                    log_probs = torch.log_softmax(_mask_padding(logits[:, -1, :], vocab_size).float(), dim=-1)
+                    chosen = log_probs.gather(-1, next_tokens[:, None]).squeeze(-1).tolist()
+                    top_values, top_ids = log_probs.topk(min(params.logprobs, log_probs.shape[-1]), dim=-1)
+                    top_values, top_ids = top_values.tolist(), top_ids.tolist()
                 tokens[active, end] = next_tokens
                 mask[active, end] = 1
 
@@ -150,6 +172,9 @@ def iter_generate(
                         yield index, None, result
                         continue
                     result.token_ids.append(token)
+                    if params.logprobs is not None:
+                        result.token_logprobs.append(chosen[row])
+                        result.top_logprobs.append(list(zip(top_ids[row], top_values[row])))
                     if params.stop_strings:
                         result.text = decode(result.token_ids)
                         cut = _find_stop(result.text, params.stop_strings)
