@@ -1,5 +1,7 @@
 """The non-finite guard: an injected NaN gradient skips its step and is counted; K in a row stop the run with a
-diagnosis that names the step and the parameter, and leave the last good checkpoint as it was."""
+diagnosis that names the step and the parameter, and leave the last good checkpoint as it was. Non-finite
+weights are never saved: the check before each save stops the run (exit 3) and `latest` stays on the last good
+checkpoint, whether a NaN was written into the weights or an infinite learning rate made them all NaN."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import math
 import pytest
 import torch
 
+from phi1.testing.hostile import assert_clear_error, python, run_bounded
 from phi1.train import main as train_main
 from phi1.training.checkpointing import (
     find_checkpoint,
@@ -85,3 +88,48 @@ def test_the_cli_exits_with_code_3_and_leaves_the_checkpoint_bytes_alone(data, t
     assert code == 3
     assert "2 consecutive steps" in capsys.readouterr().err
     assert file_sha256(shard) == before and find_checkpoint(run) == run / "iter_0000002"
+
+
+def test_nan_weights_are_never_saved_and_stop_the_run(data, tmp_path) -> None:
+    """A NaN written into one weight after iteration 4's update: the save of iteration 4 is refused, the run
+    stops with a diagnosis naming the parameter, and `latest` still points at iteration 2, intact."""
+    run = tmp_path / "run"
+    config = load_config(None, overrides(data, run, **{"faults.inject_nan_weights_at": "[4]"}))
+    with pytest.raises(NonFiniteTrainingError) as caught:
+        train(config)
+    assert "iteration 4" in str(caught.value) and POISONED in str(caught.value)
+    diagnosis = caught.value.diagnosis
+    assert diagnosis["reason"] == "non-finite weights" and diagnosis["iteration"] == 4
+    assert diagnosis["nonfinite_weights"] == [POISONED]
+    assert diagnosis["last_good_checkpoint"] == str(run / "iter_0000002")
+    assert json.loads((run / "nonfinite_diagnosis.json").read_text()) == diagnosis
+    assert find_checkpoint(run) == run / "iter_0000002" and (run / "latest").read_text().strip() == "2"
+    assert not (run / "iter_0000004").exists() and not (run / "iter_0000004.tmp").exists()
+    assert verify_checkpoint(run / "iter_0000002")
+    _, weights = load_model_from_training_checkpoint(run)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+@pytest.mark.slow
+def test_an_infinite_learning_rate_never_ends_done(data, tmp_path) -> None:
+    """`optim.lr=inf`, the real command: either validation refuses it (exit 2 naming optim.lr), or training
+    stops at its first save with exit 3 and a diagnosis; never "done", never a checkpoint or `latest`."""
+    run = tmp_path / "run"
+    argv = python("-m", "phi1.train", *overrides(data, run, **{"optim.lr": "inf", "optim.min_lr": 0.0,
+                                                               "schedule.train_steps": 3}))
+    outcome = run_bounded(argv, timeout_s=300, memory_mb=None)
+    assert not outcome.timed_out, outcome.describe()
+    if outcome.returncode == 2:
+        assert_clear_error(outcome, names="optim.lr")
+    else:
+        assert outcome.returncode == 3, outcome.describe()
+        assert "Traceback" not in outcome.stderr and "the weights are not finite" in outcome.stderr
+        diagnosis = json.loads((run / "nonfinite_diagnosis.json").read_text())
+        # iteration 1's update makes every decayed weight NaN; iteration 2's save is withheld during the streak
+        # of NaN losses, and the final save at iteration 3 is refused by the weight check
+        assert diagnosis["reason"] == "non-finite weights" and diagnosis["iteration"] == 3
+        assert [step["iteration"] for step in diagnosis["steps"]] == [2, 3]
+        assert POISONED in diagnosis["nonfinite_weights"] and diagnosis["lr"] == "inf"
+        assert "done:" not in outcome.stdout
+    assert find_checkpoint(run) is None and not (run / "latest").exists()
+    assert not list(run.glob("iter_*"))

@@ -235,7 +235,9 @@ class FaultsSection:
     inject_nan_at: list[int] = field(default_factory=list)
     """Iterations whose gradient of `inject_nan_param` is overwritten with NaN (exercises the non-finite guard)."""
     inject_nan_param: str = "layers.0.mlp.fc1.weight"
-    """The parameter whose gradient inject_nan_at poisons."""
+    """The parameter whose gradient inject_nan_at poisons (and whose weights inject_nan_weights_at poison)."""
+    inject_nan_weights_at: list[int] = field(default_factory=list)
+    """Iterations after whose update one element of `inject_nan_param` is set to NaN (exercises the weight check before saves)."""
 
 
 @dataclass

@@ -8,6 +8,13 @@ once the scale is at its floor. After `max_consecutive` bad steps in a row the r
 `NonFiniteTrainingError` whose diagnosis names the steps, the losses and the parameters whose gradients were
 not finite (gathered from every rank); nothing is saved, so the last good checkpoint is left as it was.
 
+Non-finite weights. A step can leave finite losses and norms behind and still write NaN or Inf into the
+weights (an infinite learning rate, a corrupted optimizer state). Before every save each rank reduces its own
+weights (its TP shard, or under ZeRO-3 its partition) to one flag with a fused max-abs reduction, and the flags
+are all-reduced: if any rank holds a non-finite value nothing is written, `latest` keeps pointing at the last
+good checkpoint, and the run stops with a `NonFiniteTrainingError` (exit status 3) whose diagnosis names the
+parameters, in the same `nonfinite_diagnosis.json` the step guard writes.
+
 Checkpoint manifest. `manifest.json` in each checkpoint lists every other file with its size and SHA-256.
 `verify_checkpoint` recomputes them and raises `CheckpointCorruptError` naming each missing, resized or
 altered file; the loader can then fall back to the previous complete checkpoint.
@@ -56,6 +63,42 @@ def nonfinite_gradients(model: nn.Module) -> list[str]:
         if grad is not None and not bool(torch.isfinite(grad).all()):
             names.append(name)
     return names
+
+
+def _local_weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the weights this rank holds: its TP shard of every parameter, or under ZeRO-3 (where a
+    parameter is an empty placeholder between gathers) DeepSpeed's partition of it (`ds_tensor`)."""
+    inner = getattr(model, "module", model)
+    weights = []
+    for name, param in inner.named_parameters():
+        partition = getattr(param, "ds_tensor", None)
+        tensor = partition if partition is not None else param
+        if tensor.numel() > 0:
+            weights.append((name, tensor.detach()))
+    return weights
+
+
+def weights_are_finite(model: nn.Module, group_size: int) -> bool:
+    """True when no rank holds a NaN or Inf in its weights; every rank must call it (one all-reduce).
+
+    Cost: one fused max-abs reduction over this rank's weights (`torch._foreach_norm` with ord=inf, which
+    propagates NaN and is finite for every finite fp16 / bf16 / fp32 value), one tiny isfinite, and one
+    all-reduce of a single flag. No copy of the weights is made.
+    """
+    tensors = [tensor for _, tensor in _local_weights(model)]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    bad = torch.zeros((), device=device, dtype=torch.float32)
+    if tensors:
+        maxima = torch.stack([m.float() for m in torch._foreach_norm(tensors, float("inf"))])
+        bad = (~torch.isfinite(maxima)).any().float()
+    if group_size > 1 and dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad)
+
+
+def nonfinite_weights(model: nn.Module) -> list[str]:
+    """Names of this rank's parameters holding a NaN or an Inf (the slow, per-tensor check of the error path)."""
+    return [name for name, tensor in _local_weights(model) if not bool(torch.isfinite(tensor).all())]
 
 
 def gather_names(names: list[str], group_size: int) -> list[str]:
@@ -117,6 +160,18 @@ class NonFiniteGuard:
                    f"(iterations {first} to {last}, guard.max_consecutive_nonfinite={self.max_consecutive}); "
                    f"losses {[s['loss'] for s in self.history]}; non-finite gradients in {_short(parameters, 12)}; "
                    f"the last good checkpoint {last_checkpoint or '(none saved)'} is untouched")
+        return NonFiniteTrainingError(message, diagnosis)
+
+    def weights_error(self, iteration: int, parameters: list[str], lr: float | None,
+                      last_checkpoint: str | None) -> NonFiniteTrainingError:
+        """The error that stops a run whose weights are not finite at a save, with its diagnosis."""
+        diagnosis = {"reason": "non-finite weights", "iteration": iteration, "nonfinite_weights": parameters,
+                     "lr": _json_float(lr) if lr is not None else None, "nonfinite_steps_total": self.total,
+                     "steps": self.history, "last_good_checkpoint": last_checkpoint}
+        message = (f"training stopped at iteration {iteration}: the weights are not finite (NaN or Inf in "
+                   f"{_short(parameters, 12)}; learning rate of the last step {lr}); nothing was saved and the last "
+                   f"good checkpoint {last_checkpoint or '(none saved)'} is untouched; lower optim.lr or look for "
+                   "the first bad step in the metrics")
         return NonFiniteTrainingError(message, diagnosis)
 
     def state_dict(self) -> dict:
@@ -222,6 +277,8 @@ __all__ = [
     "file_sha256",
     "gather_names",
     "nonfinite_gradients",
+    "nonfinite_weights",
     "verify_checkpoint",
+    "weights_are_finite",
     "write_manifest",
 ]

@@ -44,7 +44,13 @@ from phi1.parallel.random import seed_everything
 from phi1.parallel.state import ParallelState, _launch_env, destroy_distributed, init_distributed
 from phi1.training import checkpointing
 from phi1.training.config import ConfigError, TrainConfig, default_paths, validate_config
-from phi1.training.fault import NonFiniteGuard, gather_names, nonfinite_gradients
+from phi1.training.fault import (
+    NonFiniteGuard,
+    gather_names,
+    nonfinite_gradients,
+    nonfinite_weights,
+    weights_are_finite,
+)
 from phi1.training.metrics import (
     MetricsSink,
     device_name,
@@ -211,7 +217,8 @@ class Trainer:
         model.fused_ops = prepare_fused_ops(self.device, config.fused_ops)
         self.model = model
         self.guard = NonFiniteGuard(config.guard.max_consecutive_nonfinite)
-        if config.faults.inject_nan_at and config.faults.inject_nan_param not in dict(model.named_parameters()):
+        if ((config.faults.inject_nan_at or config.faults.inject_nan_weights_at)
+                and config.faults.inject_nan_param not in dict(model.named_parameters())):
             raise ConfigError(f"faults.inject_nan_param: {config.faults.inject_nan_param!r} is not a parameter of the model")
 
         self.resume_from = self._find_resume()
@@ -247,6 +254,8 @@ class Trainer:
                 self.scaler = NoLossScaler()
 
         self.run_state = RunState()
+        self.last_lr: float | None = None
+        """The learning rate of the last step (for the diagnosis of non-finite weights)."""
         if self.resume_from is not None:
             self._restore(self.resume_from)
         self.train_data, self.valid_data = build_datasets(config, self.tokenizer, state)
@@ -362,6 +371,9 @@ class Trainer:
             self.schedule.apply(self.optimizer)
             self.optimizer.step()
             self.schedule.step()
+        if iteration in self.config.faults.inject_nan_weights_at:
+            with torch.no_grad():
+                dict(inner.named_parameters())[self.config.faults.inject_nan_param].view(-1)[0] = float("nan")
         self._guard(iteration, loss_value, norm, skip)
         scale_used = self.scaler.scale
         self.scaler.update(skip)
@@ -381,6 +393,20 @@ class Trainer:
         """Raise the guard's error; rank 0 also writes the diagnosis beside the checkpoints. Nothing is saved."""
         latest = checkpointing.find_checkpoint(self.config.checkpoint.dir)
         error = self.guard.error(str(latest) if latest is not None else None)
+        self._write_diagnosis(error)
+        raise error
+
+    def _stop_nonfinite_weights(self) -> None:
+        """Raise the error of non-finite weights at a save; rank 0 writes the diagnosis. Nothing is saved."""
+        names = gather_names(nonfinite_weights(self.train_model), self.world_size)
+        latest = checkpointing.find_checkpoint(self.config.checkpoint.dir)
+        error = self.guard.weights_error(self.run_state.iteration, names, self.last_lr,
+                                         str(latest) if latest is not None else None)
+        self._write_diagnosis(error)
+        raise error
+
+    def _write_diagnosis(self, error) -> None:
+        """Rank 0 writes `error.diagnosis` to nonfinite_diagnosis.json in checkpoint.dir and logs where."""
         if self.state.is_main:
             import json
 
@@ -388,7 +414,6 @@ class Trainer:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(error.diagnosis, indent=1) + "\n")
             logger.error("%s; diagnosis in %s", error, path)
-        raise error
 
     def _zero_step(self, data) -> dict:
         engine = self.engine
@@ -461,7 +486,15 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        """Write a checkpoint of the current state (every rank calls this).
+
+        Raises:
+            NonFiniteTrainingError: some rank's weights hold a NaN or Inf; nothing is written and `latest` keeps
+                pointing at the last good checkpoint (the diagnosis is written beside the checkpoints).
+        """
         rs, config = self.run_state, self.config
+        if not weights_are_finite(self.train_model, self.world_size):
+            self._stop_nonfinite_weights()
         val = rs.last_val_loss if rs.last_val_iteration == rs.iteration else None
         request = checkpointing.SaveRequest(
             iteration=rs.iteration,
@@ -497,6 +530,7 @@ class Trainer:
         while rs.iteration < steps:
             start = time.perf_counter()
             out = self.train_step(data)
+            self.last_lr = out["lr"]
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             interval_time += time.perf_counter() - start
@@ -598,6 +632,8 @@ def train(config: TrainConfig) -> RunState:
         raise ConfigError("faults.inject_overflow_at: only supported with parallel.zero_stage=0")
     if config.faults.inject_nan_at and config.parallel.zero_stage > 0:
         raise ConfigError("faults.inject_nan_at: only supported with parallel.zero_stage=0")
+    if config.faults.inject_nan_weights_at and config.parallel.zero_stage > 0:
+        raise ConfigError("faults.inject_nan_weights_at: only supported with parallel.zero_stage=0")
     state = init_distributed(config.parallel.tensor_parallel)
     setup_logging(state.rank)
     trainer = None
