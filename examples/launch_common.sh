@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Shared by the example launchers (sourced, not run): start `python -m phi1.train --config CONFIG ARGS...` on
 # this node's GPUs, whatever started us.
-#   - under torchrun (`torchrun ... --no-python examples/X.sh`) or mpirun, RANK / OMPI_COMM_WORLD_RANK is set:
+#   - under torchrun (`torchrun ... examples/X.sh`, with or without --no-python) or mpirun, RANK / OMPI_COMM_WORLD_RANK is set:
 #     this process is one rank, so run the trainer directly;
 #   - otherwise (`bash examples/X.sh`) start torchrun with GPUS_PER_NODE processes on this node, and for
 #     NNODES > 1 a c10d rendezvous at MASTER_ADDR:MASTER_PORT (run the same command on every node).
@@ -30,12 +30,17 @@ phi1_env_overrides() {
     return 0
 }
 
+# True when a launcher (torchrun, mpirun, PMI) started this process as one rank.
+phi1_launched_rank() {
+    [[ -n "${RANK:-}" || -n "${OMPI_COMM_WORLD_RANK:-}" || -n "${PMI_RANK:-}" ]]
+}
+
 phi1_launch() {
     local config="$1"
     shift
     [[ "$config" == /* ]] || config="$phi1_repo/$config"
     local python="${PYTHON:-python}"
-    if [[ -n "${RANK:-}" || -n "${OMPI_COMM_WORLD_RANK:-}" || -n "${PMI_RANK:-}" ]]; then
+    if phi1_launched_rank; then
         exec "$python" -m phi1.train --config "$config" "$@"
     fi
     local nnodes="${NNODES:-1}" nproc="${GPUS_PER_NODE:-$(phi1_gpu_count)}"

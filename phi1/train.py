@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from phi1.parallel.launcher import die_with_launcher
 from phi1.training.config import ConfigError, load_config, validate_config
 from phi1.training.fault import CheckpointCorruptError, NonFiniteTrainingError
 from phi1.training.loop import launched_world_size, resolve_config, train
@@ -21,6 +22,7 @@ from phi1.training.plan import dry_run_report
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_launcher()  # a rank whose torchrun / mpirun is killed stops too (phi1/parallel/launcher.py)
     parser = argparse.ArgumentParser(
         prog="phi1-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -29,6 +29,7 @@ from phi1.eval.harness import (
 )
 from phi1.eval.sandbox import SandboxConfig
 from phi1.eval.tasks import load_task
+from phi1.parallel.launcher import die_with_launcher
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m phi1.eval` and `phi1-eval`; returns the exit status."""
+    die_with_launcher()  # a rank whose torchrun is killed stops too (phi1/parallel/launcher.py)
     args = parse_args(argv)
     problems = load_task(args.task, args.data, args.mbpp_split)
     if args.limit is not None:
