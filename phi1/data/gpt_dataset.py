@@ -27,6 +27,8 @@ import torch
 from phi1.data.blended_dataset import BlendedDataset
 from phi1.data.helpers import build_sample_index, epochs_needed
 from phi1.data.indexed_dataset import IndexedDataset
+from phi1.data.sidecar import check_dataset_tokenizer
+from phi1.data.tokenizers import Tokenizer
 
 # Bump when the way the index arrays are built changes: old caches then stop matching.
 INDEX_ALGORITHM_VERSION = 1
@@ -186,6 +188,11 @@ class GPTDataset(torch.utils.data.Dataset):
         seed: shuffle seed.
         cache_dir: where the index arrays are cached; None builds them in memory.
         name: used in the cache description ("train", "valid", ...).
+        vocab_size: when given, every sample served is checked to hold ids below it (the open-time check of
+            `IndexedDataset.check_token_range` reads a bounded part of a very large .bin; this catches the rest,
+            at the cost of one max over seq_len + 1 ids).
+    Raises:
+        ValueError (from __getitem__): a sample holds an id outside [0, vocab_size); the message names the .bin.
     """
 
     def __init__(
@@ -197,8 +204,10 @@ class GPTDataset(torch.utils.data.Dataset):
         seed: int,
         cache_dir: str | os.PathLike | None = None,
         name: str = "train",
+        vocab_size: int | None = None,
     ) -> None:
         self.indexed = indexed
+        self.vocab_size = vocab_size
         self.seq_len = int(seq_len)
         self.num_samples = int(num_samples)
         self.name = name
@@ -234,7 +243,16 @@ class GPTDataset(torch.utils.data.Dataset):
         """{"tokens": int64 (seq_len + 1,)}; callers use tokens[:-1] as input and tokens[1:] as labels."""
         if not 0 <= index < self.num_samples:
             raise IndexError(f"{self.name}: sample {index} out of range ({self.num_samples})")
-        return {"tokens": self.unshuffled_sample(int(self.shuffle_index[index]))}
+        sample = int(self.shuffle_index[index])
+        tokens = self.unshuffled_sample(sample)
+        if self.vocab_size is not None and tokens.size and (int(tokens.max()) >= self.vocab_size or int(tokens.min()) < 0):
+            bad = int(tokens[(tokens >= self.vocab_size) | (tokens < 0)][0])
+            raise ValueError(
+                f"{self.indexed.prefix}.bin: token id {bad} in {self.name} sample {sample} is outside the "
+                f"tokenizer's vocabulary ({self.vocab_size} ids); the data was made with another tokenizer: re-run "
+                "tools/preprocess_data.py with this one"
+            )
+        return {"tokens": tokens}
 
 
 def parse_data_path(prefixes_and_weights: str | Sequence) -> tuple[list[str], list[float]]:
@@ -270,6 +288,8 @@ def build_gpt_datasets(
     num_samples: Sequence[int | None],
     seed: int,
     cache_dir: str | os.PathLike | None = None,
+    tokenizer: Tokenizer | None = None,
+    tokenizer_path: str | os.PathLike | None = None,
 ) -> tuple[torch.utils.data.Dataset | None, ...]:
     """Train, valid and test datasets (None where a split is empty or asks for no samples).
 
@@ -280,21 +300,36 @@ def build_gpt_datasets(
         num_samples: (train, valid, test) sample counts.
         seed: shuffle seed.
         cache_dir: index cache; default `<prefix dir>/index-cache` beside each prefix.
+        tokenizer: the tokenizer training uses; when given, each prefix's sidecar (`PREFIX.json`, see
+            phi1.data.sidecar) must name the same tokenizer, and token ids must lie below its vocabulary size
+            (checked at open time on a bounded part of each .bin, and on every sample served).
+        tokenizer_path: the tokenizer's file or directory, for messages.
+    Raises:
+        ValueError: a malformed data path or split, damaged files, another tokenizer's data, ids out of range.
     """
     prefixes, weights = parse_data_path(prefixes_and_weights)
     results: list[torch.utils.data.Dataset | None] = []
     indexed = [IndexedDataset(prefix) for prefix in prefixes]
+    vocab_size = None
+    if tokenizer is not None:
+        vocab_size = int(tokenizer.vocab_size)
+        name = os.fspath(tokenizer_path) if tokenizer_path is not None else ", ".join(tokenizer.source_files)
+        for prefix, data in zip(prefixes, indexed):
+            check_dataset_tokenizer(prefix, tokenizer, tokenizer_path)
+            data.check_token_range(vocab_size, tokenizer_name=name)
     for split_number, (name, wanted) in enumerate(zip(("train", "valid", "test"), num_samples)):
         if not wanted:
             results.append(None)
             continue
         if len(prefixes) == 1:
-            results.append(_split_dataset(indexed[0], split, split_number, name, seq_len, wanted, seed, cache_dir))
+            results.append(_split_dataset(indexed[0], split, split_number, name, seq_len, wanted, seed, cache_dir,
+                                          vocab_size))
             continue
         # Each part gets exactly the samples the blend will draw from it.
         blend = BlendedDataset.plan(weights, wanted)
         parts = [
-            _split_dataset(data, split, split_number, name, seq_len, count, seed, cache_dir) if count else None
+            _split_dataset(data, split, split_number, name, seq_len, count, seed, cache_dir, vocab_size) if count
+            else None
             for data, count in zip(indexed, blend.samples_per_dataset)
         ]
         results.append(BlendedDataset(parts, weights, wanted))
@@ -302,7 +337,8 @@ def build_gpt_datasets(
 
 
 def _split_dataset(
-    indexed: IndexedDataset, split, split_number: int, name: str, seq_len: int, wanted: int, seed: int, cache_dir
+    indexed: IndexedDataset, split, split_number: int, name: str, seq_len: int, wanted: int, seed: int, cache_dir,
+    vocab_size: int | None = None,
 ) -> GPTDataset | None:
     start, end = split_document_ranges(indexed.num_documents, split)[split_number]
     if end <= start:
@@ -310,4 +346,5 @@ def _split_dataset(
     # Documents are ranges of sequences; preprocess_data writes one sequence per document.
     first, last = int(indexed.document_indices[start]), int(indexed.document_indices[end])
     directory = cache_dir if cache_dir is not None else os.path.join(os.path.dirname(os.path.abspath(indexed.prefix)), "index-cache")
-    return GPTDataset(indexed, np.arange(first, last, dtype=np.int64), seq_len, wanted, seed, directory, name)
+    return GPTDataset(indexed, np.arange(first, last, dtype=np.int64), seq_len, wanted, seed, directory, name,
+                      vocab_size)

@@ -37,6 +37,9 @@ DTYPE_BY_CODE: dict[int, type[np.generic]] = {
 CODE_BY_DTYPE: dict[np.dtype, int] = {np.dtype(dtype): code for code, dtype in DTYPE_BY_CODE.items()}
 
 _RERUN = "re-run tools/preprocess_data.py"
+# The out-of-vocabulary check reads at most this much of a .bin (whole files below it), in chunks of this size.
+TOKEN_SCAN_BYTES = 2 << 30
+TOKEN_CHUNK_BYTES = 1 << 22
 # Checks over per-sequence arrays go in slices so that a billion-document index is not copied at once.
 _CHECK_CHUNK = 1 << 24
 
@@ -44,6 +47,58 @@ _CHECK_CHUNK = 1 << 24
 def token_dtype_for_vocab(vocab_size: int) -> np.dtype:
     """The token dtype Megatron uses: uint16 below 65,500 entries, int32 otherwise."""
     return np.dtype(np.uint16) if vocab_size < 65500 else np.dtype(np.int32)
+
+
+# Sequences may be empty (an empty document written without --append-eod) and documents may hold no sequence
+# (Megatron's preprocess_data.py with an empty document), so counts may exceed the tokens of the .bin; but more
+# empty ones than tokens, beyond this allowance, is a damaged or forged header, refused before anything is
+# mapped (a sparse 8 TB .idx promising 2^40 documents would otherwise be mapped and walked).
+_EMPTY_ALLOWANCE = 1 << 20
+
+
+def require_regular_file(path: str) -> None:
+    """Raises a clear error unless `path` is a regular file (a FIFO or device would block or never end).
+
+    Raises:
+        FileNotFoundError: nothing at `path`; ValueError: a directory, pipe, device or socket.
+    """
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file; build it with tools/preprocess_data.py") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror})") from None
+    if stat.S_ISREG(mode):
+        return
+    kind = ("a directory" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode)
+            else "a device file" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "not a regular file")
+    raise ValueError(f"{path}: {kind}, not a dataset file; give the prefix of files made by tools/preprocess_data.py")
+
+
+def _check_counts_plausible(index_path: str, data_path: str, dtype: np.dtype, sequence_count: int,
+                            document_count: int) -> None:
+    data_tokens = os.path.getsize(data_path) // dtype.itemsize
+    most_sequences = data_tokens + max(data_tokens, _EMPTY_ALLOWANCE)
+    most_documents = sequence_count + 1 + max(sequence_count, _EMPTY_ALLOWANCE)
+    if sequence_count > most_sequences or document_count > most_documents:
+        raise ValueError(
+            f"{index_path}: header promises {sequence_count} sequences and {document_count} document indices, "
+            f"absurd for {data_path} with {data_tokens} tokens (at most {most_sequences} sequences, and "
+            f"{most_documents} document indices for {sequence_count} sequences, are plausible); the header is "
+            f"damaged or the files do not belong together; {_RERUN}"
+        )
+
+
+def _memory_map(path: str) -> np.ndarray:
+    """Read-only uint8 map of `path`; a map the system refuses (address-space limit) is a clear error."""
+    try:
+        return np.memmap(path, mode="r", dtype=np.uint8)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot be memory-mapped ({os.path.getsize(path)} bytes: {e}); check the file "
+                         f"or the process's memory limit (ulimit -v)") from None
 
 
 def data_file_path(prefix: str | os.PathLike) -> str:
@@ -205,8 +260,7 @@ class IndexedDataset:
         self.prefix = os.fspath(prefix)
         index_path, data_path = index_file_path(self.prefix), data_file_path(self.prefix)
         for path in (index_path, data_path):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path}: no such file; build it with tools/preprocess_data.py")
+            require_regular_file(path)
         index_bytes = os.path.getsize(index_path)
         if index_bytes < HEADER_BYTES:
             raise ValueError(f"{index_path}: {index_bytes} bytes, shorter than the {HEADER_BYTES}-byte header; {_RERUN}")
@@ -221,6 +275,7 @@ class IndexedDataset:
                 f"{index_path}: dtype code {dtype_code} is not one of {sorted(DTYPE_BY_CODE)}; {_RERUN}"
             )
         self.dtype = np.dtype(DTYPE_BY_CODE[dtype_code])
+        _check_counts_plausible(index_path, data_path, self.dtype, sequence_count, document_count)
         expected_bytes = HEADER_BYTES + sequence_count * (4 + 8) + document_count * 8
         if index_bytes != expected_bytes:
             problem = "truncated" if index_bytes < expected_bytes else "has trailing bytes"
@@ -230,7 +285,7 @@ class IndexedDataset:
             )
         if document_count < 1:
             raise ValueError(f"{index_path}: document count is 0, it must be at least 1 (a leading 0); {_RERUN}")
-        self._index_map = np.memmap(index_path, mode="r", dtype=np.uint8)
+        self._index_map = _memory_map(index_path)
         offset = HEADER_BYTES
         self.sizes = np.frombuffer(self._index_map, dtype="<i4", count=sequence_count, offset=offset)
         offset += self.sizes.nbytes
@@ -240,9 +295,7 @@ class IndexedDataset:
         self._check_against_data(index_path, data_path)
         data_bytes = os.path.getsize(data_path)
         # An empty .bin cannot be memory-mapped; there is nothing to read from it anyway.
-        self._data_map = (
-            np.memmap(data_path, mode="r", dtype=np.uint8) if data_bytes else np.zeros(0, dtype=np.uint8)
-        )
+        self._data_map = _memory_map(data_path) if data_bytes else np.zeros(0, dtype=np.uint8)
 
     def _check_against_data(self, index_path: str, data_path: str) -> None:
         document_indices = self.document_indices
@@ -326,6 +379,56 @@ class IndexedDataset:
         if not 0 <= index < len(self):
             raise IndexError(f"{self.prefix}: sequence {index} out of range ({len(self)} sequences)")
         return self.get(int(index))
+
+    def check_token_range(self, vocab_size: int, tokenizer_name: str = "the tokenizer",
+                          scan_bytes: int = TOKEN_SCAN_BYTES, chunk_bytes: int = TOKEN_CHUNK_BYTES) -> dict:
+        """Refuses token ids outside [0, vocab_size): a .bin made with another (larger) tokenizer.
+
+        A `.bin` of up to `scan_bytes` is scanned whole, one vectorised max (and min, for signed dtypes) per
+        chunk of `chunk_bytes`; a larger one is checked on `scan_bytes // chunk_bytes` chunks spread evenly
+        over the file, first and last included, so the time is bounded whatever the file size (GPTDataset
+        checks every sample it serves as well, so an id the sample missed still never reaches the model).
+
+        Args:
+            vocab_size: ids must be below this (the tokenizer's real vocabulary, not the padded embedding).
+            tokenizer_name: the tokenizer's file, for the message.
+            scan_bytes: most bytes read.
+            chunk_bytes: bytes per chunk.
+        Returns:
+            {"bytes_checked", "bytes_total", "whole_file", "max_id"}.
+        Raises:
+            ValueError: a float dtype, or an id out of range; the message names the .bin, the id, the sequence.
+        """
+        data_path = data_file_path(self.prefix)
+        if self.dtype.kind not in "iu":
+            raise ValueError(f"{data_path}: holds {self.dtype} values, not integer token ids; {_RERUN}")
+        tokens = np.frombuffer(self._data_map, dtype=self.dtype) if len(self._data_map) else np.zeros(0, self.dtype)
+        chunk_tokens = max(1, chunk_bytes // self.dtype.itemsize)
+        num_chunks = -(-tokens.size // chunk_tokens)
+        budget_chunks = max(2, scan_bytes // max(1, chunk_bytes))
+        if num_chunks <= budget_chunks:
+            chunks = np.arange(num_chunks)
+        else:
+            chunks = np.unique(np.linspace(0, num_chunks - 1, budget_chunks).round().astype(np.int64))
+        signed = self.dtype.kind == "i"
+        max_id = -1
+        checked = 0
+        for chunk in chunks:
+            view = tokens[int(chunk) * chunk_tokens : (int(chunk) + 1) * chunk_tokens]
+            checked += view.nbytes
+            highest = int(view.max())
+            max_id = max(max_id, highest)
+            if highest >= vocab_size or (signed and int(view.min()) < 0):
+                bad = int(np.flatnonzero((view >= vocab_size) | (view < 0))[0])
+                position = int(chunk) * chunk_tokens + bad
+                sequence = int(np.searchsorted(self.pointers, position * self.dtype.itemsize, side="right")) - 1
+                raise ValueError(
+                    f"{data_path}: token id {int(view[bad])} in sequence {sequence} (token {position}) is outside "
+                    f"the vocabulary of {tokenizer_name} ({vocab_size} ids); the data was made with another "
+                    f"tokenizer: re-run tools/preprocess_data.py with this one, or train with the data's tokenizer"
+                )
+        return {"bytes_checked": checked, "bytes_total": tokens.nbytes, "whole_file": len(chunks) == num_chunks,
+                "max_id": max_id}
 
     def close(self) -> None:
         """Drops the memory maps (the arrays handed out keep theirs alive)."""

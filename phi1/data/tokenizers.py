@@ -61,6 +61,11 @@ class Tokenizer(ABC):
     def eod(self) -> int:
         """End-of-document id, appended after every document when packing."""
 
+    @property
+    def source_files(self) -> list[str]:
+        """The files this tokenizer was read from (hashed into dataset sidecars)."""
+        return list(getattr(self, "_source_files", []))
+
     def padded_vocab_size(self, multiple: int = 64, tensor_parallel_size: int = 1) -> int:
         """vocab_size rounded up to a multiple of `multiple * tensor_parallel_size` (embedding shards)."""
         step = multiple * tensor_parallel_size
@@ -83,6 +88,7 @@ class SentencePieceTokenizer(Tokenizer):
         except (RuntimeError, OSError) as e:
             raise ValueError(f"{self.model_file}: not a readable SentencePiece model ({e})") from None
         self.num_threads = num_threads
+        self._source_files = [self.model_file]
         eod = self.processor.piece_to_id(EOD_TOKEN)
         if eod == self.processor.unk_id():
             eod = self.processor.eos_id()
@@ -137,6 +143,7 @@ class HuggingFaceTokenizer(Tokenizer):
             raise ValueError(f"tokenizer engine {engine!r}: choose one of {ENGINES}")
         self.source = source
         self.num_threads = num_threads
+        self._source_files = [source]
         if not isinstance(spec, dict):
             raise ValueError(f"{source}: a tokenizer spec is a JSON object, this file holds a {type(spec).__name__}")
         try:
@@ -220,6 +227,7 @@ class GPT2BPETokenizer(HuggingFaceTokenizer):
                       "vocab": vocab, "merges": merges},
         }
         self._init_from_spec(spec, source=os.fspath(vocab_file), engine=engine, num_threads=num_threads)
+        self._source_files = [os.fspath(vocab_file), os.fspath(merge_file)]
 
 
 @lru_cache(maxsize=1)

@@ -150,6 +150,8 @@ def build_datasets(config: TrainConfig, tokenizer, state: ParallelState):
     train, valid, _ = build_gpt_datasets(
         config.data.path, config.data.split, config.data.seq_len, (train_samples, valid_samples, 0), config.seed,
         cache_dir=config.data.cache_dir,
+        # Refuses another tokenizer's data (the PREFIX.json sidecar) and token ids beyond the vocabulary.
+        tokenizer=tokenizer, tokenizer_path=config.data.tokenizer_model,
     )
     return train, valid
 
