@@ -74,7 +74,7 @@ def test_problem_lines_are_reported_with_line_numbers(tokenizer_dir, tmp_path, c
     for number, text in [(2, "malformed JSON"), (3, "no string field 'text'"), (5, "no string field"), (6, "a JSON list, not an object")]:
         assert f"bad.jsonl:{number}: {text}" in errors
     assert "4 lines skipped" in errors
-    with pytest.raises(SystemExit, match=r"bad.jsonl:2: malformed JSON.*--strict"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: malformed JSON.*--strict"):
         _run(tokenizer_dir, tmp_path / "bad.jsonl", tmp_path / "strict", "--strict")
     assert not list(tmp_path.glob("strict*"))  # nothing half-written is left behind
 
