@@ -1,9 +1,12 @@
-"""The example launchers train the same run whatever starts the processes: one torchrun launch of 2 processes,
-two torchrun launches of one process each joined by a rendezvous on 127.0.0.1 (two "nodes"), torchrun running
-the shell script with --no-python, and mpirun with ranks from mpi4py."""
+"""The example launchers train the same run whatever starts the processes: `bash` starting torchrun with 2
+processes, two torchrun launches of one process each joined by a rendezvous on 127.0.0.1 (two "nodes"),
+`torchrun --nproc-per-node 2 FILE` literally as the design card writes it (torchrun runs FILE with Python: each
+launcher is a bash + Python polyglot), the same with --no-python, and mpirun with ranks from mpi4py. Every
+launcher (pretrain, pretrain-small, fine-tune, multi-node) is run under literal torchrun."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import socket
@@ -14,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from phi1.training.metrics import read_jsonl
-from phi1.training.synthetic import write_synthetic_dataset
+from phi1.training.synthetic import write_synthetic_dataset, write_synthetic_exercises
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -88,13 +91,49 @@ def test_two_nodes_train_like_one_launch(reference, tmp_path) -> None:
     assert losses(tmp_path) == expected
 
 
+def torchrun(*arguments: str) -> list[str]:
+    """`torchrun --standalone --nproc-per-node 2 ARGUMENTS...`, with this interpreter's torch."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *arguments]
+
+
 @pytest.mark.slow
-def test_torchrun_runs_the_script_with_no_python(reference, tmp_path) -> None:
+@pytest.mark.parametrize("launcher", [
+    ["examples/pretrain_phi1.sh"],                    # the design card's command: torchrun runs it with Python
+    ["--no-python", "examples/pretrain_phi1.sh"],     # torchrun executes it (bash, from the shebang)
+    ["examples/multinode_torchrun.sh"],               # one rank of a multi-node launcher: no NNODES needed
+], ids=["python", "no-python", "multinode"])
+def test_torchrun_runs_the_launcher_literally(reference, tmp_path, launcher) -> None:
     data_dir, expected = reference
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python",
-               "examples/pretrain_phi1.sh", *TINY]
-    check(subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env_for(data_dir, tmp_path), timeout=180))
+    check(subprocess.run(torchrun(*launcher, *TINY), cwd=REPO, capture_output=True, text=True,
+                         env=env_for(data_dir, tmp_path), timeout=180))
     assert losses(tmp_path) == expected
+
+
+@pytest.mark.slow
+def test_small_and_finetune_launchers_under_torchrun(reference, tmp_path) -> None:
+    """pretrain_phi1_small.sh trains; finetune_phi1.sh then fine-tunes from that run, both under plain torchrun."""
+    data_dir, _ = reference
+    pretrain_dir, finetune_dir = tmp_path / "small", tmp_path / "finetune"
+    check(subprocess.run(torchrun("examples/pretrain_phi1_small.sh", *TINY), cwd=REPO, capture_output=True,
+                         text=True, env=env_for(data_dir, pretrain_dir), timeout=180))
+    assert len(losses(pretrain_dir)) == 4
+    exercises = write_synthetic_exercises(tmp_path / "exercises.jsonl")
+    finetune_tiny = [o for o in TINY if not o.startswith(("model.preset", "model.vocab_size"))]
+    check(subprocess.run(torchrun("examples/finetune_phi1.sh", *finetune_tiny), cwd=REPO, capture_output=True,
+                         text=True, timeout=180,
+                         env=env_for(data_dir, finetune_dir, INIT_FROM=str(pretrain_dir), EXERCISES=str(exercises))))
+    finetuned = losses(finetune_dir)
+    assert len(finetuned) == 4 and all(math.isfinite(loss) for loss in finetuned)
+    assert (finetune_dir / "latest").is_file()
+
+
+def test_launcher_is_valid_bash_and_python() -> None:
+    """Each polyglot parses as bash (`bash -n`) and compiles as Python with warnings as errors."""
+    for name in ("pretrain_phi1.sh", "pretrain_phi1_small.sh", "finetune_phi1.sh", "multinode_torchrun.sh"):
+        path = REPO / "examples" / name
+        assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0, name
+        assert subprocess.run([sys.executable, "-W", "error", "-c", "import sys; compile(open(sys.argv[1]).read(), "
+                               "sys.argv[1], 'exec')", str(path)], capture_output=True).returncode == 0, name
 
 
 @pytest.mark.slow
