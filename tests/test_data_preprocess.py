@@ -71,7 +71,7 @@ def test_problem_lines_are_reported_with_line_numbers(tokenizer_dir, tmp_path, c
     summary = _run(tokenizer_dir, tmp_path / "bad.jsonl", tmp_path / "out")
     assert summary["documents"] == 2 and summary["skipped_lines"] == 4 and summary["blank_lines"] == 1
     errors = capsys.readouterr().err
-    for number, text in [(2, "malformed JSON"), (3, "no string field 'text'"), (5, "no string field"), (6, "a JSON list, not an object")]:
+    for number, text in [(2, "malformed JSON"), (3, "no string field 'text'"), (5, "no string field"), (6, "a JSON array, not an object")]:
         assert f"bad.jsonl:{number}: {text}" in errors
     assert "4 lines skipped" in errors
     with pytest.raises(ValueError, match=r"bad.jsonl:2: malformed JSON.*--strict"):

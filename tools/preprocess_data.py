@@ -85,6 +85,13 @@ class Chunk:
     """line number -> its length in bytes, for lines skipped unread."""
 
 
+def _json_type(value: object) -> str:
+    """The JSON name of a parsed value's type (for messages)."""
+    names = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string", list: "array",
+             dict: "object"}
+    return names.get(type(value), type(value).__name__)
+
+
 def _unencodable(text: str) -> str | None:
     """Why `text` cannot be stored as UTF-8 (a lone surrogate), or None."""
     try:
@@ -119,7 +126,7 @@ class ChunkEncoder:
         except RecursionError:
             return "malformed", "malformed JSON: nested too deeply"
         if not isinstance(record, dict):
-            return "not_object", f"a JSON {type(record).__name__}, not an object"
+            return "not_object", f"a JSON {_json_type(record)}, not an object"
         texts = []
         for key in self.keys:
             value = record.get(key)
@@ -127,7 +134,7 @@ class ChunkEncoder:
                 present = ", ".join(repr(k) for k in list(record)[:5]) or "none"
                 return "missing_key", f"no string field {key!r} (the line has {present}; choose with --json-keys)"
             if not isinstance(value, str):
-                return "missing_key", f"no string field {key!r}: it holds a JSON {type(value).__name__}"
+                return "missing_key", f"no string field {key!r}: it holds a JSON {_json_type(value)}"
             if len(value) > self.max_chars:
                 return "too_long", (f"field {key!r} has {len(value)} characters, {_OVERSIZE} "
                                     f"({self.max_chars}); raise the limit to keep it")
@@ -245,7 +252,10 @@ def read_chunks(path: str, max_line_bytes: int | None = None) -> Iterator[Chunk]
                     chunk, size = Chunk(number + 1, []), 0
             if chunk.lines:
                 yield chunk
-    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+    except gzip.BadGzipFile as error:
+        raise UserError(f"{path}: not gzip data ({error}), yet the name ends in .gz; rename or re-compress it; "
+                        "nothing was written") from None
+    except (EOFError, zlib.error) as error:
         raise UserError(f"{path}: truncated or corrupt gzip data after line {number} (the last complete line): "
                         f"{error}; nothing was written. Re-download or re-compress the file") from None
 
@@ -330,7 +340,10 @@ def preprocess(args: argparse.Namespace, command: list[str] | None = None) -> di
     print(f"tokenizer {args.tokenizer_type} ({tokenizer.engine}), vocab {tokenizer.vocab_size}, token dtype {dtype}, "
           f"{args.workers} workers", file=sys.stderr)
     max_line_bytes = BYTES_PER_CHAR_LIMIT * args.max_document_chars * len(args.json_keys) + (1 << 16)
-    writers = {key: IndexedDatasetWriter(output_prefix_for(args.output_prefix, key), dtype) for key in args.json_keys}
+    try:
+        writers = {key: IndexedDatasetWriter(output_prefix_for(args.output_prefix, key), dtype) for key in args.json_keys}
+    except OSError as error:
+        raise UserError(f"--output-prefix {args.output_prefix}: cannot write there ({error})") from None
     progress = Progress(args.log_interval)
     reasons: Counter = Counter()
     blank_total = 0
