@@ -1,9 +1,27 @@
-"""OpenAI-compatible request validation and response bodies for /v1/completions and /v1/chat/completions.
+"""OpenAI-compatible request schemas, validation and response bodies for /v1/completions and /v1/chat/completions.
 
-Validation is strict, so a client learns at once what this server does not do: unknown parameters are a 400
-naming them; parameters the API has but this server does not implement (logprobs, penalties, echo, ...) are
-accepted only at their default value; wrong types and ranges are a 400 naming the parameter; a prompt that
-does not fit the context with the requested max_tokens is a 400 saying both numbers.
+Requests are parsed with `parse_json_body` (UTF-8, at most `MAX_JSON_DEPTH` levels of nesting) and checked by
+pydantic models in strict mode, so a client learns at once what this server does not do:
+- unknown parameters are a 400 naming them;
+- parameters the API has but this server does not implement (penalties, echo, logit_bias, tools, ...) are
+  accepted only at their default value;
+- wrong types, ranges and non-finite numbers (NaN, Infinity, 1e999) are a 400 naming the parameter;
+- a prompt that does not fit the context with the requested max_tokens is a 400 saying both numbers
+  (see `CompletionService.prepare` in phi1/serve/server.py).
+Every error body has OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+
+Parameters with documented reductions:
+- `seed`: any integer; it is reduced modulo 2**64 (torch's generator takes 64 bits), so equal seeds give equal
+  samples and 2**70 is as good a seed as any.
+- `temperature` and `top_p`: any value in range, 1e-300 included (sampling is done in float64 with the largest
+  logit subtracted first; a tiny temperature samples the most likely token).
+- `max_tokens` omitted: the room left in the context after the prompt, capped by the server's
+  --default-max-tokens; given: it must fit (else a 400 naming max_tokens).
+- `logprobs` (completions: an integer k <= 20; chat: `logprobs: true` with `top_logprobs` k <= 20): the model's
+  own log-probabilities, log_softmax of the raw logits (before temperature and top-p, as OpenAI reports them),
+  over the tokenizer's vocabulary. Completions return tokens, token_logprobs, top_logprobs (the k most likely
+  plus the sampled token, as OpenAI's legacy API) and text_offset (where each token starts in the returned
+  completion text); chat returns content: [{token, logprob, bytes, top_logprobs: [k entries]}].
 
 Chat template (phi-1 is a base code model with no chat format of its own; this plain one is ours):
 
@@ -18,30 +36,30 @@ and generation stops at "\\nUser:" so that the model's answer does not run into 
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from phi1.core.generation import SamplingParams
+from phi1.serve.engine import TokenLogprob
 
-COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stop", "seed", "user", "stream_options"}
-# Parameters of the OpenAI API that this server accepts only at the value that means "off".
-UNSUPPORTED_DEFAULTS = {
-    "logprobs": (None, False), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
-    "logit_bias": (None, {}), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
-    "top_logprobs": (None, 0), "response_format": (None, {"type": "text"}), "tools": (None, []),
-    "tool_choice": (None, "none"), "parallel_tool_calls": (None,), "service_tier": (None, "auto", "default"),
-    "metadata": (None,), "store": (None, False),
-}
-COMPLETION_PARAMETERS = COMMON | {"prompt", "echo", "logprobs", "presence_penalty", "frequency_penalty",
-                                  "logit_bias", "best_of", "suffix"}
-CHAT_PARAMETERS = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "presence_penalty",
-                            "frequency_penalty", "logit_bias", "response_format", "tools", "tool_choice",
-                            "parallel_tool_calls", "service_tier", "metadata", "store"}
 CHAT_STOP = "\nUser:"
-ROLES = {"system", "developer", "user", "assistant"}
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 16
+MAX_LOGPROBS = 20
+MAX_JSON_DEPTH = 32
+SEED_MODULUS = 2**64
+# Parameters of the OpenAI API that this server accepts only at the value that means "off".
+UNSUPPORTED_DEFAULTS: dict[str, tuple] = {
+    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
+    "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "response_format": (None, {"type": "text"}),
+    "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None,),
+    "service_tier": (None, "auto", "default"), "metadata": (None,), "store": (None, False),
+}
 
 
 class RequestError(Exception):
@@ -56,6 +74,129 @@ class RequestError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
+def _depth(value: Any) -> int:
+    """Nesting depth of decoded JSON (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, level + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+def parse_json_body(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Decode a request body: UTF-8 JSON nested at most `max_depth` levels. Raises RequestError (400)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RequestError(f"the body is not UTF-8 text (byte {error.start} is invalid); send UTF-8 JSON") from None
+    try:
+        body = json.loads(text)
+    except RecursionError:  # far deeper than max_depth: the C parser gives up before we can measure
+        raise RequestError(f"the JSON body is nested deeper than {max_depth} levels") from None
+    except ValueError as error:  # JSONDecodeError, and integers of more than 4300 digits
+        raise RequestError(f"the body is not valid JSON: {error}") from None
+    if _depth(body) > max_depth:
+        raise RequestError(f"the JSON body is nested deeper than {max_depth} levels")
+    return body
+
+
+class _Strict(BaseModel):
+    # strict: "1" is no number and true is no integer; no NaN or infinities; unknown fields are errors.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None
+    """Accepted for the official client's sake; this server does not pad its chunks."""
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+def _check_stop(value: Any) -> list[str]:
+    stop = [] if value is None else [value] if isinstance(value, str) else value
+    if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
+        raise ValueError(f"must be a non-empty string or a list of up to {MAX_STOP_STRINGS} non-empty strings")
+    return stop
+
+
+class _CommonRequest(_Strict):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    stop: Any = None
+    seed: int | None = None
+    user: str | None = None
+    # Accepted only at their defaults (checked in `validate` before these models run).
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    logit_bias: Any = None
+    service_tier: Any = None
+    metadata: Any = None
+    store: Any = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: Any) -> list[str]:
+        return _check_stop(value)
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed with stream=true")
+        return self
+
+
+class CompletionRequest(_CommonRequest):
+    prompt: Any
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: Any = None
+    best_of: Any = None
+    suffix: Any = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: Any) -> list[str]:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and value and all(isinstance(p, str) for p in value):
+            return value
+        raise ValueError("must be a string or a non-empty list of strings (token-id prompts are not supported)")
+
+
+class ChatRequest(_CommonRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: only allowed with logprobs=true")
+        return self
+
+
 @dataclass
 class ParsedRequest:
     """A validated request: what to generate and how to answer."""
@@ -68,135 +209,98 @@ class ParsedRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool
-    max_tokens_given: bool
+    max_tokens: int | None
+    """As given; None when the client left it to the server."""
+    max_tokens_field: str
+    """The parameter that carried max_tokens ('max_tokens' or 'max_completion_tokens'), for error messages."""
 
 
-def _type_name(value) -> str:
-    return "null" if value is None else type(value).__name__
+def _type_name(value: Any) -> str:
+    return "null" if value is None else {"str": "string", "dict": "object", "list": "array"}.get(
+        type(value).__name__, type(value).__name__)
 
 
-def _get(body: dict, name: str, types: tuple[type, ...], default):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    # bool is an int in Python, but not a number in JSON terms.
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-        expected = " or ".join(t.__name__ for t in types)
-        raise RequestError(f"'{name}' must be {expected}, got {_type_name(value)}", param=name)
-    return value
+def _error_from(error: ValidationError) -> RequestError:
+    """The first problem pydantic found, as a 400 naming the parameter."""
+    first = error.errors(include_url=False)[0]
+    location = [part for part in first["loc"] if part not in ("str", "list[str]", "list[TextPart]")]
+    message = first["msg"].removeprefix("Value error, ")
+    if not location and ": " in message:  # a model-level check names its parameter itself
+        name, message = message.split(": ", 1)
+        return RequestError(f"'{name}' {message}", param=name)
+    if first["type"] == "extra_forbidden":
+        unknown = sorted({str(e["loc"][0]) for e in error.errors() if e["type"] == "extra_forbidden"})
+        return RequestError(f"unknown parameter(s): {', '.join(unknown)}", param=unknown[0], code="unknown_parameter")
+    param = str(location[0]) if location else None
+    path = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(location))
+    if first["type"] == "missing":
+        return RequestError(f"'{path}' is required", param=param)
+    got = "" if first["type"] in ("value_error",) else f", got {_type_name(first.get('input'))}"
+    if first["type"] == "finite_number":
+        got = f", got {first.get('input')}"
+    elif first["type"].startswith(("greater", "less")):
+        got = f", got {first.get('input')}"
+    return RequestError(f"'{path}': {message}{got}", param=param)
 
 
-def _number_in(body: dict, name: str, low: float, high: float, default: float) -> float:
-    value = float(_get(body, name, (int, float), default))
-    if not low <= value <= high:
-        raise RequestError(f"'{name}' must be between {low} and {high}, got {value}", param=name)
-    return value
-
-
-def validate(body, kind: str, served_model: str) -> ParsedRequest:
+def validate(body: Any, kind: str, served_model: str) -> ParsedRequest:
     """Check a decoded JSON body of a completions ('completion') or chat ('chat') request.
 
     Raises RequestError (400, or 404 for another model name) naming the offending parameter.
     """
     if not isinstance(body, dict):
         raise RequestError(f"the request body must be a JSON object, got {_type_name(body)}")
-    allowed = COMPLETION_PARAMETERS if kind == "completion" else CHAT_PARAMETERS
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise RequestError(f"unknown parameter(s): {', '.join(unknown)}", param=unknown[0], code="unknown_parameter")
     for name in sorted(set(body) & set(UNSUPPORTED_DEFAULTS)):
         if body[name] not in UNSUPPORTED_DEFAULTS[name]:
             raise RequestError(f"'{name}' is not supported by this server (only its default)", param=name,
                                code="unsupported_parameter")
-    model = body.get("model")
-    if not isinstance(model, str):
-        raise RequestError("'model' is required and must be a string", param="model")
-    if model != served_model:
-        raise RequestError(f"model '{model}' is not served here; this server serves '{served_model}'",
+    schema = CompletionRequest if kind == "completion" else ChatRequest
+    try:
+        request = schema.model_validate(body)
+    except ValidationError as error:
+        raise _error_from(error) from None
+    if request.model != served_model:
+        raise RequestError(f"model '{request.model}' is not served here; this server serves '{served_model}'",
                            param="model", status=404, code="model_not_found")
-    temperature = _number_in(body, "temperature", 0.0, 2.0, 1.0)
-    top_p = _number_in(body, "top_p", 0.0, 1.0, 1.0)
-    if top_p == 0.0:
-        raise RequestError("'top_p' must be greater than 0", param="top_p")
-    n = _get(body, "n", (int,), 1)
-    if not 1 <= n <= MAX_CHOICES:
-        raise RequestError(f"'n' must be between 1 and {MAX_CHOICES}, got {n}", param="n")
-    stream = _get(body, "stream", (bool,), False)
-    stream_options = _get(body, "stream_options", (dict,), {})
-    if stream_options and not stream:
-        raise RequestError("'stream_options' is only allowed with stream=true", param="stream_options")
-    if set(stream_options) - {"include_usage"}:
-        raise RequestError(f"unknown stream_options {sorted(set(stream_options) - {'include_usage'})}",
-                           param="stream_options")
-    seed = _get(body, "seed", (int,), None)
-    _get(body, "user", (str,), None)
-    stop = _get(body, "stop", (str, list), [])
-    stop = [stop] if isinstance(stop, str) else stop
-    if len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
-        raise RequestError(f"'stop' must be a non-empty string or a list of up to {MAX_STOP_STRINGS} of them",
-                           param="stop")
-    token_field = "max_tokens"
-    max_tokens = _get(body, "max_tokens", (int,), None)
-    if kind == "chat" and max_tokens is None:
-        token_field = "max_completion_tokens"
-        max_tokens = _get(body, "max_completion_tokens", (int,), None)
-    if max_tokens is not None and max_tokens < 1:
-        raise RequestError(f"'{token_field}' must be at least 1, got {max_tokens}", param=token_field)
-
-    if kind == "completion":
-        if "prompt" not in body:
-            raise RequestError("'prompt' is required", param="prompt")
-        prompt = body["prompt"]
-        if isinstance(prompt, str):
-            texts = [prompt]
-        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            texts = list(prompt)
-        else:
-            raise RequestError("'prompt' must be a string or a non-empty list of strings (token-id prompts are "
-                               "not supported)", param="prompt")
+    n = request.n or 1
+    stop = list(request.stop or [])
+    max_tokens, max_tokens_field = request.max_tokens, "max_tokens"
+    if isinstance(request, CompletionRequest):
+        texts = request.prompt
+        logprobs = request.logprobs
     else:
-        texts = [render_chat(body.get("messages"))]
-        stop = [*stop, CHAT_STOP]
+        texts = [render_chat(request.messages)]
+        stop.append(CHAT_STOP)
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        if max_tokens is None and request.max_completion_tokens is not None:
+            max_tokens, max_tokens_field = request.max_completion_tokens, "max_completion_tokens"
     if len(texts) * n > MAX_CHOICES:
         raise RequestError(f"prompts x n = {len(texts) * n} exceeds {MAX_CHOICES} choices per request", param="n")
     params = SamplingParams(
-        max_new_tokens=max_tokens or 0, temperature=temperature, top_p=top_p, stop_strings=tuple(stop),
-        seed=seed,
+        max_new_tokens=max_tokens or 0,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        stop_strings=tuple(stop),
+        seed=None if request.seed is None else request.seed % SEED_MODULUS,
+        logprobs=logprobs,
     )
-    return ParsedRequest(kind, texts, n, params, stream, bool(stream_options.get("include_usage")),
-                         max_tokens_given=max_tokens is not None)
+    include_usage = bool(request.stream_options and request.stream_options.include_usage)
+    return ParsedRequest(kind, texts, n, params, bool(request.stream), include_usage, max_tokens, max_tokens_field)
 
 
-def _content_text(content, index: int) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise RequestError(f"messages[{index}].content: only text parts are supported", param="messages")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise RequestError(f"messages[{index}].content must be a string or a list of text parts", param="messages")
+def _content_text(content: str | list[TextPart]) -> str:
+    return content if isinstance(content, str) else "".join(part.text for part in content)
 
 
-def render_chat(messages) -> str:
+def render_chat(messages: list[ChatMessage]) -> str:
     """The prompt text of a chat (see the module docstring for the template)."""
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("'messages' is required and must be a non-empty list", param="messages")
     system, turns = [], []
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES or "content" not in message:
-            raise RequestError(f"messages[{index}] must be an object with a role in {sorted(ROLES)} and content",
-                               param="messages")
-        unknown = set(message) - {"role", "content", "name"}
-        if unknown:
-            raise RequestError(f"messages[{index}]: unknown field(s) {sorted(unknown)}", param="messages")
-        text = _content_text(message["content"], index)
-        if message["role"] in ("system", "developer"):
+    for message in messages:
+        text = _content_text(message.content)
+        if message.role in ("system", "developer"):
             system.append(text)
         else:
-            turns.append(f"{'User' if message['role'] == 'user' else 'Assistant'}: {text}\n")
+            turns.append(f"{'User' if message.role == 'user' else 'Assistant'}: {text}\n")
     prefix = "\n".join(system) + "\n\n" if system else ""
     return prefix + "".join(turns) + "Assistant:"
 
@@ -210,26 +314,50 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def completion_logprobs(tokens: list[TokenLogprob]) -> dict:
+    """OpenAI's legacy completions `logprobs` object for these tokens."""
+    top = []
+    for token in tokens:
+        alternatives = dict(token.top)
+        alternatives.setdefault(token.token, token.logprob)  # the sampled token is always listed
+        top.append(alternatives)
+    return {"tokens": [t.token for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": top, "text_offset": [t.offset for t in tokens]}
+
+
+def chat_logprobs(tokens: list[TokenLogprob]) -> dict:
+    """The chat completions `logprobs` object for these tokens."""
+    def entry(text: str, logprob: float) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "surrogatepass"))}
+
+    return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(s, v) for s, v in t.top]}
+                        for t in tokens], "refusal": None}
+
+
 def response_body(kind: str, request_id: str, model: str, choices: list[dict], prompt_tokens: int,
-                  completion_tokens: int) -> dict:
-    """A whole (non-streamed) response; `choices` hold index, text and finish_reason."""
-    if kind == "completion":
-        shaped = [{"index": c["index"], "text": c["text"], "logprobs": None, "finish_reason": c["finish_reason"]}
-                  for c in choices]
-        obj = "text_completion"
-    else:
-        shaped = [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]}, "logprobs": None,
-                   "finish_reason": c["finish_reason"]} for c in choices]
-        obj = "chat.completion"
+                  completion_tokens: int, with_logprobs: bool = False) -> dict:
+    """A whole (non-streamed) response; `choices` hold index, text, finish_reason and logprobs (TokenLogprob)."""
+    shaped = []
+    for choice in choices:
+        if kind == "completion":
+            logprobs = completion_logprobs(choice["logprobs"]) if with_logprobs else None
+            shaped.append({"index": choice["index"], "text": choice["text"], "logprobs": logprobs,
+                           "finish_reason": choice["finish_reason"]})
+        else:
+            logprobs = chat_logprobs(choice["logprobs"]) if with_logprobs else None
+            shaped.append({"index": choice["index"], "message": {"role": "assistant", "content": choice["text"]},
+                           "logprobs": logprobs, "finish_reason": choice["finish_reason"]})
+    obj = "text_completion" if kind == "completion" else "chat.completion"
     return {"id": request_id, "object": obj, "created": int(time.time()), "model": model, "choices": shaped,
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def chunk_body(kind: str, request_id: str, model: str, index: int, text: str | None, finish_reason: str | None,
-               role: bool = False) -> dict:
-    """One server-sent event of a streamed response."""
+               role: bool = False, logprobs: list[TokenLogprob] | None = None) -> dict:
+    """One server-sent event of a streamed response; `logprobs` None means the request did not ask for them."""
     if kind == "completion":
-        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        shaped = None if logprobs is None else completion_logprobs(logprobs)
+        choice = {"index": index, "text": text or "", "logprobs": shaped, "finish_reason": finish_reason}
         obj = "text_completion"
     else:
         delta: dict = {}
@@ -237,6 +365,7 @@ def chunk_body(kind: str, request_id: str, model: str, index: int, text: str | N
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        shaped = None if logprobs is None else chat_logprobs(logprobs)
+        choice = {"index": index, "delta": delta, "logprobs": shaped, "finish_reason": finish_reason}
         obj = "chat.completion.chunk"
     return {"id": request_id, "object": obj, "created": int(time.time()), "model": model, "choices": [choice]}
