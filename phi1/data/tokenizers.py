@@ -399,7 +399,7 @@ def build_tokenizer(
     """Builds a tokenizer by Megatron's type name.
 
     Args:
-        tokenizer_type: one of TOKENIZER_TYPES.
+        tokenizer_type: one of TOKENIZER_TYPES, or "auto" (decided by `detect_tokenizer_type` from the files).
         tokenizer_model: .model file (SentencePiece), tokenizer.json or its directory (HuggingFace), or a
             directory holding vocab.json and merges.txt (GPT2BPE).
         vocab_file, merge_file: GPT2BPE files when not given as a directory.
@@ -408,6 +408,13 @@ def build_tokenizer(
     Raises:
         ValueError: unknown type or missing argument; FileNotFoundError: missing file.
     """
+    if tokenizer_type == "auto":
+        if tokenizer_model is not None:
+            tokenizer_type = detect_tokenizer_type(tokenizer_model)
+        elif vocab_file is not None and merge_file is not None:
+            tokenizer_type = "GPT2BPETokenizer"
+        else:
+            raise ValueError("tokenizer type 'auto' needs the tokenizer file (--tokenizer-model / data.tokenizer_model)")
     if tokenizer_type == "SentencePieceTokenizer":
         if tokenizer_model is None:
             raise ValueError("SentencePieceTokenizer needs --tokenizer-model PATH.model")
@@ -423,7 +430,7 @@ def build_tokenizer(
         if vocab_file is None or merge_file is None:
             raise ValueError("GPT2BPETokenizer needs --tokenizer-model DIR or --vocab-file and --merge-file")
         return GPT2BPETokenizer(vocab_file, merge_file, engine=engine, num_threads=num_threads)
-    raise ValueError(f"unknown tokenizer type {tokenizer_type!r}; choose one of {TOKENIZER_TYPES}")
+    raise ValueError(f"unknown tokenizer type {tokenizer_type!r}; choose one of {TOKENIZER_TYPES} or 'auto'")
 
 
 # A SentencePiece model is one protobuf message, and protobuf refuses messages over 2 GiB; a tokenizer.json of a

@@ -20,20 +20,58 @@ import torch
 from phi1.data.gpt_dataset import split_document_ranges
 from phi1.data.tokenizers import Tokenizer
 
+# One exercise is a function and its docstring; a line beyond this is not an exercise, and is refused before it
+# is read into memory whole.
+MAX_LINE_BYTES = 16 << 20
+
+
+def _json_type(value: object) -> str:
+    names = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string", list: "array",
+             dict: "object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _open_exercises(path: str):
+    """Opens `path` for reading, refusing what is not a regular file (a FIFO would block, /dev/zero never end)."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file (finetune.data)") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode)
+                else "a device file" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        raise ValueError(f"{path}: {kind}; finetune.data must be a JSONL file of exercises")
+    return open(path, "rb")
+
 
 def read_exercises(path: str | os.PathLike, prompt_key: str = "prompt", solution_key: str = "solution") -> list[tuple[str, str]]:
-    """(prompt, solution) pairs of a JSONL file.
+    """(prompt, solution) pairs of a JSONL file: one JSON object per line, blank lines allowed.
 
     Raises:
-        ValueError: a line that is not JSON or lacks a key, naming the file, line and key.
+        ValueError: naming the file and line: not UTF-8, not JSON, not an object, a key missing or not a string,
+            text that cannot be encoded (a lone surrogate), a line over MAX_LINE_BYTES, or no exercise at all.
+        FileNotFoundError: no such file.
     """
+    path = os.fspath(path)
     pairs = []
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, 1):
+    keys_hint = "(finetune.prompt_key / finetune.solution_key choose the fields)"
+    with _open_exercises(path) as handle:
+        number = 0
+        while True:
+            raw = handle.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                break
+            number += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise ValueError(f"{path}:{number}: a line longer than {MAX_LINE_BYTES} bytes, not one exercise; "
+                                 "one JSON object per line")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{number}: not UTF-8 ({e})") from None
+                raise ValueError(f"{path}:{number}: not UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1}); "
+                                 "re-encode the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -42,13 +80,23 @@ def read_exercises(path: str | os.PathLike, prompt_key: str = "prompt", solution
                 raise ValueError(f"{path}:{number}: not JSON ({type(e).__name__}: {e})") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{number}: expected a JSON object with {prompt_key!r} and {solution_key!r}, "
-                                 f"got a {type(record).__name__}")
+                                 f"got a JSON {_json_type(record)}")
             for key in (prompt_key, solution_key):
-                if not isinstance(record.get(key), str):
-                    raise ValueError(f"{path}:{number}: no string field {key!r} (finetune.prompt_key / solution_key)")
+                if key not in record:
+                    raise ValueError(f"{path}:{number}: no field {key!r} {keys_hint}")
+                if not isinstance(record[key], str):
+                    raise ValueError(f"{path}:{number}: field {key!r} is a JSON {_json_type(record[key])}, not a "
+                                     f"string {keys_hint}")
+                try:
+                    record[key].encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise ValueError(f"{path}:{number}: field {key!r} holds an unencodable character "
+                                     f"U+{ord(record[key][e.start]):04X} (a lone surrogate)") from None
             pairs.append((record[prompt_key], record[solution_key]))
     if not pairs:
-        raise ValueError(f"{path}: no exercises")
+        what = "an empty file" if number == 0 else f"{number} blank lines"
+        raise ValueError(f"{path}: no exercises ({what}); finetune.data needs one JSON object per line with "
+                         f"{prompt_key!r} and {solution_key!r}")
     return pairs
 
 
