@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Complete a prompt with a phi1 training checkpoint (its tokenizer is read from the checkpoint itself).
+"""Complete a prompt with any phi1 model path: a training run (its tokenizer is read from the checkpoint
+itself), one iter_* checkpoint, or a phi1 / HuggingFace model directory.
 
     python examples/generate_completion.py --checkpoint runs/quickstart/finetune \\
         --prompt "def is_even(n):\\n    '''Return True if n is even.'''\\n"
@@ -16,45 +17,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
+from phi1.cli import run_cli  # noqa: E402
 from phi1.core.generation import SamplingParams, generate  # noqa: E402
-from phi1.core.model import PhiForCausalLM  # noqa: E402
-from phi1.core.pretrained import load_state_dict_into  # noqa: E402
-from phi1.data.tokenizers import build_tokenizer  # noqa: E402
-from phi1.training.checkpointing import (  # noqa: E402
-    find_checkpoint,
-    load_model_from_training_checkpoint,
-    tokenizer_in_checkpoint,
-)
+from phi1.loading import load_pretrained, load_tokenizer, resolve_model_path  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="run directory (its latest checkpoint) or iter_ directory")
+    parser = argparse.ArgumentParser(prog="generate_completion.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="run directory (its latest checkpoint), iter_* directory, or phi1 / HF model directory")
     parser.add_argument("--prompt", required=True, help="text to complete; \\n and \\t escapes are decoded")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--temperature", type=float, default=0.0)
     args = parser.parse_args(argv)
 
-    found = find_checkpoint(args.checkpoint)
-    if found is None:
-        parser.error(f"--checkpoint {args.checkpoint}: no phi1 training checkpoint there")
-    tokenizer_path = tokenizer_in_checkpoint(found)
-    if tokenizer_path is None:
-        parser.error(f"{found}: holds no tokenizer file")
-    kind = "SentencePieceTokenizer" if tokenizer_path.suffix == ".model" else "HuggingFaceTokenizer"
-    tokenizer = build_tokenizer(kind, tokenizer_path)
-    config, weights = load_model_from_training_checkpoint(found)
-    model = PhiForCausalLM(config)
-    load_state_dict_into(model, weights, source=str(found))
+    source = resolve_model_path(args.checkpoint, what="--checkpoint")
+    tokenizer = load_tokenizer(source, what="--checkpoint")
+    model = load_pretrained(source, what="--checkpoint")
     model.eval()
+    config = model.config
+    if tokenizer.vocab_size > config.vocab_size:
+        parser.error(f"--checkpoint {args.checkpoint}: its tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                     f"vocabulary has {config.vocab_size}")
+    if args.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be >= 1")
 
     prompt = codecs.decode(args.prompt, "unicode_escape")
+    prompt_ids = tokenizer.encode(prompt)
+    if len(prompt_ids) + args.max_new_tokens > config.max_seq_len:
+        parser.error(f"--max-new-tokens {args.max_new_tokens}: the prompt's {len(prompt_ids)} tokens plus it exceed the "
+                     f"model's context of {config.max_seq_len} tokens; pass at most "
+                     f"{max(config.max_seq_len - len(prompt_ids), 0)}")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=0,
                             eos_token_id=tokenizer.eod, stop_strings=("\ndef ", "\nclass ", "\n\n\n", "\nif __name__"))
     with torch.no_grad():
-        completion = generate(model, [tokenizer.encode(prompt)], params, decode=tokenizer.decode,
+        completion = generate(model, [prompt_ids], params, decode=tokenizer.decode,
                               vocab_size=tokenizer.vocab_size)[0]
-    print(f"checkpoint {found} ({config.num_parameters():,} parameters)")
+    print(f"model {source.describe()} ({config.num_parameters():,} parameters)")
     print("----- prompt -----")
     print(prompt, end="")
     print("----- completion -----")
@@ -64,4 +64,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main, prog="generate_completion.py")
