@@ -13,7 +13,8 @@ transformers = pytest.importorskip("transformers")
 from phi1.core.config import get_preset  # noqa: E402
 from phi1.core.hf_interop import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf  # noqa: E402
 from phi1.core.model import PhiForCausalLM  # noqa: E402
-from phi1.core.pretrained import load_config_and_state_dict, load_pretrained, save_pretrained  # noqa: E402
+from phi1.core.pretrained import save_pretrained  # noqa: E402
+from phi1.loading import load_pretrained, load_state  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,7 +99,7 @@ def test_convert_checkpoint_cli_both_ways(tmp_path):
     again = transformers.PhiForCausalLM.from_pretrained(tmp_path / "hf_out", attn_implementation="eager")
     for name, tensor in hf.state_dict().items():
         assert torch.equal(again.state_dict()[name], tensor), name
-    config, state = load_config_and_state_dict(tmp_path / "phi1")
+    config, state = load_state(tmp_path / "phi1")
     ours = PhiForCausalLM(config).eval()
     ours.load_state_dict(state)
     x = torch.randint(0, 1024, (1, 9))
@@ -112,7 +113,8 @@ def test_wrong_format_is_named(tmp_path):
          "--output", str(tmp_path / "o"), "--output-format", "phi1"],
         capture_output=True, text=True,
     )
-    assert result.returncode != 0 and "holds a 'phi1' model but --input-format is 'hf'" in result.stderr
+    assert result.returncode == 2 and "holds a 'phi1' model (phi1) but --input-format is 'hf'" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_hf_config_phi1_cannot_hold_is_rejected():

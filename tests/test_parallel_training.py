@@ -18,8 +18,8 @@ import torch.distributed as dist
 
 from phi1.core.config import get_preset
 from phi1.core.model import PhiForCausalLM
-from phi1.core.pretrained import load_pretrained
-from phi1.parallel.checkpoint import export_pretrained, load_model_shards, load_resharded, save_model_shard
+from phi1.loading import export_pretrained, load_model_shards, load_pretrained, load_resharded
+from phi1.parallel.checkpoint import save_model_shard
 from phi1.parallel.data_parallel import wrap_data_parallel
 from phi1.parallel.grads import allreduce_sequence_parallel_grads, clip_grad_norm_
 from phi1.parallel.optim import param_groups

@@ -1,11 +1,14 @@
 """Conversions between phi1 and HuggingFace `PhiForCausalLM` (model_type "phi"): configs and state dicts.
 
-Pure functions over whole (unsharded) tensors; reading and writing directories is in `phi1.core.pretrained`.
+Pure functions over whole (unsharded) tensors; writing directories is in `phi1.core.pretrained`, reading any
+model path in `phi1.loading`.
 The one layout difference: phi1 keeps q, k, v in one projection whose rows are grouped by head, (nh, 3, hs),
 so that a tensor-parallel split of the rows hands each rank whole heads; HF keeps three projections.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -47,10 +50,22 @@ def config_to_hf(config: ModelConfig) -> dict:
     }
 
 
+_HF_INT_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
+
+
 def config_from_hf(hf: dict, **overrides) -> ModelConfig:
-    """A ModelConfig from a HuggingFace phi `config.json` dict. Raises ValueError for what phi1 cannot hold."""
+    """A ModelConfig from a HuggingFace phi `config.json` dict.
+
+    Raises:
+        ValueError: naming the field, for a missing or mistyped field and for what phi1 cannot hold; the numbers
+            themselves are then checked by `ModelConfig.validate`.
+    """
     if hf.get("model_type") != "phi":
         raise ValueError(f"config.json: model_type is {hf.get('model_type')!r}; phi1 imports model_type 'phi' only")
+    for name in _HF_INT_FIELDS:
+        value = hf.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"config.json: {name} must be a positive integer, got {value!r}")
     if hf.get("qk_layernorm"):
         raise ValueError("config.json: qk_layernorm=true is not part of phi-1; phi1 cannot import it")
     heads = hf["num_attention_heads"]
@@ -61,9 +76,24 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     if hf.get("tie_word_embeddings", False):
         raise ValueError("config.json: tie_word_embeddings=true; phi-1 has an untied lm_head")
     rope = hf.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"config.json: rope_parameters must be an object, got {type(rope).__name__}")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5))
+    numbers = {"rope_theta": theta, "partial_rotary_factor": partial}
+    for name in ("layer_norm_eps", "initializer_range", "resid_pdrop", "embd_pdrop", "attention_dropout"):
+        if name in hf:
+            numbers[name] = hf[name]
+    for name, value in numbers.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"config.json: {name} must be a finite number, got {value!r}")
+    if not 0.0 <= partial <= 1.0:
+        raise ValueError(f"config.json: partial_rotary_factor must be in [0, 1], got {partial!r}")
+    max_positions = hf.get("max_position_embeddings", 2048)
+    if not isinstance(max_positions, int) or isinstance(max_positions, bool) or max_positions <= 0:
+        raise ValueError(f"config.json: max_position_embeddings must be a positive integer, got {max_positions!r}")
     head_dim = hf["hidden_size"] // heads
+    name = hf.get("_name_or_path")
     values = dict(
         n_layer=hf["num_hidden_layers"],
         d_model=hf["hidden_size"],
@@ -72,16 +102,51 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
         vocab_size=hf["vocab_size"],
         rotary_dim=int(head_dim * partial),
         rotary_base=float(theta),
-        max_seq_len=hf.get("max_position_embeddings", 2048),
-        layer_norm_eps=hf.get("layer_norm_eps", 1e-5),
-        init_std=hf.get("initializer_range", 0.02),
-        resid_dropout=hf.get("resid_pdrop", 0.0),
-        embd_dropout=hf.get("embd_pdrop", 0.0),
-        attn_dropout=hf.get("attention_dropout", 0.0),
-        name=hf.get("_name_or_path") or "hf-import",
+        max_seq_len=max_positions,
+        layer_norm_eps=float(numbers.get("layer_norm_eps", 1e-5)),
+        init_std=float(numbers.get("initializer_range", 0.02)),
+        resid_dropout=float(numbers.get("resid_pdrop", 0.0)),
+        embd_dropout=float(numbers.get("embd_pdrop", 0.0)),
+        attn_dropout=float(numbers.get("attention_dropout", 0.0)),
+        name=name if isinstance(name, str) and name else "hf-import",
     )
     values.update(overrides)
-    return ModelConfig(**values)
+    try:
+        return ModelConfig(**values)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config.json: {e}") from None
+
+
+def hf_tensor_names(config: ModelConfig) -> dict[str, str]:
+    """{HuggingFace tensor name: the phi1 tensor it becomes} (q, k and v all map to the fused qkv)."""
+    names = {HF_PREFIX + "embed_tokens.weight": "embed_tokens.weight"}
+    for i in range(config.n_layer):
+        src, dst = f"{HF_PREFIX}layers.{i}.", f"layers.{i}."
+        for kind in ("weight", "bias"):
+            names[src + f"input_layernorm.{kind}"] = dst + f"ln.{kind}"
+            for p in "qkv":
+                names[src + f"self_attn.{p}_proj.{kind}"] = dst + f"attn.qkv.{kind}"
+            names[src + f"self_attn.dense.{kind}"] = dst + f"attn.dense.{kind}"
+            names[src + f"mlp.fc1.{kind}"] = dst + f"mlp.fc1.{kind}"
+            names[src + f"mlp.fc2.{kind}"] = dst + f"mlp.fc2.{kind}"
+    for kind in ("weight", "bias"):
+        names[f"{HF_PREFIX}final_layernorm.{kind}"] = f"final_layernorm.{kind}"
+        names[f"lm_head.{kind}"] = f"lm_head.{kind}"
+    return names
+
+
+def hf_expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of a HuggingFace PhiForCausalLM's tensors for `config`, without building it."""
+    from phi1.core.pretrained import expected_shapes
+
+    phi1_shapes = expected_shapes(config)
+    shapes = {}
+    for hf_name, name in hf_tensor_names(config).items():
+        shape = phi1_shapes[name]
+        if ".self_attn." in hf_name and "_proj." in hf_name:  # one third of the fused qkv rows
+            shape = (shape[0] // 3, *shape[1:])
+        shapes[hf_name] = shape
+    return shapes
 
 
 def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_head: int) -> torch.Tensor:

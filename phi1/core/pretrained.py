@@ -1,11 +1,12 @@
-"""Reading and writing model directories: phi1's own format and HuggingFace's.
+"""Writing model directories (phi1's own format and HuggingFace's) and copying whole tensors into a model.
 
     phi1 format:  config.json {"format": "phi1", "format_version": 1, "model": {...ModelConfig...}}
                   model.safetensors   whole (unsharded) tensors under phi1's names
     hf format:    config.json (model_type "phi"), model.safetensors | model.safetensors.index.json + shards
                   | pytorch_model.bin (read with weights_only=True)
 
-Weights are safetensors, so loading a directory from elsewhere never runs code.
+Weights are safetensors. Reading any model path (these directories, training runs, `iter_*` checkpoints) is
+`phi1.loading`'s job: it checks every file before a tensor is read.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from phi1.core.config import ModelConfig
-from phi1.core.hf_interop import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
+from phi1.core.hf_interop import config_to_hf, state_dict_to_hf
 
 PHI1_FORMAT = "phi1"
 HF_FORMAT = "hf"
@@ -26,57 +27,25 @@ FORMAT_VERSION = 1
 FORMATS = (PHI1_FORMAT, HF_FORMAT)
 
 
-def detect_format(directory: str | os.PathLike) -> str:
-    """'phi1' or 'hf' from the directory's config.json. Raises FileNotFoundError / ValueError naming the file."""
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no config.json; is {directory} a phi1 or HuggingFace model directory?")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if config.get("format") == PHI1_FORMAT:
-        return PHI1_FORMAT
-    if config.get("model_type") == "phi":
-        return HF_FORMAT
-    raise ValueError(f"{path}: neither a phi1 config (format: phi1) nor a HuggingFace phi config (model_type: phi)")
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Whole-tensor shapes (phi1 names) of a PhiForCausalLM with `config`, without building it.
 
-
-def _read_hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    single = directory / "model.safetensors"
-    index = directory / "model.safetensors.index.json"
-    legacy = directory / "pytorch_model.bin"
-    if single.is_file():
-        return load_file(str(single))
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        tensors: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            tensors.update(load_file(str(directory / shard)))
-        return tensors
-    if legacy.is_file():
-        return torch.load(legacy, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{directory}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
-
-
-def load_config_and_state_dict(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """The ModelConfig and whole tensors (phi1 names) of a phi1 or HF directory."""
-    directory = Path(directory)
-    fmt = detect_format(directory)
-    raw = json.loads((directory / "config.json").read_text())
-    if fmt == PHI1_FORMAT:
-        if raw.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{directory / 'config.json'}: format_version {raw.get('format_version')!r}, this reader knows "
-                f"{FORMAT_VERSION}; convert it with the phi1 version that wrote it"
-            )
-        config = ModelConfig.from_dict(raw["model"])
-        weights = directory / "model.safetensors"
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights}: missing")
-        return config, load_file(str(weights))
-    config = config_from_hf(raw)
-    return config, state_dict_from_hf(_read_hf_tensors(directory), config)
+    Loaders compare a file's header with these before reading any tensor data.
+    """
+    d, f, v = config.d_model, config.d_mlp, config.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (v, d)}
+    for i in range(config.n_layer):
+        layer = f"layers.{i}."
+        shapes.update({
+            layer + "ln.weight": (d,), layer + "ln.bias": (d,),
+            layer + "attn.qkv.weight": (3 * d, d), layer + "attn.qkv.bias": (3 * d,),
+            layer + "attn.dense.weight": (d, d), layer + "attn.dense.bias": (d,),
+            layer + "mlp.fc1.weight": (f, d), layer + "mlp.fc1.bias": (f,),
+            layer + "mlp.fc2.weight": (d, f), layer + "mlp.fc2.bias": (d,),
+        })
+    shapes.update({"final_layernorm.weight": (d,), "final_layernorm.bias": (d,),
+                   "lm_head.weight": (v, d), "lm_head.bias": (v,)})
+    return shapes
 
 
 def save_pretrained(
@@ -148,25 +117,3 @@ def load_state_dict_into(model: torch.nn.Module, state_dict: dict[str, torch.Ten
     with torch.no_grad():
         for name, shard in shards.items():
             params[name].copy_(shard)
-
-
-def load_pretrained(
-    directory: str | os.PathLike,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-    tp_group=None,
-    **config_overrides,
-):
-    """A PhiForCausalLM with the weights of a phi1 or HF directory (sliced for `tp_group` when given)."""
-    from phi1.core.model import PhiForCausalLM
-
-    config, state = load_config_and_state_dict(directory)
-    if config_overrides:
-        config = config.replace(**config_overrides)
-    with torch.device("meta"):
-        model = PhiForCausalLM(config, tp_group=tp_group)
-    model = model.to_empty(device=device)
-    load_state_dict_into(model, state, source=str(directory))
-    if dtype is not None:
-        model = model.to(dtype)
-    return model

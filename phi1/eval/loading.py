@@ -1,4 +1,10 @@
-"""Loading a model directory and its tokenizer for evaluation and serving."""
+"""Loading a model and its tokenizer for evaluation and serving, from any model path.
+
+`--model` may be a phi1 model directory, a HuggingFace phi directory, a training run directory (its `latest`
+checkpoint, verified by its manifest; the tokenizer copied into that checkpoint) or one `iter_*` checkpoint.
+`phi1.loading` decides which and checks every file before a tensor is read; this module adds the eval and serve
+concerns: dtype names, eval mode, fused kernels, the vocabulary check.
+"""
 
 from __future__ import annotations
 
@@ -7,50 +13,39 @@ import os
 import torch
 
 from phi1.core.model import PhiForCausalLM
+from phi1.loading import find_tokenizer as _find_tokenizer
+from phi1.loading import load_pretrained
+from phi1.loading import load_tokenizer as _load_tokenizer
 from phi1.ops import prepare as prepare_fused_ops
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def find_tokenizer(model_dir: str | os.PathLike) -> tuple[str, str] | None:
-    """(tokenizer_type, tokenizer_model) of a tokenizer stored in the model directory, or None.
+    """(tokenizer_type, tokenizer_model) of the tokenizer stored with the model at `model_dir`, or None.
 
     Looks for tokenizer.model (SentencePiece), tokenizer.json (HuggingFace), vocab.json + merges.txt (GPT-2 BPE),
-    in that order.
+    in that order, in the model directory or, for a training run, in its checkpoint.
     """
-    model_dir = os.fspath(model_dir)
-    if os.path.isfile(os.path.join(model_dir, "tokenizer.model")):
-        return "SentencePieceTokenizer", os.path.join(model_dir, "tokenizer.model")
-    if os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
-        return "HuggingFaceTokenizer", os.path.join(model_dir, "tokenizer.json")
-    if os.path.isfile(os.path.join(model_dir, "vocab.json")) and os.path.isfile(os.path.join(model_dir, "merges.txt")):
-        return "GPT2BPETokenizer", model_dir
-    return None
+    return _find_tokenizer(model_dir)
 
 
 def load_tokenizer(model_dir: str | os.PathLike, tokenizer_type: str | None = None, tokenizer_model: str | None = None):
-    """The tokenizer named by --tokenizer-type/--tokenizer-model, else the one inside `model_dir`.
+    """The tokenizer named by --tokenizer-type/--tokenizer-model, else the one stored with `model_dir`.
 
-    Raises ValueError saying which options to pass when neither is there.
+    Raises:
+        ValueError: neither is there (says which options to pass), or `model_dir` is not a model path.
     """
-    from phi1.data.tokenizers import build_tokenizer
-
-    if tokenizer_type is None:
-        found = find_tokenizer(model_dir)
-        if found is None:
-            raise ValueError(
-                f"{model_dir}: no tokenizer.model, tokenizer.json or vocab.json+merges.txt inside; "
-                "pass --tokenizer-type and --tokenizer-model"
-            )
-        tokenizer_type, found_model = found
-        tokenizer_model = tokenizer_model or found_model
-    return build_tokenizer(tokenizer_type, tokenizer_model)
+    return _load_tokenizer(model_dir, tokenizer_type, tokenizer_model)
 
 
 def load_model(model_dir: str | os.PathLike, device: str = "cpu", dtype: str = "float32") -> PhiForCausalLM:
-    """The model of a phi1 or HuggingFace phi directory, in eval mode on `device`."""
-    from phi1.core.pretrained import load_pretrained
+    """The model at any accepted model path, in eval mode on `device`.
 
+    Raises:
+        ValueError, FileNotFoundError: one line naming the file (and tensor) that is wrong, or saying what was
+            found at `model_dir` and what is accepted.
+    """
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     model = load_pretrained(model_dir, device=device, dtype=DTYPES[dtype])

@@ -3,7 +3,7 @@
 A run directory holds:
 
     iter_0001000/
-        model_tp00-of-02.safetensors ...   model shards (phi1.parallel.checkpoint; any TP size loads them)
+        model_tp00-of-02.safetensors ...   model shards (phi1.parallel.checkpoint writes, phi1.loading reads, any TP size)
         optim_tp00.pt ...                  AdamW state of each TP rank (DDP: one copy, written by DP rank 0)
         zero/                              DeepSpeed's ZeRO optimizer partitions instead, under ZeRO
         rng_rank00000.pt ...               every rank's RNG states (python, numpy, torch CPU/CUDA, TP tracker)
@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import signal
 from dataclasses import dataclass
@@ -44,22 +43,26 @@ import torch
 import torch.distributed as dist
 
 from phi1.core.config import ModelConfig
-from phi1.parallel.checkpoint import load_model_shards, load_resharded, load_shard_config, save_model_shard
+from phi1.loading.checkpoints import (
+    TRAINER_STATE,
+    complete_iterations,
+    find_checkpoint,
+    iteration_dir,
+    load_checkpoint_state,
+    load_resharded,
+    read_trainer_state,
+)
+from phi1.loading.manifest import CheckpointCorruptError, verify_checkpoint, write_manifest
+from phi1.loading.paths import inside, regular_file
+from phi1.parallel.checkpoint import save_model_shard
 from phi1.parallel.random import get_rng_tracker
 from phi1.parallel.state import ParallelState
-from phi1.training.fault import CheckpointCorruptError, verify_checkpoint, write_manifest
 
 logger = logging.getLogger("phi1.train")
 
-_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
-TRAINER_STATE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
 TOKENIZER_NAMES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json")
-
-
-def iteration_dir(run_dir: str | os.PathLike, iteration: int) -> Path:
-    return Path(run_dir) / f"iter_{iteration:07d}"
 
 
 def _barrier(state: ParallelState) -> None:
@@ -112,62 +115,21 @@ def restore_rng_states(states: dict) -> None:
 # Finding checkpoints
 
 
-def complete_iterations(run_dir: str | os.PathLike) -> list[int]:
-    """Iterations with a complete (renamed) checkpoint directory, ascending."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = []
-    for path in run_dir.iterdir():
-        match = _ITER_DIR.match(path.name)
-        if match and (path / TRAINER_STATE).is_file():
-            found.append(int(match.group(1)))
-    return sorted(found)
-
-
-def find_checkpoint(path: str | os.PathLike) -> Path | None:
-    """The checkpoint directory to resume from: `path` itself when it is one, else the run directory's
-    `latest`; when `latest` is missing or names a directory that is gone, the newest complete checkpoint.
-    None when the run directory holds none."""
-    path = Path(path)
-    if (path / TRAINER_STATE).is_file():
-        return path
-    pointer = path / "latest"
-    if pointer.is_file():
-        try:
-            candidate = iteration_dir(path, int(pointer.read_text().strip()))
-        except ValueError:
-            candidate = None
-        if candidate is not None and (candidate / TRAINER_STATE).is_file():
-            return candidate
-        logger.warning("%s names no complete checkpoint; taking the newest complete one", pointer)
-    iterations = complete_iterations(path)
-    return iteration_dir(path, iterations[-1]) if iterations else None
-
-
-def read_trainer_state(checkpoint_dir: str | os.PathLike) -> dict:
-    """The checkpoint's trainer_state.json.
-
-    Raises:
-        ValueError: the file is not a JSON object (names the file).
-    """
-    path = Path(checkpoint_dir) / TRAINER_STATE
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:
-        raise ValueError(f"{path}: not readable JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a JSON object, got a {type(state).__name__}")
-    return state
+# complete_iterations, find_checkpoint, read_trainer_state and iteration_dir live in phi1.loading.checkpoints
+# (every name read from a run directory stays inside it); imported above and re-exported for the trainer.
 
 
 def load_pt(path: str | os.PathLike, map_location=None):
-    """`torch.load(path, weights_only=True)`, with a damaged file or a refused pickle payload named.
+    """`torch.load(path, weights_only=True)` of a regular file inside its checkpoint directory, with a damaged
+    file or a refused pickle payload named.
 
     Raises:
-        ValueError: the file is truncated, not a torch file, or holds objects other than tensors and plain
-            containers (weights_only refuses to run their code).
+        ValueError: the file leaves its directory (a symlink pointing out), is not a regular file, is truncated,
+            is not a torch file, or holds objects other than tensors and plain containers (weights_only refuses
+            to run their code).
     """
+    path = Path(path)
+    regular_file(inside(path.parent, path.name, "file"), path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
@@ -216,20 +178,12 @@ def load_model_from_training_checkpoint(directory: str | os.PathLike) -> tuple[M
 
     Raises:
         FileNotFoundError: no complete checkpoint at `directory`.
+        ValueError: a pointer or file that leaves the directory, or shards that do not match their config.
     """
     found = find_checkpoint(directory)
     if found is None:
         raise FileNotFoundError(f"{directory}: no phi1 training checkpoint (no trainer_state.json, no `latest`)")
-    return load_shard_config(found), load_model_shards(found)
-
-
-def tokenizer_in_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
-    """The tokenizer file copied into a checkpoint (tokenizer.model or tokenizer.json), if any."""
-    for name in ("tokenizer.model", "tokenizer.json"):
-        path = Path(checkpoint_dir) / name
-        if path.is_file():
-            return path
-    return None
+    return load_checkpoint_state(found)
 
 
 def tokenizer_files(tokenizer_model: str | None, tokenizer_type: str) -> dict[str, Path]:

@@ -22,23 +22,26 @@ altered file; the loader can then fall back to the previous complete checkpoint.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+# Manifests are written and verified by phi1.loading.manifest (the loaders verify checkpoints too, and may not
+# import training); re-exported here for the trainer and its tests.
+from phi1.loading.manifest import (
+    MANIFEST,
+    CheckpointCorruptError,
+    file_sha256,
+    verify_checkpoint,
+    write_manifest,
+)
+
 logger = logging.getLogger("phi1.train")
 
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "phi1-checkpoint-manifest"
-_HASH_BLOCK = 1 << 24
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,83 +193,6 @@ def _short(names: list[str], limit: int = 6) -> str:
         return "no parameter (the loss itself)"
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoint manifest
-
-
-class CheckpointCorruptError(ValueError):
-    """A checkpoint whose files do not match its manifest; `damaged` lists them."""
-
-    def __init__(self, directory: Path, damaged: list[str]) -> None:
-        super().__init__(f"{directory}: damaged checkpoint: {'; '.join(damaged)} (set checkpoint.fallback=true to "
-                         "resume from the previous complete checkpoint instead)")
-        self.directory = directory
-        self.damaged = damaged
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(_HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _checkpoint_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-
-
-def write_manifest(directory: str | os.PathLike) -> Path:
-    """Write `manifest.json` listing every other file of `directory` (recursively) with its bytes and SHA-256."""
-    directory = Path(directory)
-    files = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-             for p in _checkpoint_files(directory)}
-    path = directory / MANIFEST
-    tmp = path.with_name(MANIFEST + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump({"format": MANIFEST_FORMAT, "version": 1, "files": files}, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def verify_checkpoint(directory: str | os.PathLike) -> bool:
-    """Check every file against `manifest.json`.
-
-    Returns:
-        True when verified; False (with a warning) when the checkpoint has no manifest (written before phi1
-        wrote them).
-    Raises:
-        CheckpointCorruptError: naming each file that is missing, of another size, or of another SHA-256, and
-            an unreadable manifest.
-    """
-    directory = Path(directory)
-    path = directory / MANIFEST
-    if not path.is_file():
-        logger.warning("%s: no %s; the files cannot be verified", directory, MANIFEST)
-        return False
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        files = manifest["files"]
-        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
-            raise ValueError("not a phi1 checkpoint manifest")
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointCorruptError(directory, [f"{MANIFEST} unreadable ({e})"]) from None
-    damaged = []
-    for name, entry in sorted(files.items()):
-        file = directory / name
-        if not file.is_file():
-            damaged.append(f"{name} is missing")
-        elif file.stat().st_size != entry["bytes"]:
-            damaged.append(f"{name} has {file.stat().st_size} bytes, the manifest says {entry['bytes']}")
-        elif file_sha256(file) != entry["sha256"]:
-            damaged.append(f"{name} has another SHA-256 than the manifest's")
-    if damaged:
-        raise CheckpointCorruptError(directory, damaged)
-    return True
 
 
 __all__ = [

@@ -36,14 +36,13 @@ from phi1.core.model import PhiForCausalLM
 from phi1.data.samplers import MicroBatchSampler
 from phi1.data.tokenizers import build_tokenizer
 from phi1.ops import prepare as prepare_fused_ops
-from phi1.parallel.checkpoint import load_shard_config
 from phi1.parallel.cross_entropy import IGNORE_INDEX
 from phi1.parallel.data_parallel import wrap_data_parallel
 from phi1.parallel.grads import allreduce_sequence_parallel_grads, clip_grad_norm_, grad_norm
 from phi1.parallel.random import seed_everything
 from phi1.parallel.state import ParallelState, _launch_env, destroy_distributed, init_distributed
 from phi1.training import checkpointing
-from phi1.training.config import ConfigError, TrainConfig, default_paths, validate_config
+from phi1.training.config import ConfigError, TrainConfig, default_paths, tokenizer_type_of, validate_config
 from phi1.training.fault import (
     NonFiniteGuard,
     gather_names,
@@ -53,6 +52,7 @@ from phi1.training.fault import (
 )
 from phi1.training.metrics import (
     MetricsSink,
+    StepProfiler,
     device_name,
     memory_stats,
     mfu,
@@ -80,21 +80,11 @@ def launched_world_size() -> int:
 
 
 def pretrained_model_config(path: str | os.PathLike) -> ModelConfig:
-    """The ModelConfig of a phi1 / HuggingFace model directory or of a phi1 training checkpoint."""
-    from phi1.core.pretrained import detect_format
+    """The ModelConfig of any model path `phi1.loading` accepts (phi1 / HuggingFace directory, run directory,
+    iter_* checkpoint)."""
+    from phi1.loading import load_config
 
-    path = Path(path)
-    if (path / "config.json").is_file():
-        import json
-
-        from phi1.core.hf_interop import config_from_hf
-
-        raw = json.loads((path / "config.json").read_text())
-        return ModelConfig.from_dict(raw["model"]) if detect_format(path) == "phi1" else config_from_hf(raw)
-    found = checkpointing.find_checkpoint(path)
-    if found is None:
-        raise ConfigError(f"finetune.init_from: {path} is neither a model directory (config.json) nor a phi1 checkpoint")
-    return load_shard_config(found)
+    return load_config(path, what="finetune.init_from")
 
 
 def resolve_config(config: TrainConfig, world_size: int) -> None:
@@ -112,8 +102,9 @@ def resolve_config(config: TrainConfig, world_size: int) -> None:
         model.preset = pretrained.name if pretrained.name in PRESETS else model.preset
         model.overrides = {**values, **user}
     tokenizer_path = config.data.tokenizer_model
-    if "vocab_size" not in model.overrides and tokenizer_path is not None and Path(tokenizer_path).exists():
-        tokenizer = build_tokenizer(config.data.tokenizer_type, tokenizer_path)
+    tokenizer_type = tokenizer_type_of(config.data)  # None: validate_config says what is wrong with the pair
+    if "vocab_size" not in model.overrides and tokenizer_type is not None:
+        tokenizer = build_tokenizer(tokenizer_type, tokenizer_path)
         model.overrides["vocab_size"] = tokenizer.padded_vocab_size(64, config.parallel.tensor_parallel)
 
 
@@ -263,8 +254,20 @@ class Trainer:
         self.train_data, self.valid_data = build_datasets(config, self.tokenizer, state)
 
         tb_dir, jsonl = default_paths(config)
-        self.sink = MetricsSink(state.is_main, tb_dir, jsonl)
+        log = config.logging
+        self.sink = MetricsSink(
+            state.is_main, tb_dir, jsonl, wandb_project=log.wandb_project, wandb_mode=log.wandb_mode,
+            wandb_run_name=log.wandb_run_name or Path(config.checkpoint.dir).name, wandb_dir=config.checkpoint.dir,
+            wandb_config=config.to_dict(),
+        )
         self.tb_dir, self.jsonl_path = tb_dir, jsonl
+        self.profiler = None
+        if config.profiling.steps and state.is_main:
+            prof = config.profiling
+            self.profiler = StepProfiler(
+                prof.steps[0], prof.steps[-1], prof.dir or os.path.join(config.checkpoint.dir, "profile"), state.rank,
+                self.device, record_shapes=prof.record_shapes, profile_memory=prof.profile_memory,
+            )
         self.flops_per_token = model_config.flops_per_token(config.data.seq_len)
         self.device_name = device_name(self.device)
         self.peak = peak_tflops(self.device_name, config.precision, config.logging.peak_tflops)
@@ -305,13 +308,11 @@ class Trainer:
         return found
 
     def _load_pretrained(self, path: str) -> None:
-        from phi1.core.pretrained import load_config_and_state_dict, load_state_dict_into
+        from phi1.core.pretrained import load_state_dict_into
+        from phi1.loading import load_state
 
-        if (Path(path) / "config.json").is_file():
-            _, weights = load_config_and_state_dict(path)
-            load_state_dict_into(self.model, weights, source=path)
-        else:
-            checkpointing.load_model_weights(self.model, checkpointing.find_checkpoint(path))
+        _, weights = load_state(path, what="finetune.init_from")
+        load_state_dict_into(self.model, weights, source=path)
         logger.info("initialised from %s (fresh optimizer and schedule)", path)
 
     def _restore(self, directory: Path) -> None:
@@ -522,6 +523,7 @@ class Trainer:
             checkpointing.remove_stale_temporaries(config.checkpoint.dir)
             logger.info("%s; optimizer %s; device %s (peak %s TFLOP/s at %s)", self._layout_line(), self.optimizer_kind,
                         self.device_name, self.peak if self.peak is not None else "unknown", config.precision)
+            self._log_artefacts()
         if rs.iteration >= steps:
             logger.info("iteration %d already reaches schedule.train_steps=%d: nothing to train", rs.iteration, steps)
             return rs
@@ -531,7 +533,11 @@ class Trainer:
         interval_time, interval_steps, interval_skipped = 0.0, 0, 0
         while rs.iteration < steps:
             start = time.perf_counter()
-            out = self.train_step(data)
+            if self.profiler is not None:
+                with self.profiler.step(rs.iteration + 1):
+                    out = self.train_step(data)
+            else:
+                out = self.train_step(data)
             self.last_lr = out["lr"]
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -584,6 +590,21 @@ class Trainer:
                 break
         return rs
 
+    def _log_artefacts(self) -> None:
+        """Say where this run's metrics, events, W&B files and traces go, once, at the start (rank 0)."""
+        parts = [f"checkpoints {self.config.checkpoint.dir}"]
+        if self.jsonl_path:
+            parts.append(f"metrics {self.jsonl_path}")
+        if self.sink.writer is not None:
+            parts.append(f"TensorBoard {self.tb_dir} (tensorboard --logdir {self.tb_dir})")
+        if self.sink.wandb_path is not None:
+            mode = self.config.logging.wandb_mode
+            parts.append(f"W&B {mode} run {self.sink.wandb_path}"
+                         + (f" (upload with: wandb sync {self.sink.wandb_path})" if mode == "offline" else ""))
+        if self.profiler is not None:
+            parts.append(f"profiler trace {self.profiler.path}")
+        logger.info("artefacts: %s", "; ".join(parts))
+
     def _maybe_kill(self, iteration: int) -> None:
         """faults.kill_at_iteration: SIGKILL one rank after this step, in the first launch only (torchrun counts
         restarts in TORCHELASTIC_RESTART_COUNT), so the restarted job runs through."""
@@ -612,6 +633,8 @@ class Trainer:
         return " | ".join(parts + [f"memory {memory}"])
 
     def close(self) -> None:
+        if self.profiler is not None:
+            self.profiler.close()
         self.sink.close()
 
 
@@ -636,6 +659,12 @@ def train(config: TrainConfig) -> RunState:
         raise ConfigError("faults.inject_nan_at: only supported with parallel.zero_stage=0")
     if config.faults.inject_nan_weights_at and config.parallel.zero_stage > 0:
         raise ConfigError("faults.inject_nan_weights_at: only supported with parallel.zero_stage=0")
+    if config.logging.wandb_project and config.logging.wandb_mode != "disabled":
+        try:  # on every rank, before any process group exists: one clear line, not a crash on rank 0 alone
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError("logging.wandb_project: is set but wandb is not installed; pip install wandb "
+                              "(or pip install 'phi1[wandb]'), or leave logging.wandb_project unset") from None
     state = init_distributed(config.parallel.tensor_parallel)
     setup_logging(state.rank)
     trainer = None
