@@ -15,6 +15,10 @@ import os
 import sys
 import sysconfig
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from phi1.cli import UserError, run_cli  # noqa: E402
+
 # Third-party packages live inside the stdlib folder; they are not the standard library.
 SKIPPED_FOLDERS = {"site-packages", "dist-packages", "__pycache__"}
 
@@ -69,7 +73,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", required=True, help="jsonl file to write")
     parser.add_argument("--max-files", type=int, default=None, help="stop after this many documents")
     args = parser.parse_args(argv)
+    if not os.path.isdir(args.root):
+        raise UserError(f"--root {args.root}: not a directory of .py files")
+    if args.max_files is not None and args.max_files < 1:
+        raise UserError(f"--max-files {args.max_files}: must be at least 1")
+    if os.path.isdir(args.output):
+        raise UserError(f"--output {args.output}: is a directory; give the .jsonl file to write")
     counts = build_corpus(args.root, args.output, args.max_files)
+    if counts["written"] == 0:
+        os.remove(args.output)
+        raise UserError(f"--root {args.root}: no readable, non-empty UTF-8 .py file found; nothing was written")
     print(
         f"{args.output}: {counts['written']} documents from {args.root}; dropped {counts['duplicates']} exact "
         f"duplicates, {counts['empty']} empty; skipped {counts['not_utf8']} non-UTF-8 and {counts['unreadable']} "
@@ -78,4 +91,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, prog="build_corpus.py")

@@ -19,25 +19,58 @@ import argparse
 import gzip
 import json
 import os
+import stat
+import sys
+import zlib
 from collections.abc import Iterator
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from phi1.cli import UserError, run_cli  # noqa: E402
 
 EOD_TOKEN = "<|endoftext|>"
 
 
+# Problems shown one by one before only counting them.
+MAX_REPORTED = 20
+
+
 def iter_texts(path: str, key: str = "text", max_documents: int | None = None) -> Iterator[str]:
-    """The `key` field of each jsonl line (gzip allowed); malformed lines are skipped with a count."""
+    """The `key` field of each jsonl line (gzip allowed).
+
+    Lines that are not UTF-8, not a JSON object, or lack a string `key` are skipped and reported as file:line
+    on stderr (the first MAX_REPORTED, then counted); blank lines are skipped silently.
+
+    Raises:
+        UserError: a truncated or corrupt gzip stream, naming the file and the last complete line.
+    """
     opener = gzip.open if path.endswith(".gz") else open
-    count = 0
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for line in handle:
-            try:
-                text = json.loads(line)[key]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-            yield text
-            count += 1
-            if max_documents is not None and count >= max_documents:
-                return
+    count = skipped = number = 0
+    try:
+        with opener(path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    text = json.loads(raw.decode("utf-8"))[key]
+                    if not isinstance(text, str):
+                        raise TypeError(f"field {key!r} is not a string")
+                    text.encode("utf-8")  # a lone surrogate (from a \ud800 escape) cannot be trained on
+                except (ValueError, KeyError, TypeError, IndexError, RecursionError) as error:
+                    skipped += 1
+                    if skipped <= MAX_REPORTED:
+                        reason = f"no field {key!r}" if isinstance(error, KeyError) else str(error)[:200]
+                        print(f"skipped {path}:{number}: {reason}", file=sys.stderr)
+                    continue
+                yield text
+                count += 1
+                if max_documents is not None and count >= max_documents:
+                    return
+    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise UserError(f"{path}: truncated or corrupt gzip data after line {number} (the last complete line): "
+                        f"{error}; re-download or re-compress the file") from None
+    if skipped:
+        print(f"{path}: {skipped} lines skipped (not UTF-8, not JSON objects, or no string {key!r})", file=sys.stderr)
 
 
 def whitespace_runs(longest: int) -> list[str]:
@@ -53,15 +86,34 @@ def train_sentencepiece(input_path: str, output_dir: str, vocab_size: int, max_s
     os.makedirs(output_dir, exist_ok=True)
     prefix = os.path.join(output_dir, "tokenizer")
 
+    input_errors: list[UserError] = []
+
     def sentences() -> Iterator[str]:
         # SentencePiece trains on lines; code lines are natural sentences (newlines become a piece of their own).
-        for text in iter_texts(input_path, max_documents=max_documents):
-            for line in text.split("\n"):
-                if line.strip():
-                    yield line
+        try:
+            for text in iter_texts(input_path, max_documents=max_documents):
+                for line in text.split("\n"):
+                    if line.strip():
+                        yield line
+        except UserError as error:
+            # Raised through SentencePiece's C++ it would come back as a RuntimeError with a stack dump.
+            input_errors.append(error)
 
+    try:
+        _train_sentencepiece_on(sentencepiece, sentences(), prefix, vocab_size, max_space_run, threads)
+    except RuntimeError:
+        if input_errors:
+            raise input_errors[0] from None
+        raise
+    if input_errors:
+        raise input_errors[0]
+    return prefix + ".model"
+
+
+def _train_sentencepiece_on(sentencepiece, sentences: Iterator[str], prefix: str, vocab_size: int,
+                            max_space_run: int, threads: int) -> None:
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=sentences(),
+        sentence_iterator=sentences,
         model_prefix=prefix,
         model_type="bpe",
         vocab_size=vocab_size,
@@ -82,7 +134,6 @@ def train_sentencepiece(input_path: str, output_dir: str, vocab_size: int, max_s
         num_threads=threads,
         minloglevel=2,
     )
-    return prefix + ".model"
 
 
 def train_bytelevel_bpe(input_path: str, output_dir: str, vocab_size: int, max_space_run: int,
@@ -114,8 +165,18 @@ def train_bytelevel_bpe(input_path: str, output_dir: str, vocab_size: int, max_s
     return os.path.join(output_dir, "tokenizer.json")
 
 
+def _check_input(path: str) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UserError(f"--input {path}: no such file") from None
+    if not stat.S_ISREG(mode):
+        raise UserError(f"--input {path}: not a regular file (a directory, pipe or device); give a .jsonl file")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="train_tokenizer.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="jsonl corpus with a 'text' field (.gz allowed)")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--type", choices=["sentencepiece", "bpe-bytelevel"], default="sentencepiece")
@@ -125,15 +186,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-documents", type=int, default=None)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
+    _check_input(args.input)
+    if not 2 <= args.vocab_size <= 1 << 22:
+        raise UserError(f"--vocab-size {args.vocab_size}: must be between 2 and {1 << 22}")
     if args.max_space_run is None:
         args.max_space_run = 16 if args.type == "sentencepiece" else 0
-    if args.type == "sentencepiece":
-        path = train_sentencepiece(args.input, args.output_dir, args.vocab_size, args.max_space_run,
-                                   args.max_documents, args.threads)
-    else:
-        path = train_bytelevel_bpe(args.input, args.output_dir, args.vocab_size, args.max_space_run, args.max_documents)
+    if not 0 <= args.max_space_run <= 256:
+        raise UserError(f"--max-space-run {args.max_space_run}: must be between 0 and 256")
+    if args.threads < 1 or args.threads > 4 * (os.cpu_count() or 1):
+        raise UserError(f"--threads {args.threads}: must be between 1 and 4 per CPU core")
+    if not any(True for _ in iter_texts(args.input, max_documents=1)):
+        raise UserError(f"--input {args.input}: no documents with a string 'text' field; nothing to train on")
+    try:
+        if args.type == "sentencepiece":
+            path = train_sentencepiece(args.input, args.output_dir, args.vocab_size, args.max_space_run,
+                                       args.max_documents, args.threads)
+        else:
+            path = train_bytelevel_bpe(args.input, args.output_dir, args.vocab_size, args.max_space_run,
+                                       args.max_documents)
+    except RuntimeError as error:  # SentencePiece's trainer reports bad settings (vocab too small) this way
+        raise UserError(f"--input {args.input}: the tokenizer trainer refused it: {str(error).strip()[:400]}") from None
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, prog="train_tokenizer.py")
