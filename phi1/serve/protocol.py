@@ -318,8 +318,9 @@ def completion_logprobs(tokens: list[TokenLogprob]) -> dict:
     """OpenAI's legacy completions `logprobs` object for these tokens."""
     top = []
     for token in tokens:
-        alternatives = dict(token.top)
-        alternatives.setdefault(token.token, token.logprob)  # the sampled token is always listed
+        alternatives: dict[str, float] = {}
+        for text, logprob in [*token.top, (token.token, token.logprob)]:  # the sampled token is always listed
+            alternatives.setdefault(text, logprob)  # tokens that decode alike (partial characters): the likeliest
         top.append(alternatives)
     return {"tokens": [t.token for t in tokens], "token_logprobs": [t.logprob for t in tokens],
             "top_logprobs": top, "text_offset": [t.offset for t in tokens]}
