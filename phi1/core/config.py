@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -58,7 +59,7 @@ class ModelConfig:
     """Preset this config came from, for logs and checkpoints."""
 
     def __post_init__(self) -> None:
-        if self.d_mlp is None:
+        if self.d_mlp is None and _is_integer(self.d_model):
             self.d_mlp = 4 * self.d_model
         self.validate()
 
@@ -66,48 +67,80 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_head
 
-    def validate(self, tensor_parallel_size: int = 1) -> None:
-        """Raise ValueError naming the field when the shape is impossible."""
+    def problems(self, tensor_parallel_size: int = 1) -> list[tuple[str, str]]:
+        """Every problem of the fields, as (field, what is wrong and what to do) pairs; empty when valid.
 
-        def fail(field_name: str, why: str) -> None:
-            raise ValueError(f"ModelConfig.{field_name}: {why}")
+        All fields are checked, not just the first bad one, so one run of a validator lists them all; a field
+        of the wrong type is reported once and the checks that need it are skipped.
+        """
+        found: list[tuple[str, str]] = []
+        for name, (integer, low, high, low_open, high_open) in _FIELD_RANGES.items():
+            if name == "d_mlp" and self.d_mlp is None:
+                continue  # left to follow d_model, which is itself reported
+            why = number_problem(getattr(self, name), integer=integer, low=low, high=high, low_open=low_open,
+                                 high_open=high_open)
+            if why is not None:
+                found.append((name, why))
+        for name in ("attention_backend", "name"):
+            if not isinstance(getattr(self, name), str):
+                found.append((name, f"must be a string, got {getattr(self, name)!r}"))
+        if not isinstance(self.tie_word_embeddings, bool):
+            found.append(("tie_word_embeddings", f"must be true or false, got {self.tie_word_embeddings!r}"))
+        bad = {name for name, _ in found}
 
-        for name in ("n_layer", "d_model", "n_head", "d_mlp", "vocab_size", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                fail(name, f"must be a positive integer, got {value!r}")
-        if self.d_model % self.n_head != 0:
-            fail("n_head", f"{self.n_head} heads do not divide d_model={self.d_model}")
-        if self.rotary_dim < 0 or self.rotary_dim % 2 != 0:
-            fail("rotary_dim", f"must be even and >= 0 (rotary rotates pairs), got {self.rotary_dim}")
-        if self.rotary_dim > self.head_dim:
-            fail("rotary_dim", f"{self.rotary_dim} exceeds the head dim {self.head_dim}")
-        if self.vocab_size % VOCAB_MULTIPLE != 0:
-            fail(
-                "vocab_size",
-                f"{self.vocab_size} is not a multiple of {VOCAB_MULTIPLE}; pad it "
-                f"(e.g. {pad_vocab_size(self.vocab_size)})",
-            )
-        for name in ("embd_dropout", "attn_dropout", "resid_dropout"):
-            p = getattr(self, name)
-            if not 0.0 <= p < 1.0:
-                fail(name, f"must be in [0, 1), got {p}")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            fail("attention_backend", f"unknown backend {self.attention_backend!r}; choose one of {ATTENTION_BACKENDS}")
-        if self.layer_norm_eps <= 0:
-            fail("layer_norm_eps", f"must be > 0, got {self.layer_norm_eps}")
-        if self.tie_word_embeddings:
-            fail("tie_word_embeddings", "phi-1 has an untied lm_head with bias; tying is not supported")
+        def ok(*names: str) -> bool:
+            return not bad.intersection(names)
+
+        if ok("d_model", "n_head") and self.d_model % self.n_head != 0:
+            found.append(("n_head", f"{self.n_head} heads do not divide d_model={self.d_model}; choose a divisor "
+                                    f"(head dim 64 means n_head={max(1, self.d_model // 64)})"))
+        if ok("rotary_dim") and self.rotary_dim % 2 != 0:
+            found.append(("rotary_dim", f"must be even (rotary rotates pairs), got {self.rotary_dim}"))
+        if ok("rotary_dim", "d_model", "n_head") and self.d_model % self.n_head == 0 and self.rotary_dim > self.head_dim:
+            found.append(("rotary_dim", f"{self.rotary_dim} exceeds the head dim {self.head_dim} (d_model / n_head)"))
+        if ok("vocab_size") and self.vocab_size % VOCAB_MULTIPLE != 0:
+            found.append(("vocab_size", f"{self.vocab_size} is not a multiple of {VOCAB_MULTIPLE}; pad it "
+                                        f"(e.g. {pad_vocab_size(self.vocab_size)})"))
+        if ok("attention_backend") and self.attention_backend not in ATTENTION_BACKENDS:
+            found.append(("attention_backend",
+                          f"unknown backend {self.attention_backend!r}; choose one of {ATTENTION_BACKENDS}"))
+        if ok("tie_word_embeddings") and self.tie_word_embeddings:
+            found.append(("tie_word_embeddings", "phi-1 has an untied lm_head with bias; tying is not supported; "
+                                                 "set it to false"))
         if tensor_parallel_size > 1:
-            if self.n_head % tensor_parallel_size != 0:
-                fail("n_head", f"{self.n_head} heads are not divisible by tensor parallel size {tensor_parallel_size}")
-            if self.d_mlp % tensor_parallel_size != 0:
-                fail("d_mlp", f"{self.d_mlp} is not divisible by tensor parallel size {tensor_parallel_size}")
-            if self.vocab_size % tensor_parallel_size != 0:
-                fail(
-                    "vocab_size",
-                    f"{self.vocab_size} is not divisible by tensor parallel size {tensor_parallel_size}",
-                )
+            for name, what in (("n_head", "heads"), ("d_mlp", "MLP width"), ("vocab_size", "vocabulary rows")):
+                value = getattr(self, name)
+                if ok(name) and value % tensor_parallel_size != 0:
+                    found.append((name, f"{value} ({what}) is not divisible by tensor parallel size "
+                                        f"{tensor_parallel_size}"))
+        return found
+
+    def validate(self, tensor_parallel_size: int = 1, source: str | None = None) -> None:
+        """Raise ValueError naming every bad field (`ModelConfig.FIELD: ...`, or `SOURCE: FIELD: ...` when the
+        values were read from the file `source`), one line each, when the shape is impossible."""
+        found = self.problems(tensor_parallel_size)
+        if not found:
+            return
+        prefix = f"{source}: " if source is not None else "ModelConfig."
+        lines = [f"{prefix}{name}: {why}" for name, why in found]
+        if len(lines) == 1:
+            raise ValueError(lines[0])
+        raise ValueError(f"{len(lines)} problems in the model configuration:\n  " + "\n  ".join(lines))
+
+    @classmethod
+    def unvalidated(cls, **values) -> ModelConfig:
+        """An instance holding `values` (defaults for the rest) without validating them: for validators that
+        collect `problems()` instead of stopping at the first one. Unknown names raise TypeError."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise TypeError(f"ModelConfig: unknown field(s) {unknown}")
+        config = cls.__new__(cls)
+        for name, item in fields.items():
+            setattr(config, name, values.get(name, item.default))
+        if config.d_mlp is None and _is_integer(config.d_model):
+            config.d_mlp = 4 * config.d_model
+        return config
 
     def replace(self, **changes) -> ModelConfig:
         """A copy with some fields changed (validated again)."""
@@ -117,12 +150,26 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> ModelConfig:
+    def from_dict(cls, values: dict, source: str | os.PathLike | None = None) -> ModelConfig:
+        """A validated ModelConfig from plain values (a model's config.json).
+
+        Args:
+            values: field name -> value.
+            source: the file the values came from; every message then names it.
+
+        Raises:
+            ValueError: unknown fields, or every bad field, one line each, naming `source` when given.
+        """
+        where = f"{source}: " if source is not None else "ModelConfig: "
+        if not isinstance(values, dict):
+            raise ValueError(f"{where}expected a JSON object of model fields, got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"ModelConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
-        return cls(**values)
+            raise ValueError(f"{where}unknown field(s) {unknown}; known fields are {sorted(known)}")
+        config = cls.unvalidated(**values)
+        config.validate(source=str(source) if source is not None else None)
+        return config
 
     def num_parameters(self, exclude_embedding: bool = False) -> int:
         """Parameter count in closed form (biases included, lm_head untied).
@@ -146,6 +193,58 @@ class ModelConfig:
         """Model FLOPs per token of a training step, as PaLM and nanoGPT count them: 6N + 12 L d T."""
         seq_len = self.max_seq_len if seq_len is None else seq_len
         return 6 * self.num_parameters(exclude_embedding=True) + 12 * self.n_layer * self.d_model * seq_len
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _bound_text(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() and abs(bound) < 2**64 else f"{bound:g}"
+
+
+def number_problem(value: object, *, integer: bool, low: float | None = None, high: float | None = None,
+                   low_open: bool = False, high_open: bool = False) -> str | None:
+    """What is wrong with `value` as a number in the range [low, high] (open ends where asked), or None.
+
+    The phrase reads after an option's name: `optim.lr: must be a finite number in (0, 1], got inf`.
+    Booleans are not numbers here (YAML's `yes` is not 1); an integer is accepted where a float is asked.
+    """
+    if integer and not _is_integer(value):
+        return f"must be an integer, got {value!r}"
+    if not integer and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        return f"must be a number, got {value!r}"
+    if not integer and not math.isfinite(value):
+        return f"must be a finite number, got {value!r}"
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        low_text = "-inf" if low is None else _bound_text(low)
+        high_text = "inf" if high is None else _bound_text(high)
+        return f"must be in {left}{low_text}, {high_text}{right}, got {value!r}"
+    return None
+
+
+# (integer, low, high, low_open, high_open) of every numeric field. The upper bounds are sanity limits far
+# beyond any published model (the deepest have ~128 layers, the widest d_model ~25k); whether a size fits in
+# memory is the planner's question, asked by phi1.training.config.validate_config.
+_FIELD_RANGES: dict[str, tuple[bool, float | None, float | None, bool, bool]] = {
+    "n_layer": (True, 1, 1024, False, False),
+    "d_model": (True, 1, 131072, False, False),
+    "n_head": (True, 1, 4096, False, False),
+    "d_mlp": (True, 1, 1048576, False, False),
+    "vocab_size": (True, 1, 2**24, False, False),
+    "rotary_dim": (True, 0, 4096, False, False),
+    "rotary_base": (False, 1.0, 1e12, True, False),
+    "max_seq_len": (True, 1, 2**20, False, False),
+    "layer_norm_eps": (False, 0.0, 1.0, True, True),
+    "embd_dropout": (False, 0.0, 1.0, False, True),
+    "attn_dropout": (False, 0.0, 1.0, False, True),
+    "resid_dropout": (False, 0.0, 1.0, False, True),
+    "init_std": (False, 0.0, 1.0, True, False),
+}
 
 
 def pad_vocab_size(vocab_size: int, multiple: int = VOCAB_MULTIPLE, tensor_parallel_size: int = 1) -> int:
@@ -192,5 +291,6 @@ __all__ = [
     "VOCAB_MULTIPLE",
     "count_parameters_on_meta",
     "get_preset",
+    "number_problem",
     "pad_vocab_size",
 ]

@@ -2,17 +2,32 @@
 overrides, validated in one function before any process-group work, and saved as YAML beside every checkpoint.
 
     python -m phi1.train --config configs/pretrain_phi1.yaml optim.lr=5e-4 batch.micro_batch_size=4
+    python -m phi1.train --help-config          # every field: dotted name, type, default, one-line doc
 
 Every override is typed by the dataclass field it names (`parallel.tensor_parallel=2` is an int,
 `optim.betas=[0.9,0.95]` a pair of floats); an unknown key is an error that names it. The `model` section is a
 preset name plus any `ModelConfig` field (`model.n_layer=2`), so the model's fields are declared once, in
 `phi1.core.config`.
+
+Bad input is reported all at once: `load_config` collects every unknown key and badly typed value of the file
+and the overrides, `validate_config` every out-of-range or contradictory setting (and a size whose memory
+cannot fit the device, with the planner's estimate), and each raises one ConfigError that lists them, one line
+per problem, so scaling a recipe down takes one launch, not one per field.
+
+Config files are read with yaml.SafeLoader (no Python objects are ever constructed), through a subclass that
+also refuses anchors and aliases (configs have no use for them, and they are what YAML "billion laughs" bombs
+and recursive documents are made of), explicit tags other than the standard ones, duplicate keys, nesting
+deeper than 16 levels and files over 1 MiB.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import math
 import os
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,16 +36,46 @@ from typing import Any
 
 import yaml
 
-from phi1.core.config import PRESETS, ModelConfig, get_preset
+from phi1.core.config import PRESETS, ModelConfig, number_problem
+from phi1.data.tokenizers import TOKENIZER_TYPES
 from phi1.ops.loader import MODES as FUSED_OPS_MODES
+from phi1.training.precision import PRECISIONS, default_device_type, precision_problem, resolve_precision
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISION_CHOICES = ("auto", *PRECISIONS)
+TOKENIZER_TYPE_CHOICES = ("auto", *TOKENIZER_TYPES)
 DECAYS = ("linear", "cosine", "constant")
 OPTIMIZER_IMPLS = ("auto", "torch", "torch-fused", "apex")
+WANDB_MODES = ("online", "offline", "disabled")
+DEVICE_TYPES = ("cpu", "cuda")
+
+MAX_CONFIG_BYTES = 1 << 20
+"""Largest config file read (a real one is a few KiB)."""
+MAX_CONFIG_DEPTH = 16
+"""Deepest nesting of mappings and lists accepted in a config (a real one has 2 or 3 levels)."""
+MAX_WORKERS_PER_CORE = 4
+"""data.num_workers may be at most this many times the machine's CPU cores."""
+MAX_TRAIN_SAMPLES = 2**32
+"""schedule.train_steps x batch.global_batch_size at most (the sample index of the run is built up front)."""
 
 
 class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the option."""
+    """A configuration that cannot run: one or more problems, each naming its option and what to do.
+
+    `problems` holds one line per problem; the message is that line when there is one, else a count followed
+    by the lines, indented.
+    """
+
+    def __init__(self, problems: str | list[str] | tuple[str, ...]) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if len(self.problems) == 1:
+            message = self.problems[0]
+        else:
+            message = (f"{len(self.problems)} problems in the configuration (all listed; fix them together):\n  "
+                       + "\n  ".join(self.problems))
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (self.problems,))
 
 
 @dataclass
@@ -42,12 +87,31 @@ class ModelSection:
     overrides: dict[str, Any] = field(default_factory=dict)
     """ModelConfig fields that differ from the preset (written flat in YAML, beside `preset`)."""
 
+    def values(self) -> dict[str, Any]:
+        """The ModelConfig fields: the preset's, then the overrides (unvalidated)."""
+        return {**PRESETS.get(self.preset, {}), "name": self.preset, **self.overrides}
+
+    def problems(self, tensor_parallel: int = 1) -> list[str]:
+        """Every problem of the model fields, one line each named `model.FIELD`; empty when it builds."""
+        if self.preset not in PRESETS:
+            return [f"model.preset: unknown preset {self.preset!r}; known presets are {sorted(PRESETS)}"]
+        config = ModelConfig.unvalidated(**self.values())
+        alone = config.problems()
+        lines = [f"model.{name}: {why}" for name, why in alone]
+        lines += [f"parallel.tensor_parallel: {tensor_parallel} does not split the model: model.{name} {why}"
+                  for name, why in config.problems(tensor_parallel) if (name, why) not in alone]
+        return lines
+
     def build(self) -> ModelConfig:
-        """The ModelConfig of the preset with the overrides applied (validated by ModelConfig)."""
-        try:
-            return get_preset(self.preset, **self.overrides)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"model: {e}") from None
+        """The ModelConfig of the preset with the overrides applied.
+
+        Raises:
+            ConfigError: listing every bad model field.
+        """
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+        return ModelConfig(**self.values())
 
 
 @dataclass
@@ -60,14 +124,16 @@ class DataSection:
     """Train, validation and test proportions of the documents."""
     seq_len: int = 2048
     """Tokens per training sample (the model's context during training)."""
-    tokenizer_type: str = "HuggingFaceTokenizer"
-    """Tokenizer class name: SentencePieceTokenizer, HuggingFaceTokenizer or GPT2BPETokenizer."""
+    tokenizer_type: str = "auto"
+    """'auto' (inferred from data.tokenizer_model: a SentencePiece .model, a tokenizer.json, or a GPT-2
+    vocab.json + merges.txt directory), or SentencePieceTokenizer, HuggingFaceTokenizer or GPT2BPETokenizer,
+    which must match the file."""
     tokenizer_model: str | None = None
     """The tokenizer file or directory; copied into every checkpoint, sets the vocabulary when model.vocab_size is not given."""
     cache_dir: str | None = None
     """Where the sample-index arrays are cached; default beside each dataset prefix."""
     num_workers: int = 0
-    """DataLoader worker processes per rank (0 reads in the training process)."""
+    """DataLoader worker processes per rank (0 reads in the training process); at most 4 x the CPU cores."""
 
 
 @dataclass
@@ -280,8 +346,9 @@ class TrainConfig:
     """Non-finite loss / gradient handling."""
     profiling: ProfilingSection = field(default_factory=ProfilingSection)
     """torch.profiler traces."""
-    precision: str = "fp32"
-    """'fp32', 'bf16' (autocast, no scaler) or 'fp16' (autocast with dynamic loss scaling)."""
+    precision: str = "auto"
+    """'auto' (bf16 on GPUs that have it, fp16 with loss scaling on older GPUs, fp32 on CPU), 'fp32', 'bf16'
+    (autocast, no scaler) or 'fp16' (autocast with dynamic loss scaling; GPUs only)."""
     activation_checkpointing: bool = False
     """Recompute each block in the backward instead of keeping its activations."""
     loss_chunk_size: int = 0
@@ -291,7 +358,7 @@ class TrainConfig:
     """csrc/fused_ops (bias + gelu, rotary on q/k/v): 'auto' builds and uses them on CUDA, falling back to the
     PyTorch references with a warning; 'on' fails at start-up if they cannot be built; 'off' never uses them."""
     seed: int = 1234
-    """Seed of weight init, dropout and data order."""
+    """Seed of weight init, dropout and data order (0 <= seed < 2^63)."""
 
     # -- derived -------------------------------------------------------------------------------------------------
 
@@ -318,11 +385,168 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Reading YAML safely
+
+# Explicit tags that name plain values; any other (!!python/object, !!binary, !!set, custom !tags) is refused.
+_PLAIN_TAGS = {f"tag:yaml.org,2002:{name}" for name in ("str", "int", "float", "bool", "null", "seq", "map")}
+
+
+class _ConfigYAMLError(yaml.MarkedYAMLError):
+    """A YAML construct configs do not accept, with the place it was found."""
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that accepts plain configuration only: mappings, lists and scalars.
+
+    On top of SafeLoader (which never constructs Python objects) it refuses anchors and aliases (configs need
+    neither; an alias is how a "billion laughs" document multiplies itself and how a recursive one refers to
+    itself), explicit non-standard tags, duplicate keys in one mapping, and nesting deeper than
+    MAX_CONFIG_DEPTH.
+    """
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _ConfigYAMLError(None, None, f"alias *{event.anchor} is not accepted: configs have no need for "
+                                   "anchors or aliases; write the values out", event.start_mark)
+        anchor = getattr(event, "anchor", None)
+        if anchor is not None:
+            raise _ConfigYAMLError(None, None, f"anchor &{anchor} is not accepted: configs have no need for "
+                                   "anchors or aliases; write the values out", event.start_mark)
+        tag = getattr(event, "tag", None)
+        if tag is not None and tag not in ("!", *_PLAIN_TAGS):
+            raise _ConfigYAMLError(None, None, f"tag {tag} is not accepted: configs hold plain values (numbers, "
+                                   "strings, lists, mappings)", event.start_mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_CONFIG_DEPTH:
+                raise _ConfigYAMLError(None, None, f"nested deeper than {MAX_CONFIG_DEPTH} levels; a config has "
+                                       "sections of fields, 2 or 3 levels", event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:
+                raise _ConfigYAMLError(None, None, "a mapping key must be a plain value, not a list or mapping",
+                                       key_node.start_mark) from None
+            if duplicate:
+                raise _ConfigYAMLError(None, None, f"duplicate key {key!r} in one mapping; keep one",
+                                       key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error_line(where: str, error: yaml.YAMLError) -> str:
+    """One line for a YAML error: `WHERE:LINE:COLUMN: what is wrong`."""
+    if isinstance(error, yaml.reader.ReaderError):
+        return (f"{where}: not a YAML text: unacceptable character #x{error.character:04x} at byte offset "
+                f"{error.position}; a config is UTF-8 text")
+    if isinstance(error, yaml.MarkedYAMLError):
+        mark = error.problem_mark or error.context_mark
+        place = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark is not None else where
+        words = " ".join(part for part in (error.context, error.problem) if part)
+        if isinstance(error, _ConfigYAMLError):
+            return f"{place}: {words}"
+        if isinstance(error, yaml.constructor.ConstructorError):
+            return f"{place}: {words}; configs hold plain values (numbers, strings, lists, mappings)"
+        return f"{place}: not valid YAML: {words}"
+    return f"{where}: not valid YAML: {' '.join(str(error).split())}"
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """`text` parsed with ConfigLoader; ConfigError naming `where` (a file or an override) when refused."""
+    try:
+        return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 (ConfigLoader is a SafeLoader)
+    except yaml.YAMLError as error:
+        raise ConfigError(_yaml_error_line(where, error)) from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to read; a config has sections of fields") from None
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """The mapping of sections in the YAML file `path`.
+
+    Raises:
+        ConfigError: naming the file: missing, a directory, over MAX_CONFIG_BYTES, not UTF-8, not YAML,
+            refused by ConfigLoader, or not a mapping at the top level.
+    """
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file (see configs/ for examples)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory; --config takes a YAML file") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read it: {error.strerror or error}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB, which no config is; "
+                          "--config takes a YAML file of a few KiB")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {error.start}); "
+                          "save the config as UTF-8") from None
+    values = parse_yaml(text, str(path))
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, optim:, ...), "
+                          f"got {type(values).__name__}")
+    return values
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Building from YAML and overrides
 
 
 def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
+
+
+def _as_integer(value: Any, key: str) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if math.isfinite(value) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    text = str(value).strip().replace("_", "")
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)  # 1e3, which YAML 1.1 reads as a string
+    except ValueError:
+        raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if math.isfinite(number) and number.is_integer():
+        return int(number)
+    raise ConfigError(f"{key}: expected an integer, got {value!r}")
+
+
+def _as_float(value: Any, key: str) -> float:
+    if isinstance(value, bool) or isinstance(value, (list, dict)):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    try:
+        number = float(value) if not isinstance(value, str) else float(value.strip().replace("_", ""))
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+    return number
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -332,7 +556,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
+        if isinstance(value, str) and value.strip().lower() in ("none", "null", "~") and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
@@ -340,7 +564,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return value
     if origin in (list, tuple):
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            text = value.strip()
+            value = parse_yaml(text, key) if text.startswith("[") else [v for v in text.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         if origin is tuple and len(args) == 2 and args[1] is not Ellipsis:
@@ -357,30 +582,18 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-            return value.lower() in ("true", "yes", "on", "1")
+        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.strip().lower() in ("true", "yes", "on", "1")
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if hint is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        try:
-            return int(str(value).replace("_", ""))
-        except ValueError:
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        return _as_integer(value, key)
     if hint is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        return _as_float(value, key)
     if hint is str:
         if isinstance(value, bool):
             # YAML 1.1 reads on/off/yes/no/true/false as booleans; the string options spell them on / off.
             return "on" if value else "off"
-        if isinstance(value, (dict, list)):
+        if isinstance(value, (dict, list, tuple, set, bytes)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
     raise ConfigError(f"{key}: unsupported field type {hint}")
@@ -411,7 +624,8 @@ def _set(config: TrainConfig, dotted: str, value: Any) -> None:
         hints = _hints(type(target))
         if name not in hints or (isinstance(target, ModelSection)):
             where = ".".join(parts[:depth]) or "the top level"
-            raise ConfigError(f"{dotted}: unknown option; {where} has {sorted(hints)}")
+            raise ConfigError(f"{dotted}: unknown option; {where} has {sorted(hints)} (phi1-train --help-config "
+                              "lists every option)")
         if depth == len(parts) - 1:
             if dataclasses.is_dataclass(hints[name]) or isinstance(getattr(target, name), (ModelSection,)):
                 raise ConfigError(f"{dotted}: is a section; set one of its fields ({dotted}.FIELD=VALUE)")
@@ -433,49 +647,78 @@ def _flatten(values: dict, prefix: str = "") -> list[tuple[str, Any]]:
     return items
 
 
-def config_from_dict(values: dict, source: str = "config") -> TrainConfig:
-    """A TrainConfig from nested plain values (as read from YAML); unknown keys raise ConfigError."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections at the top level")
-    config = TrainConfig()
+def _apply(config: TrainConfig, values: dict, source: str, problems: list[str]) -> None:
+    """Set every field of the nested `values` on `config`, appending one line per refused key to `problems`."""
     for dotted, value in _flatten(values):
-        if dotted.startswith("model.overrides"):
-            for name, item in (value or {}).items():
-                _set_model_field(config.model, name, item, f"model.{name}")
-            continue
         try:
+            if dotted.startswith("model.overrides"):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{dotted}: expected a mapping of ModelConfig fields")
+                for name, item in value.items():
+                    _set_model_field(config.model, str(name), item, f"model.{name}")
+                continue
             _set(config, dotted, value)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
+        except ConfigError as error:
+            problems.extend(f"{source}: {line}" for line in error.problems)
+
+
+def config_from_dict(values: dict, source: str = "config") -> TrainConfig:
+    """A TrainConfig from nested plain values (as read from YAML).
+
+    Raises:
+        ConfigError: listing every unknown key and badly typed value, each prefixed by `source`.
+    """
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(values).__name__}")
+    config = TrainConfig()
+    problems: list[str] = []
+    _apply(config, values, source, problems)
+    if problems:
+        raise ConfigError(problems)
     return config
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+def parse_override(item: str) -> tuple[str, Any]:
+    """(dotted key, value) of a `key.sub=value` command-line override; ConfigError when it is not one."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. optim.lr=3e-4")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r}: the key before '=' is empty; expected KEY=VALUE, e.g. optim.lr=3e-4")
+    value: Any = raw
+    text = raw.strip()
+    if text.startswith(("[", "{")):
+        value = parse_yaml(text, f"override {key}")  # a list (or a mistaken mapping) the field's type judges
+    return key, value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
+                problems: list[str] | None = None) -> TrainConfig:
     """Defaults, then the YAML file at `path`, then `key.sub=value` overrides in order.
 
+    Args:
+        problems: when given, the refused keys and values are appended to it (one line each) and the config
+            is returned with defaults in their place, so that `validate_config(..., prior=problems)` can list
+            them together with the rest; otherwise they are raised.
+
     Raises:
-        ConfigError: an unknown key, a value of the wrong type, an override without '='.
-        FileNotFoundError: `path` does not exist.
+        ConfigError: the file cannot be read as a config (see `read_config_file`), or listing every unknown
+            key, badly typed or non-finite value and malformed override of the file and the overrides together.
     """
+    config = TrainConfig()
+    collect = problems is not None
+    problems = problems if problems is not None else []
     if path is not None:
-        try:
-            values = yaml.safe_load(Path(path).read_bytes().decode("utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        config = config_from_dict(values or {}, source=str(path))
-    else:
-        config = TrainConfig()
+        _apply(config, read_config_file(path), str(path), problems)
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. optim.lr=3e-4")
-        key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw  # not a YAML value: the field's type decides (and names the key if it cannot)
-        if isinstance(value, str) or value is None:
-            value = raw  # keep strings as typed ('1e-3' and 'None' are coerced by the field's type)
-        _set(config, key.strip(), value)
+            key, value = parse_override(item)
+            _set(config, key, value)
+        except ConfigError as error:
+            problems.extend(error.problems)
+    if problems and not collect:
+        raise ConfigError(problems)
     return config
 
 
@@ -483,140 +726,436 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
 # Validation: the one place that decides whether a run can start
 
 
-def validate_config(config: TrainConfig, world_size: int, *, check_files: bool = True) -> ModelConfig:
-    """Check the whole configuration for `world_size` processes; return the ModelConfig it trains.
+def tokenizer_type_of(data: DataSection) -> str | None:
+    """The tokenizer type the run reads data.tokenizer_model with: data.tokenizer_type, or for 'auto' the type
+    of the file; None when that cannot be told yet (no file, an unknown kind of file, a type that does not
+    match the file), which validate_config reports with what to do."""
+    from phi1.data.tokenizers import detect_tokenizer_type
 
-    Runs before any process group is created, so an impossible layout fails every rank at once with the same
-    message. `check_files=False` skips the existence of data and tokenizer files (dry runs planned elsewhere).
+    if data.tokenizer_model is None or not Path(data.tokenizer_model).exists():
+        return None
+    try:
+        detected = detect_tokenizer_type(data.tokenizer_model)
+    except ValueError:
+        return None
+    return detected if data.tokenizer_type in ("auto", detected) else None
+
+
+def _tokenizer_problems(data: DataSection, check_files: bool) -> list[str]:
+    """Resolve data.tokenizer_type 'auto' from the file, in place; the problems of the pair."""
+    from phi1.data.tokenizers import detect_tokenizer_type
+
+    problems = []
+    if data.tokenizer_type not in TOKENIZER_TYPE_CHOICES:
+        problems.append(f"data.tokenizer_type: must be one of {TOKENIZER_TYPE_CHOICES}, got {data.tokenizer_type!r}")
+    if data.tokenizer_model is None:
+        if check_files:
+            problems.append("data.tokenizer_model: not set; it is needed to read the data and to make the "
+                            "checkpoints usable for generation (a tokenizer.json, a SentencePiece .model, or a "
+                            "GPT-2 vocab.json + merges.txt directory)")
+        return problems
+    if not Path(data.tokenizer_model).exists():
+        if check_files:
+            problems.append(f"data.tokenizer_model: {data.tokenizer_model}: no such file or directory")
+        return problems
+    try:
+        detected = detect_tokenizer_type(data.tokenizer_model)
+    except ValueError as error:
+        problems.append(f"data.tokenizer_model: {error}")
+        return problems
+    if data.tokenizer_type == "auto":
+        data.tokenizer_type = detected
+    elif data.tokenizer_type in TOKENIZER_TYPES and data.tokenizer_type != detected:
+        problems.append(f"data.tokenizer_type: {data.tokenizer_type} does not match data.tokenizer_model "
+                        f"{data.tokenizer_model}, which is a {detected}; set data.tokenizer_type=auto (or "
+                        f"{detected}), or point data.tokenizer_model at a {data.tokenizer_type} file")
+    return problems
+
+
+def _memory_capacity(device_type: str, ranks_here: int) -> tuple[float, str]:
+    """(bytes one rank may use, what that is) on `device_type`: a GPU's memory, or this machine's RAM shared
+    by its `ranks_here` processes. Without a GPU here, 'cuda' means the largest GPU the planner knows."""
+    if device_type == "cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            properties = torch.cuda.get_device_properties(torch.cuda.current_device())
+            return float(properties.total_memory), f"the {properties.total_memory / 2**30:.1f} GiB of this {properties.name}"
+        from phi1.planning.hardware import GPU_KINDS
+
+        largest = max(GPU_KINDS.values(), key=lambda kind: kind.memory_gib)
+        return largest.memory_gib * 2**30, f"the {largest.memory_gib:g} GiB of the largest GPU phi1 knows ({largest.name})"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:  # a container's memory limit, when lower
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            ram = min(ram, int(limit))
+    except OSError:
+        pass
+    if ranks_here == 1:
+        return float(ram), f"this machine's {ram / 2**30:.1f} GiB of RAM"
+    return ram / ranks_here, f"1/{ranks_here} of this machine's {ram / 2**30:.1f} GiB of RAM ({ranks_here} ranks on it)"
+
+
+def _memory_problem(config: TrainConfig, model_config: ModelConfig, world_size: int, device_type: str) -> str | None:
+    """A line naming the sizes when one rank's memory cannot fit the device, with the planner's estimate."""
+    ranks_here = world_size if device_type == "cpu" else 1
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    if device_type == "cpu" and local.isdigit() and int(local) > 0:
+        ranks_here = int(local)
+    capacity, what = _memory_capacity(device_type, ranks_here)
+    tp = config.parallel.tensor_parallel
+    sizes = (f"model.n_layer={model_config.n_layer}, model.d_model={model_config.d_model}, "
+             f"model.vocab_size={model_config.vocab_size}")
+    # The weights alone, in 16 bits, split by tensor parallelism (and by ZeRO-3 over data parallelism): less
+    # than any layout holds, counted in closed form, so an absurd size is refused in microseconds, before the
+    # planner builds the model on the meta device.
+    shards = tp * (world_size // tp if config.parallel.zero_stage == 3 else 1)
+    floor = 2.0 * model_config.num_parameters() / shards
+    if floor > capacity:
+        return (f"memory: {sizes} has {model_config.num_parameters():,} parameters, at least {floor / 2**30:,.0f} GiB "
+                f"per rank for the 16-bit weights alone, more than {what}; make the model smaller or split it "
+                "(parallel.tensor_parallel, parallel.zero_stage=3)")
+    from phi1.training.plan import memory_estimate
+
+    estimate = memory_estimate(config, model_config, world_size, gpu=device_type == "cuda")["total"]
+    if estimate > capacity:
+        return (f"memory: the planner estimates {estimate / 2**30:,.1f} GiB per rank for {sizes}, "
+                f"batch.micro_batch_size={config.batch.micro_batch_size}, data.seq_len={config.data.seq_len} "
+                f"(precision {config.precision}, ZeRO stage {config.parallel.zero_stage}, tensor parallel {tp}), "
+                f"more than {what}; lower batch.micro_batch_size or data.seq_len, set activation_checkpointing=true, "
+                "or split the model (parallel.tensor_parallel, parallel.zero_stage)"
+                + ("; planning a GPU run from this machine? add --device cuda" if device_type == "cpu" else ""))
+    return None
+
+
+def _check(problems: list[str], option: str, value: Any, **bounds: Any) -> bool:
+    """Append `option: why` when `value` is not a number in range (see number_problem); True when it is."""
+    why = number_problem(value, **bounds)
+    if why is not None:
+        problems.append(f"{option}: {why}")
+    return why is None
+
+
+def _check_choice(problems: list[str], option: str, value: Any, choices: tuple[str, ...]) -> bool:
+    if value not in choices:
+        problems.append(f"{option}: must be one of {choices}, got {value!r}")
+        return False
+    return True
+
+
+def validate_config(config: TrainConfig, world_size: int, *, check_files: bool = True, device: str | None = None,
+                    check_memory: bool = True, prior: typing.Sequence[str] = ()) -> ModelConfig:
+    """Check the whole configuration for `world_size` processes on `device`; return the ModelConfig it trains.
+
+    Every problem is collected before anything is raised, so one run lists them all. Runs before any process
+    group is created or any tensor allocated, so an impossible layout fails every rank at once with the same
+    message. The 'auto' choices are resolved in place, so the YAML saved beside checkpoints names what ran:
+    `precision` for the device, `data.tokenizer_type` from the tokenizer file (when it exists).
+
+    Args:
+        config: the loaded configuration (see load_config).
+        world_size: processes of the run.
+        check_files: also check that data, tokenizer and checkpoint paths exist (False for dry runs planned
+            on another machine; an existing tokenizer file is still checked against data.tokenizer_type).
+        device: 'cpu' or 'cuda', the device the ranks train on; None is what this machine has.
+        check_memory: refuse sizes whose estimated memory per rank exceeds the device's.
+        prior: problems already found (by `load_config(..., problems=...)`), listed first; the checks of the
+            options they name are not reported again (those options hold their defaults).
 
     Raises:
-        ConfigError: naming the option that is wrong and what would fix it.
+        ConfigError: listing every problem, one line each, naming the option and what would fix it.
     """
+    problems: list[str] = []
+    device = device or default_device_type()
+    if device not in DEVICE_TYPES:
+        raise ConfigError(f"device: must be one of {DEVICE_TYPES}, got {device!r}")
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(f"world size: must be a positive number of processes, got {world_size!r}")
 
-    def fail(option: str, why: str) -> None:
-        raise ConfigError(f"{option}: {why}")
-
-    if config.model.preset not in PRESETS and config.finetune.init_from is None:
-        fail("model.preset", f"unknown preset {config.model.preset!r}; known presets are {sorted(PRESETS)}")
-    model_config = config.model.build()
+    # -- parallel layout -----------------------------------------------------------------------------------------
     par = config.parallel
-    tp = par.tensor_parallel
-    if tp < 1:
-        fail("parallel.tensor_parallel", f"must be >= 1, got {tp}")
-    if world_size % tp != 0:
-        fail("parallel.tensor_parallel", f"{tp} does not divide the {world_size} launched processes")
-    try:
-        model_config.validate(tensor_parallel_size=tp)
-    except ValueError as e:
-        fail("parallel.tensor_parallel", f"{tp} does not fit the model: {e}")
-    if par.sequence_parallel and tp == 1:
-        fail("parallel.sequence_parallel", "needs parallel.tensor_parallel > 1")
-    if par.zero_stage not in (0, 1, 2, 3):
-        fail("parallel.zero_stage", f"must be 0 (DDP), 1, 2 or 3, got {par.zero_stage}")
-    if config.fused_ops not in FUSED_OPS_MODES:
-        fail("fused_ops", f"must be one of {FUSED_OPS_MODES}, got {config.fused_ops!r}")
-    if config.loss_chunk_size < 0:
-        fail("loss_chunk_size", f"must be >= 0 (0: off), got {config.loss_chunk_size}")
-    if config.loss_chunk_size > 0 and par.zero_stage == 3:
-        fail("loss_chunk_size", "cannot be used with ZeRO-3, which gathers the lm_head only inside its own forward")
-    if par.sequence_parallel and par.zero_stage >= 2:
-        fail("parallel.sequence_parallel", "is not supported with ZeRO stage 2 or 3; use zero_stage 0 or 1")
-    if par.ddp_bucket_mb <= 0:
-        fail("parallel.ddp_bucket_mb", f"must be > 0, got {par.ddp_bucket_mb}")
-
-    if config.precision not in PRECISIONS:
-        fail("precision", f"must be one of {PRECISIONS}, got {config.precision!r}")
-    ls = config.loss_scale
-    if ls.initial_scale <= 0 or ls.min_scale <= 0 or ls.growth_interval < 1:
-        fail("loss_scale", "initial_scale and min_scale must be > 0 and growth_interval >= 1")
-
+    tp_ok = _check(problems, "parallel.tensor_parallel", par.tensor_parallel, integer=True, low=1, high=world_size)
+    tp = par.tensor_parallel if tp_ok else 1
+    if tp_ok and world_size % tp != 0:
+        problems.append(f"parallel.tensor_parallel: {tp} does not divide the {world_size} launched processes")
+        tp_ok = False
     dp = world_size // tp
+    zero_ok = _check_choice(problems, "parallel.zero_stage", par.zero_stage, (0, 1, 2, 3))
+    if zero_ok and par.zero_stage > 0 and dp < 2:
+        problems.append(f"parallel.zero_stage: DeepSpeed ZeRO partitions over the data-parallel ranks, and this "
+                        f"run has 1 ({world_size} processes / tensor_parallel {tp}); use parallel.zero_stage=0 or "
+                        "launch more processes")
+    if par.sequence_parallel and tp == 1:
+        problems.append("parallel.sequence_parallel: needs parallel.tensor_parallel > 1")
+    if par.sequence_parallel and par.zero_stage in (2, 3):
+        problems.append("parallel.sequence_parallel: is not supported with ZeRO stage 2 or 3; use zero_stage 0 or 1")
+    _check(problems, "parallel.ddp_bucket_mb", par.ddp_bucket_mb, integer=False, low=0, high=65536, low_open=True)
+
+    # -- model -----------------------------------------------------------------------------------------------------
+    if config.model.preset not in PRESETS and config.finetune.init_from is None:
+        problems.append(f"model.preset: unknown preset {config.model.preset!r}; known presets are {sorted(PRESETS)}")
+        model_config = None
+    else:
+        model_problems = config.model.problems(tp if tp_ok else 1)
+        problems.extend(model_problems)
+        model_config = None if model_problems else ModelConfig(**config.model.values())
+
+    # -- precision and kernels -----------------------------------------------------------------------------------
+    if _check_choice(problems, "precision", config.precision, PRECISION_CHOICES):
+        config.precision = resolve_precision(config.precision, device)
+        why = precision_problem(config.precision, device)
+        if why is not None:
+            problems.append(f"precision: {why}")
+    _check_choice(problems, "fused_ops", config.fused_ops, tuple(FUSED_OPS_MODES))
+    _check(problems, "loss_chunk_size", config.loss_chunk_size, integer=True, low=0, high=2**31 - 1)
+    if isinstance(config.loss_chunk_size, int) and config.loss_chunk_size > 0 and par.zero_stage == 3:
+        problems.append("loss_chunk_size: cannot be used with ZeRO-3, which gathers the lm_head only inside its own "
+                        "forward; set loss_chunk_size=0")
+    ls = config.loss_scale
+    _check(problems, "loss_scale.min_scale", ls.min_scale, integer=False, low=0, high=2.0**64, low_open=True)
+    if _check(problems, "loss_scale.initial_scale", ls.initial_scale, integer=False, low=0, high=2.0**64, low_open=True):
+        if isinstance(ls.min_scale, float) and math.isfinite(ls.min_scale) and ls.initial_scale < ls.min_scale:
+            problems.append(f"loss_scale.initial_scale: {ls.initial_scale:g} is below loss_scale.min_scale "
+                            f"{ls.min_scale:g}")
+        if config.precision == "fp16" and par.zero_stage > 0 and not math.log2(ls.initial_scale).is_integer():
+            problems.append(f"loss_scale.initial_scale: DeepSpeed takes a power of two, got {ls.initial_scale:g}")
+    _check(problems, "loss_scale.growth_interval", ls.growth_interval, integer=True, low=1, high=10**9)
+
+    # -- batch and data --------------------------------------------------------------------------------------------
     batch = config.batch
-    if batch.micro_batch_size < 1:
-        fail("batch.micro_batch_size", f"must be >= 1, got {batch.micro_batch_size}")
-    if batch.global_batch_size < 1 or batch.global_batch_size % (batch.micro_batch_size * dp) != 0:
-        fail(
-            "batch.global_batch_size",
-            f"{batch.global_batch_size} is not a multiple of micro_batch_size x data-parallel size = "
-            f"{batch.micro_batch_size} x {dp}; gradient accumulation must be a whole number of micro-batches",
-        )
-
+    micro_ok = _check(problems, "batch.micro_batch_size", batch.micro_batch_size, integer=True, low=1, high=2**20)
+    global_ok = _check(problems, "batch.global_batch_size", batch.global_batch_size, integer=True, low=1, high=2**24)
+    if micro_ok and global_ok and batch.global_batch_size % (batch.micro_batch_size * dp) != 0:
+        problems.append(
+            f"batch.global_batch_size: {batch.global_batch_size} is not a multiple of micro_batch_size x "
+            f"data-parallel size = {batch.micro_batch_size} x {dp}; gradient accumulation must be a whole number of "
+            "micro-batches")
     data = config.data
-    if data.seq_len < 1:
-        fail("data.seq_len", f"must be >= 1, got {data.seq_len}")
-    if data.seq_len > model_config.max_seq_len:
-        fail("data.seq_len", f"{data.seq_len} exceeds model max_seq_len {model_config.max_seq_len}; set model.max_seq_len")
-    if data.num_workers < 0:
-        fail("data.num_workers", f"must be >= 0, got {data.num_workers}")
+    seq_ok = _check(problems, "data.seq_len", data.seq_len, integer=True, low=1, high=2**20)
+    if seq_ok and model_config is not None and data.seq_len > model_config.max_seq_len:
+        problems.append(f"data.seq_len: {data.seq_len} exceeds the model's context model.max_seq_len="
+                        f"{model_config.max_seq_len}; lower data.seq_len or raise model.max_seq_len")
+    cores = os.cpu_count() or 1
+    _check(problems, "data.num_workers", data.num_workers, integer=True, low=0, high=MAX_WORKERS_PER_CORE * cores)
+    try:
+        from phi1.data.gpt_dataset import parse_split
 
+        parse_split(data.split)
+    except (ValueError, TypeError) as error:
+        problems.append(f"data.split: {error}")
+    problems.extend(_tokenizer_problems(data, check_files))
+
+    # -- optimizer and schedule ------------------------------------------------------------------------------------
     opt = config.optim
-    if opt.lr <= 0:
-        fail("optim.lr", f"must be > 0, got {opt.lr}")
-    if not 0 <= opt.min_lr <= opt.lr:
-        fail("optim.min_lr", f"must be in [0, optim.lr={opt.lr}], got {opt.min_lr}")
-    if not all(0 <= b < 1 for b in opt.betas):
-        fail("optim.betas", f"each must be in [0, 1), got {opt.betas}")
-    if opt.eps <= 0:
-        fail("optim.eps", f"must be > 0, got {opt.eps}")
-    if opt.weight_decay < 0:
-        fail("optim.weight_decay", f"must be >= 0, got {opt.weight_decay}")
-    if opt.grad_clip < 0:
-        fail("optim.grad_clip", f"must be >= 0 (0 disables), got {opt.grad_clip}")
-    if opt.impl not in OPTIMIZER_IMPLS:
-        fail("optim.impl", f"must be one of {OPTIMIZER_IMPLS}, got {opt.impl!r}")
-
+    lr_ok = _check(problems, "optim.lr", opt.lr, integer=False, low=0, high=1, low_open=True)
+    if _check(problems, "optim.min_lr", opt.min_lr, integer=False, low=0, high=1) and lr_ok and opt.min_lr > opt.lr:
+        problems.append(f"optim.min_lr: {opt.min_lr:g} is above optim.lr={opt.lr:g}; the decay ends at min_lr <= lr")
+    betas_ok = isinstance(opt.betas, tuple) and len(opt.betas) == 2
+    if not betas_ok or any(number_problem(b, integer=False, low=0, high=1, high_open=True) for b in opt.betas):
+        problems.append(f"optim.betas: must be two numbers, each in [0, 1), got {opt.betas!r}")
+    _check(problems, "optim.eps", opt.eps, integer=False, low=0, high=1, low_open=True, high_open=True)
+    _check(problems, "optim.weight_decay", opt.weight_decay, integer=False, low=0, high=1)
+    _check(problems, "optim.grad_clip", opt.grad_clip, integer=False, low=0, high=1e6)
+    _check_choice(problems, "optim.impl", opt.impl, OPTIMIZER_IMPLS)
     sched = config.schedule
-    if sched.train_steps < 1:
-        fail("schedule.train_steps", f"must be >= 1, got {sched.train_steps}")
-    if not 0 <= sched.warmup_steps <= sched.train_steps:
-        fail("schedule.warmup_steps", f"must be in [0, train_steps={sched.train_steps}], got {sched.warmup_steps}")
-    if sched.decay not in DECAYS:
-        fail("schedule.decay", f"must be one of {DECAYS}, got {sched.decay!r}")
+    steps_ok = _check(problems, "schedule.train_steps", sched.train_steps, integer=True, low=1, high=10**9)
+    if _check(problems, "schedule.warmup_steps", sched.warmup_steps, integer=True, low=0, high=10**9) and steps_ok \
+            and sched.warmup_steps > sched.train_steps:
+        problems.append(f"schedule.warmup_steps: {sched.warmup_steps} is more than schedule.train_steps="
+                        f"{sched.train_steps}; lower it (a few percent of the run is usual)")
+    _check_choice(problems, "schedule.decay", sched.decay, DECAYS)
+    if steps_ok and global_ok and sched.train_steps * batch.global_batch_size > MAX_TRAIN_SAMPLES:
+        problems.append(f"schedule.train_steps: {sched.train_steps} steps x batch.global_batch_size "
+                        f"{batch.global_batch_size} = {sched.train_steps * batch.global_batch_size:,} sequences, "
+                        f"more than the {MAX_TRAIN_SAMPLES:,} a run's sample index is built for")
 
+    # -- checkpoints, logging, evaluation --------------------------------------------------------------------------
     ckpt = config.checkpoint
-    for name in ("interval", "keep_last"):
-        if getattr(ckpt, name) < 0:
-            fail(f"checkpoint.{name}", f"must be >= 0, got {getattr(ckpt, name)}")
-    if ckpt.exit_at_iteration is not None and not 1 <= ckpt.exit_at_iteration <= sched.train_steps:
-        fail("checkpoint.exit_at_iteration", f"must be in [1, schedule.train_steps={sched.train_steps}]")
-    if config.logging.interval < 1:
-        fail("logging.interval", f"must be >= 1, got {config.logging.interval}")
-    if config.logging.peak_tflops is not None and config.logging.peak_tflops <= 0:
-        fail("logging.peak_tflops", f"must be > 0, got {config.logging.peak_tflops}")
-    if config.eval.interval < 0 or config.eval.iters < 0:
-        fail("eval", "interval and iters must be >= 0")
-    if config.guard.max_consecutive_nonfinite < 0:
-        fail("guard.max_consecutive_nonfinite", f"must be >= 0 (0 never stops), got {config.guard.max_consecutive_nonfinite}")
+    _check(problems, "checkpoint.interval", ckpt.interval, integer=True, low=0, high=10**9)
+    _check(problems, "checkpoint.keep_last", ckpt.keep_last, integer=True, low=0, high=10**6)
+    if ckpt.exit_at_iteration is not None and _check(problems, "checkpoint.exit_at_iteration", ckpt.exit_at_iteration,
+                                                     integer=True, low=1, high=10**9) \
+            and steps_ok and ckpt.exit_at_iteration > sched.train_steps:
+        problems.append(f"checkpoint.exit_at_iteration: {ckpt.exit_at_iteration} is beyond schedule.train_steps="
+                        f"{sched.train_steps}")
+    if not str(ckpt.dir).strip():
+        problems.append("checkpoint.dir: is empty; name the run directory")
+    log = config.logging
+    _check(problems, "logging.interval", log.interval, integer=True, low=1, high=10**9)
+    if log.peak_tflops is not None:
+        _check(problems, "logging.peak_tflops", log.peak_tflops, integer=False, low=0, high=1e6, low_open=True)
+    _check_choice(problems, "logging.wandb_mode", log.wandb_mode, WANDB_MODES)
+    if log.wandb_project is not None and not log.wandb_project.strip():
+        problems.append("logging.wandb_project: is empty; name a W&B project, or leave it unset to disable W&B")
+    prof = config.profiling
+    if prof.steps:
+        if len(prof.steps) != 2 or not all(number_problem(s, integer=True, low=1) is None for s in prof.steps) \
+                or prof.steps[0] > prof.steps[1]:
+            problems.append(f"profiling.steps: must be [first, last] iterations with 0 < first <= last, e.g. [5, 7], "
+                            f"or [] to disable; got {prof.steps!r}")
+        elif steps_ok and prof.steps[0] > sched.train_steps:
+            problems.append(f"profiling.steps: starts at {prof.steps[0]}, after the last step "
+                            f"schedule.train_steps={sched.train_steps}; nothing would be traced")
+    _check(problems, "eval.interval", config.eval.interval, integer=True, low=0, high=10**9)
+    _check(problems, "eval.iters", config.eval.iters, integer=True, low=0, high=10**6)
+    _check(problems, "guard.max_consecutive_nonfinite", config.guard.max_consecutive_nonfinite, integer=True, low=0,
+           high=10**9)
+    _check(problems, "seed", config.seed, integer=True, low=0, high=2**63 - 1)
     faults = config.faults
+    for name in ("inject_overflow_at", "inject_nan_at", "inject_nan_weights_at"):
+        for step in getattr(faults, name, []):
+            _check(problems, f"faults.{name}", step, integer=True, low=1, high=10**9)
     if faults.kill_at_iteration is not None and not 0 <= faults.kill_rank < world_size:
-        fail("faults.kill_rank", f"{faults.kill_rank} is not a rank of the {world_size} launched processes")
+        problems.append(f"faults.kill_rank: {faults.kill_rank} is not a rank of the {world_size} launched processes")
 
+    # -- files -----------------------------------------------------------------------------------------------------
     ft = config.finetune
     if ft.data is None and data.path is None:
-        fail("data.path", "no training data: set data.path (indexed dataset prefixes) or finetune.data (JSONL)")
+        problems.append("data.path: no training data: set data.path (indexed dataset prefixes written by "
+                        "tools/preprocess_data.py) or finetune.data (JSONL)")
+    for option in ("prompt_key", "solution_key"):
+        if not getattr(ft, option):
+            problems.append(f"finetune.{option}: is empty; name the JSON key")
     if check_files:
         if ft.data is not None and not Path(ft.data).is_file():
-            fail("finetune.data", f"{ft.data}: no such file; build one with tools/build_exercises.py")
-        if ft.data is None:
+            problems.append(f"finetune.data: {ft.data}: no such file; build one with tools/build_exercises.py")
+        if ft.data is None and data.path is not None:
             from phi1.data.gpt_dataset import parse_data_path
             from phi1.data.indexed_dataset import dataset_exists
 
             try:
                 prefixes, _ = parse_data_path(data.path)
-            except ValueError as e:
-                fail("data.path", str(e))
+            except ValueError as error:
+                problems.append(f"data.path: {error}")
+                prefixes = []
             for prefix in prefixes:
                 if not dataset_exists(prefix):
-                    fail("data.path", f"{prefix}.bin/.idx not found; write them with tools/preprocess_data.py")
-        if data.tokenizer_model is None:
-            fail("data.tokenizer_model", "needed to read the data and to make the checkpoints usable for generation")
-        if not Path(data.tokenizer_model).exists():
-            fail("data.tokenizer_model", f"{data.tokenizer_model}: no such file or directory")
+                    problems.append(f"data.path: {prefix}.bin/.idx not found; write them with tools/preprocess_data.py")
         if ft.init_from is not None and not Path(ft.init_from).exists():
-            fail("finetune.init_from", f"{ft.init_from}: no such directory")
+            problems.append(f"finetune.init_from: {ft.init_from}: no such directory")
         if ckpt.load is not None and not Path(ckpt.load).exists():
-            fail("checkpoint.load", f"{ckpt.load}: no such directory")
+            problems.append(f"checkpoint.load: {ckpt.load}: no such directory")
+
+    # -- memory: needs a valid model, layout and batch -------------------------------------------------------------
+    layout_ok = tp_ok and zero_ok and micro_ok and global_ok and seq_ok and config.precision in PRECISIONS
+    if check_memory and model_config is not None and layout_ok:
+        why = _memory_problem(config, model_config, world_size, device)
+        if why is not None:
+            problems.append(why)
+    elif check_memory and model_config is None and config.model.preset in PRESETS:
+        # An absurd size is still worth naming next to the range errors: the closed-form weights alone.
+        problems.extend(_absurd_size_problem(config, tp, world_size, device))
+    if prior:
+        named = [line for line in prior]
+        problems = list(prior) + [line for line in problems
+                                  if not any(f"{line.split(': ', 1)[0]}:" in earlier for earlier in named)]
+    if problems:
+        raise ConfigError(problems)
     return model_config
+
+
+def _absurd_size_problem(config: TrainConfig, tp: int, world_size: int, device_type: str) -> list[str]:
+    """For a model whose fields are out of range but numeric: a line when its 16-bit weights alone cannot fit."""
+    values = config.model.values()
+    sizes = ("n_layer", "d_model", "vocab_size")
+    if any(number_problem(values.get(name), integer=True, low=1) for name in sizes):
+        return []
+    d_mlp = values.get("d_mlp") or 4 * values["d_model"]
+    if number_problem(d_mlp, integer=True, low=1):
+        return []
+    shape = ModelConfig.unvalidated(**{**values, "d_mlp": d_mlp})
+    ranks_here = world_size if device_type == "cpu" else 1
+    capacity, what = _memory_capacity(device_type, ranks_here)
+    floor = 2.0 * shape.num_parameters() / tp
+    if floor <= capacity:
+        return []
+    return [f"memory: model.n_layer={values['n_layer']}, model.d_model={values['d_model']}, model.vocab_size="
+            f"{values['vocab_size']} has {shape.num_parameters():,} parameters, at least {floor / 2**30:,.0f} GiB "
+            f"per rank for the 16-bit weights alone, more than {what}"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The reference of every field, generated from the dataclasses (phi1-train --help-config)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """{field name: its docstring, on one line} of a dataclass whose fields each have a string literal under
+    them (the attribute-docstring convention of this codebase), read from the class's source with `ast`."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, type) and not typing.get_args(hint):
+        return hint.__name__
+    return str(hint).replace("typing.", "")
+
+
+def _default_text(item: dataclasses.Field) -> str:
+    if item.default is not dataclasses.MISSING:
+        value = item.default
+    elif item.default_factory is not dataclasses.MISSING:
+        value = item.default_factory()
+    else:
+        return "(required)"
+    if isinstance(value, tuple):
+        value = list(value)
+    return "null" if value is None else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def config_fields() -> list[tuple[str, str, str, str]]:
+    """(dotted name, type, default, one-line doc) of every option a config file or override can set."""
+    rows: list[tuple[str, str, str, str]] = []
+    model_docs = field_docs(ModelSection)
+    rows.append(("model.preset", "str", _default_text(next(f for f in dataclasses.fields(ModelSection)
+                                                           if f.name == "preset")), model_docs["preset"]))
+    hints = typing.get_type_hints(ModelConfig)
+    docs = field_docs(ModelConfig)
+    for item in dataclasses.fields(ModelConfig):
+        if item.name == "name":
+            continue
+        rows.append((f"model.{item.name}", _type_name(hints[item.name]), "the preset's", docs.get(item.name, "")))
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        docs = field_docs(cls)
+        for item in dataclasses.fields(cls):
+            hint = hints[item.name]
+            if dataclasses.is_dataclass(hint):
+                if hint is not ModelSection:
+                    walk(hint, f"{prefix}{item.name}.")
+                continue
+            rows.append((f"{prefix}{item.name}", _type_name(hint), _default_text(item), docs.get(item.name, "")))
+
+    walk(TrainConfig, "")
+    return rows
+
+
+def config_reference() -> str:
+    """The text of `phi1-train --help-config`: every field by section, with its type, default and doc."""
+    section_docs = field_docs(TrainConfig)
+    lines = ["Every option of a phi1 training config, as a YAML section field or a `section.field=value` override",
+             "(python -m phi1.train --config FILE.yaml optim.lr=3e-4 ...). Generated from phi1/training/config.py.",
+             ""]
+    current = None
+    for dotted, type_name, default, doc in config_fields():
+        section = dotted.split(".")[0] if "." in dotted else ""
+        if section != current:
+            current = section
+            title = section or "top level"
+            lines.append(f"{title}: {section_docs.get(section, 'settings of the whole run')}"
+                         if section else "top level:")
+        lines.append(f"  {dotted}  ({type_name}, default {default})")
+        lines.append(f"      {doc}")
+    return "\n".join(lines) + "\n"
 
 
 def default_paths(config: TrainConfig) -> tuple[str | None, str | None]:
@@ -630,6 +1169,7 @@ def default_paths(config: TrainConfig) -> tuple[str | None, str | None]:
 
 __all__ = [
     "BatchSection",
+    "ConfigLoader",
     "CheckpointSection",
     "ConfigError",
     "DataSection",
@@ -644,8 +1184,15 @@ __all__ = [
     "ParallelSection",
     "ScheduleSection",
     "TrainConfig",
+    "config_fields",
     "config_from_dict",
+    "config_reference",
     "default_paths",
+    "field_docs",
+    "tokenizer_type_of",
     "load_config",
+    "parse_override",
+    "parse_yaml",
+    "read_config_file",
     "validate_config",
 ]
