@@ -1,0 +1,295 @@
+"""Pipeline parallelism against one process: stage split, rank layouts, and 10 training steps per layout.
+
+Each multi-process case trains the same tiny phi model (phi-1-nano with 4 blocks, dropout off, fp32) for 10
+AdamW steps with global-norm clipping on the same global batches, and must give the one-process losses within
+1e-5 relative, and at step 1 every parameter's gradient, gathered back from its stage and TP shards under the
+full model's name.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from phi1.core.config import get_preset
+from phi1.core.model import PhiForCausalLM
+from phi1.core.pipeline_stage import (
+    PhiPipelineStage,
+    balanced_split,
+    build_stages,
+    layer_ranges,
+    stage_loss_fn,
+)
+from phi1.parallel.layers import tensor_parallel_dims
+from phi1.parallel.optim import param_groups
+from phi1.parallel.pipeline import (
+    PipelineRunner,
+    build_pipeline_groups,
+    check_schedule,
+    groups_along,
+    groups_spanning_nodes,
+    rank_grid,
+    stages_of_rank,
+)
+from phi1.parallel.spawn import run_on_gloo
+
+CONFIG = get_preset("phi-1-nano", n_layer=4)
+MICRO, SEQ, GLOBAL, STEPS = 2, 16, 8, 10
+LR, WEIGHT_DECAY, CLIP = 3e-3, 0.1, 0.5
+LOSS_RTOL, GRAD_ATOL = 1e-5, 1e-6
+
+
+def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """STEPS global batches of (GLOBAL, SEQ) input ids and labels, some labels ignored.
+
+    Tokens come from the first 32 ids only, so that 10 steps visibly lower the loss (the model learns to favour
+    them) and the comparison covers a moving model, not one that stands still."""
+    g = torch.Generator().manual_seed(7)
+    batches = []
+    for _ in range(STEPS):
+        tokens = torch.randint(0, 32, (GLOBAL, SEQ + 1), generator=g)
+        labels = tokens[:, 1:].clone()
+        labels[0, :3] = -100
+        batches.append((tokens[:, :-1].contiguous(), labels))
+    return batches
+
+
+def _one_process() -> tuple[list[float], dict[str, torch.Tensor], float]:
+    """Losses of the STEPS steps, every gradient and the norm at step 1, with gradient accumulation over the
+    same micro-batches the pipeline runs."""
+    model = PhiForCausalLM(CONFIG)
+    optimizer = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR)
+    losses, grads, first_norm = [], {}, 0.0
+    accum = GLOBAL // MICRO
+    for step, (input_ids, labels) in enumerate(_batches()):
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(accum):
+            rows = slice(micro * MICRO, (micro + 1) * MICRO)
+            loss = model(input_ids[rows], labels=labels[rows]).loss
+            (loss / accum).backward()
+            total += loss.item()
+        losses.append(total / accum)
+        if step == 0:
+            grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP).item()
+        if step == 0:
+            first_norm = norm
+        optimizer.step()
+    return losses, grads, first_norm
+
+
+def _pipeline_worker(rank: int, world_size: int, tp: int, pp: int, schedule: str, virtual: int, sp: bool) -> dict:
+    torch.manual_seed(0)
+    groups = build_pipeline_groups(tp, pp)
+    chunks = build_stages(
+        CONFIG, groups.pp_rank, pp, virtual, tp_group=groups.tp_group if tp > 1 else None, sequence_parallel=sp
+    )
+    optimizer = torch.optim.AdamW(param_groups(nn.ModuleList(chunks), WEIGHT_DECAY), lr=LR)
+    rows = GLOBAL // groups.dp_size
+    runner = PipelineRunner(
+        chunks, groups, stage_loss_fn(chunks), n_microbatches=rows // MICRO, micro_batch_size=MICRO, seq_len=SEQ,
+        schedule=schedule, optimizer=optimizer, grad_clip=CLIP,
+    )
+    share = slice(groups.dp_rank * rows, (groups.dp_rank + 1) * rows)
+    losses, grads, norms = [], {}, []
+    for step, (input_ids, labels) in enumerate(_batches()):
+        if step == 0:
+            losses.append(runner.forward_backward(input_ids[share], labels[share]))
+            for chunk in chunks:
+                dims = tensor_parallel_dims(chunk)
+                grads.update({name: (p.grad.clone(), -1 if dims[name] is None else dims[name]) for name, p in chunk.named_parameters()})
+            norms.append(runner.clip_grad_norm_(CLIP))
+            optimizer.step()
+        else:
+            result = runner.step(input_ids[share], labels[share])
+            assert not result.skipped
+            losses.append(result.loss)
+            norms.append(result.grad_norm)
+    return {"losses": losses, "grads": grads, "norms": norms, "coords": [groups.dp_rank, groups.pp_rank, groups.tp_rank]}
+
+
+def _gather_full_grads(results: list[dict], tp: int) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient under its full name, its TP shards concatenated (taken from DP rank 0)."""
+    shards: dict[str, dict[int, tuple[torch.Tensor, int]]] = {}
+    for result in results:
+        dp_rank, _, tp_rank = result["coords"]
+        if dp_rank != 0:
+            continue
+        for name, (grad, dim) in result["grads"].items():
+            shards.setdefault(name, {})[tp_rank] = (grad, dim)
+    full = {}
+    for name, by_rank in shards.items():
+        dim = by_rank[0][1]
+        if dim < 0:
+            full[name] = by_rank[0][0]
+        else:
+            assert sorted(by_rank) == list(range(tp)), f"{name}: TP shards {sorted(by_rank)}"
+            full[name] = torch.cat([by_rank[r][0] for r in range(tp)], dim=dim)
+    return full
+
+
+@pytest.fixture(scope="module")
+def one_process() -> tuple[list[float], dict[str, torch.Tensor], float]:
+    return _one_process()
+
+
+LAYOUTS = {
+    "pp2-1f1b": dict(world=2, tp=1, pp=2, schedule="1f1b", virtual=1, sp=False),
+    "pp2-interleaved-v2": dict(world=2, tp=1, pp=2, schedule="interleaved", virtual=2, sp=False),
+    "pp2-tp2-sp": dict(world=4, tp=2, pp=2, schedule="1f1b", virtual=1, sp=True),
+    "pp2-dp2": dict(world=4, tp=1, pp=2, schedule="1f1b", virtual=1, sp=False),
+    "pp4-1f1b": dict(world=4, tp=1, pp=4, schedule="1f1b", virtual=1, sp=False),
+    "pp2-gpipe": dict(world=2, tp=1, pp=2, schedule="gpipe", virtual=1, sp=False),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_pipeline_matches_one_process(layout, one_process):
+    ref_losses, ref_grads, ref_norm = one_process
+    assert ref_norm > CLIP, "clipping must be active for the test to check it"
+    case = LAYOUTS[layout]
+    results = run_on_gloo(
+        _pipeline_worker, case["world"], case["tp"], case["pp"], case["schedule"], case["virtual"], case["sp"],
+        timeout_s=600,
+    )
+    for result in results:  # the last stage's loss reaches every rank
+        assert result["losses"] == results[0]["losses"]
+        assert result["norms"] == pytest.approx(results[0]["norms"], rel=1e-12)
+    losses = results[0]["losses"]
+    assert len(losses) == STEPS
+    for step, (got, want) in enumerate(zip(losses, ref_losses)):
+        assert abs(got - want) <= LOSS_RTOL * abs(want), f"{layout} step {step + 1}: loss {got} vs one process {want}"
+    assert results[0]["norms"][0] == pytest.approx(ref_norm, rel=1e-5)
+    grads = _gather_full_grads(results, case["tp"])
+    assert sorted(grads) == sorted(ref_grads), "the stages together must hold exactly the model's parameters"
+    for name, want in ref_grads.items():
+        err = (grads[name] - want).abs().max().item()
+        assert err <= GRAD_ATOL, f"{layout}: gradient of {name} off by {err:.3e}"
+    assert losses[-1] < losses[0] - 0.3, "the 10 steps must actually train"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Single-process checks: the split, stage weights, layouts
+
+
+def test_balanced_and_explicit_split():
+    assert balanced_split(24, 4) == [6, 6, 6, 6]
+    assert balanced_split(10, 4) == [2, 3, 3, 2]
+    assert balanced_split(5, 2) == [2, 3]
+    assert [list(r) for r in layer_ranges(5, 2, split=[4, 1])] == [[0, 1, 2, 3], [4]]
+    with pytest.raises(ValueError, match="sums to 4"):
+        layer_ranges(5, 2, split=[3, 1])
+    with pytest.raises(ValueError, match="2 entries"):
+        layer_ranges(5, 3, split=[4, 1])
+    with pytest.raises(ValueError, match="at least one block"):
+        balanced_split(3, 4)
+
+
+def test_interleaved_assignment_is_megatrons():
+    assert stages_of_rank(0, 4, 2) == [0, 4]
+    assert stages_of_rank(3, 4, 2) == [3, 7]
+    assert stages_of_rank(1, 2, 1) == [1]
+    held = sorted(s for r in range(4) for s in stages_of_rank(r, 4, 3))
+    assert held == list(range(12))
+
+
+def test_stages_hold_the_full_model_weights_and_compute_its_loss():
+    """Stages built from the init seed, and from a full state dict, equal the one-process model; chained, they
+    give its loss."""
+    model = PhiForCausalLM(CONFIG)
+    full = model.state_dict()
+    input_ids, labels = _batches()[0]
+    want = model(input_ids[:MICRO], labels=labels[:MICRO]).loss
+    for source in ("seed", "state_dict"):
+        stages = [
+            stage
+            for rank in range(2)
+            for stage in build_stages(CONFIG, rank, 2, 2, state_dict=full if source == "state_dict" else None)
+        ]
+        stages.sort(key=lambda s: s.stage_index)
+        assert [s.layer_indices for s in stages] == [[0], [1], [2], [3]]
+        assert stages[0].is_first and not hasattr(stages[1], "embed_tokens") and hasattr(stages[3], "lm_head")
+        names = [name for stage in stages for name, _ in stage.named_parameters()]
+        assert sorted(names) == sorted(full)
+        for stage in stages:
+            for name, param in stage.named_parameters():
+                assert torch.equal(param.detach(), full[name]), f"{source}: {name} differs from the full model"
+        h = input_ids[:MICRO]
+        for stage in stages:
+            h = stage(h)
+        got = stages[-1].loss(h, labels[:MICRO])
+        assert torch.allclose(got, want, rtol=0, atol=1e-6), f"{source}: {got.item()} vs {want.item()}"
+
+
+def test_chunked_loss_on_the_last_stage_matches_plain():
+    stage = PhiPipelineStage(CONFIG, 0, 1, range(CONFIG.n_layer))
+    input_ids, labels = _batches()[0]
+    plain = stage.loss(stage(input_ids), labels)
+    stage.loss_chunk_size = 24
+    chunked_out = stage(input_ids)
+    assert chunked_out.shape == (GLOBAL, SEQ, CONFIG.d_model)
+    assert torch.allclose(stage.loss(chunked_out, labels), plain, rtol=1e-6)
+
+
+def test_stage_rejects_bad_layers_and_loss_off_the_last_stage():
+    with pytest.raises(ValueError, match="contiguous"):
+        PhiPipelineStage(CONFIG, 0, 2, [0, 2])
+    with pytest.raises(ValueError, match="not a stage"):
+        PhiPipelineStage(CONFIG, 2, 2, [0])
+    stage = PhiPipelineStage(CONFIG, 0, 2, [0, 1])
+    with pytest.raises(RuntimeError, match="last stage"):
+        stage.loss(torch.zeros(1, SEQ, CONFIG.vocab_size), torch.zeros(1, SEQ, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    ("schedule", "pp", "virtual", "micro", "message"),
+    [
+        ("zb", 2, 1, 4, "must be one of"),
+        ("interleaved", 2, 1, 4, "virtual_stages >= 2"),
+        ("1f1b", 2, 2, 4, "needs parallel.pipeline_schedule=interleaved"),
+        ("1f1b", 4, 1, 2, "at least parallel.pipeline_parallel=4 micro-batches"),
+        ("interleaved", 4, 2, 6, "multiple of parallel.pipeline_parallel=4"),
+    ],
+)
+def test_schedule_checks_name_the_option(schedule, pp, virtual, micro, message):
+    with pytest.raises(ValueError, match=message):
+        check_schedule(schedule, pp, virtual, micro)
+    check_schedule("gpipe", 4, 1, 2)  # GPipe runs any number of micro-batches
+
+
+def test_rank_layout_tp_adjacent_then_pp_then_dp():
+    grid = rank_grid(8, tensor_parallel=2, pipeline_parallel=2)
+    assert groups_along(grid, "tp") == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert groups_along(grid, "pp") == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert groups_along(grid, "dp") == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    megatron = rank_grid(16, tensor_parallel=2, pipeline_parallel=4, order="tp-dp-pp")
+    # megatron/core/parallel_state.py's docstring example: 16 GPUs, TP 2, PP 4.
+    assert groups_along(megatron, "pp") == [[0, 4, 8, 12], [1, 5, 9, 13], [2, 6, 10, 14], [3, 7, 11, 15]]
+    assert groups_along(megatron, "dp") == [[0, 2], [1, 3], [4, 6], [5, 7], [8, 10], [9, 11], [12, 14], [13, 15]]
+    with pytest.raises(ValueError, match="does not divide the world size 6"):
+        rank_grid(6, tensor_parallel=2, pipeline_parallel=2)
+    with pytest.raises(ValueError, match="rank order"):
+        rank_grid(4, 2, 2, order="pp-tp-dp")
+
+
+@pytest.mark.parametrize("order", ["tp-pp-dp", "tp-dp-pp"])
+@pytest.mark.parametrize(
+    ("nodes", "per_node", "tp", "pp"),
+    [(2, 8, 8, 2), (4, 8, 4, 4), (2, 4, 2, 2), (8, 8, 8, 8), (3, 8, 2, 3)],
+)
+def test_every_tp_group_lives_on_one_node(order, nodes, per_node, tp, pp):
+    """Simulated nodes of consecutive global ranks: no TP group ever crosses a node; every rank is in exactly one
+    group of each dim."""
+    world = nodes * per_node
+    grid = rank_grid(world, tp, pp, order)
+    assert groups_spanning_nodes(grid, "tp", per_node) == []
+    for dim, size in (("tp", tp), ("pp", pp), ("dp", world // (tp * pp))):
+        groups = groups_along(grid, dim)
+        assert all(len(g) == size for g in groups)
+        assert sorted(r for g in groups for r in g) == list(range(world))
+    if order == "tp-dp-pp" and pp > 1 and world // pp >= per_node:
+        # Megatron's order: a whole stage (all its DP replicas) fills nodes, so the DP all-reduce stays inside.
+        assert groups_spanning_nodes(grid, "dp", per_node) == [] or world // pp > per_node
