@@ -5,7 +5,7 @@
 
 Each configuration launches fresh processes (torchrun for two) that build the real Trainer on a synthetic
 corpus, run `--steps` optimizer steps and report their peak resident memory above the baseline taken just
-before the Trainer was built (see phi1.planning.measure: MALLOC_MMAP_THRESHOLD_=65536 makes the resident set
+before the Trainer was built (see phi1.training.measure_memory: MALLOC_MMAP_THRESHOLD_=65536 makes the resident set
 follow the live tensors). The model: 4 layers, d_model 512, 8 heads, MLP 2048, vocabulary 8192 (~21M
 parameters), sequences of 256 tokens. Prints predicted, measured and the error; exits 1 when an error passes
 --tolerance (10%).
@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from phi1.planning.measure import measure_peak_memory  # noqa: E402
+from phi1.training.measure_memory import measure_peak_memory  # noqa: E402
 from phi1.training.synthetic import write_synthetic_dataset  # noqa: E402
 
 MODEL = ["model.preset=phi-1-tiny", "model.n_layer=4", "model.d_model=512", "model.n_head=8", "model.d_mlp=2048",

@@ -1,14 +1,28 @@
 #!/usr/bin/env python
 """Plan a training run before renting the GPUs: every layout with its memory per GPU, step time, tokens/s and
-days to a token budget, best first.
+days to a token budget, best first; or, with --config, the layout of one training config.
 
-    python tools/plan.py --preset phi-1 --gpu A100-80GB --gpus 8 --interconnect nvlink3 \
-        --global-batch 1024 --seq-len 2048 --precision fp16 --mfu 0.5 --tokens 50e9
+    python tools/plan.py --config configs/pretrain_phi1.yaml --gpus 8 --gpu A100-80GB
+    python tools/plan.py --preset phi-1 --gpu A100-80GB --gpus 8 --global-batch 1024 --seq-len 2048 \
+        --precision fp16 activation_checkpointing=true parallel.zero_stage=2 loss_chunk_size=2048
 
-Memory comes from `phi1.planning.memory` (the same model `python -m phi1.train --dry-run` prints, checked
-against measured peaks by benchmarks/bench_planner_memory.py); time from `phi1.planning.timing`: compute at the
-stated utilisation of the GPU's peak (phi1.training.metrics.PEAK_TFLOPS) plus ring-collective communication.
-For phi-1 the last lines compare the paper's run (8 A100, batch 1024 x 2048, fp16, ~50B tokens in under 4 days).
+`--config FILE [KEY=VALUE ...]` reads a training config exactly as `python -m phi1.train` does (the same YAML,
+the same overrides, validated for GPUs) and prints its memory per GPU, which is the number `python -m phi1.train
+--config FILE --dry-run --world-size N --device cuda` prints for the same N (on a GPU machine --device cuda is
+the default): both turn the config into the planner's layout with
+`phi1.training.plan.memory_layout` and estimate it with `phi1.planning.memory.estimate_memory`. Then it lists
+the other layouts of the same model, batch, sequence length, precision and loss chunking.
+
+Without --config, the layout options are given as in a training config and pin that choice of the search:
+`parallel.tensor_parallel=2`, `parallel.zero_stage=1`, `parallel.sequence_parallel=true`,
+`batch.micro_batch_size=4`, `activation_checkpointing=true|false`, `loss_chunk_size=N` (default 0, as in
+training); `model.FIELD=VALUE` changes the model (e.g. `model.resid_dropout=0.1`). Choices not given are
+searched.
+
+Memory comes from `phi1.planning.memory` (checked against measured peaks by benchmarks/bench_planner_memory.py);
+time from `phi1.planning.timing`: compute at the stated utilisation of the GPU's peak plus ring-collective
+communication. For phi-1 the last lines compare the paper's run (8 A100, batch 1024 x 2048, fp16, ~50B tokens
+in under 4 days).
 """
 
 from __future__ import annotations
@@ -19,13 +33,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from phi1.core.config import PRESETS, get_preset  # noqa: E402
-from phi1.planning.hardware import GPU_KINDS, INTER_NODE_LINKS, INTRA_NODE_LINKS, cluster  # noqa: E402
-from phi1.planning.memory import GIB  # noqa: E402
+from phi1.cli import UserError, run_cli  # noqa: E402
+from phi1.core.config import PRESETS, ModelConfig, get_preset  # noqa: E402
+from phi1.planning.hardware import GPU_KINDS, INTER_NODE_LINKS, INTRA_NODE_LINKS, Cluster, cluster  # noqa: E402
+from phi1.planning.memory import GIB, Layout, assumptions, estimate_memory  # noqa: E402
 from phi1.planning.search import Plan, enumerate_plans  # noqa: E402
+from phi1.planning.timing import predict_on_cluster  # noqa: E402
 
 PAPER_DAYS = 4.0  # "under 4 days" (770 GPU-hours for ~51B tokens on 8 A100)
 PAPER_TOKENS = 50e9
+
+# Training-config options that pin one choice of the layout search (the rest of a config needs --config).
+LAYOUT_OPTIONS = ("parallel.tensor_parallel", "parallel.zero_stage", "parallel.sequence_parallel",
+                  "batch.micro_batch_size", "activation_checkpointing", "loss_chunk_size")
 
 
 def format_table(plans: list[Plan], tokens: float, capacity_gib: float) -> str:
@@ -65,51 +85,138 @@ def paper_comparison(utilisations: list[float]) -> str:
     return "\n".join(lines)
 
 
+def config_report(source: str, model_config: ModelConfig, layout: Layout, global_batch: int, hardware: Cluster,
+                  utilisation: float, tokens: float, gpus: int) -> str:
+    """The lines for one training config's own layout: memory (the --dry-run number), time and assumptions."""
+    memory = estimate_memory(model_config, layout)
+    time = predict_on_cluster(model_config, layout, global_batch, hardware, utilisation)
+    plan = Plan(layout, memory, time, memory.total <= hardware.gpu.memory_gib * GIB, layout.gradient_accumulation)
+    parts = ", ".join(f"{k} {v:.2f} GiB" for k, v in memory.gib().items() if k != "total")
+    return "\n".join([
+        f"config      {source}: {model_config.name}, {plan.describe()}, gradient accumulation "
+        f"{layout.gradient_accumulation}, {layout.precision}, seq_len {layout.seq_len}, global batch {global_batch}",
+        f"memory      per GPU: {parts}; peak {memory.total / GIB:.2f} GiB ({memory.peak_moment}); "
+        + (f"fits in {hardware.gpu.memory_gib:g} GiB" if plan.fits
+           else f"does NOT fit in {hardware.gpu.memory_gib:g} GiB"),
+        f"            (the number `python -m phi1.train --config {source.split(' ')[0]} --dry-run --world-size {gpus} "
+        "--device cuda` prints: the same layout and the same memory model)",
+        f"time        step {time.total:.2f} s (compute {time.compute:.2f}, TP comm {time.tensor_parallel_comm:.2f}, "
+        f"DP comm {time.data_parallel_comm:.2f}, optimizer {time.optimizer:.2f}); {time.tokens_per_second:,.0f} "
+        f"tokens/s, MFU {100 * time.model_flops_utilisation:.0f}%, {time.days_for(tokens):.2f} days for "
+        f"{tokens:.3g} tokens",
+        f"assumes     {assumptions(layout)}; compute at {100 * utilisation:.0f}% of the GPU's peak",
+    ])
+
+
+def _search_options(overrides: list[str]) -> dict[str, list[str]]:
+    """The layout options given as KEY=VALUE (each may be given several times to try several values)."""
+    pinned: dict[str, list[str]] = {}
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in LAYOUT_OPTIONS:
+            pinned.setdefault(key, []).append(item)
+        elif not key.startswith("model."):
+            raise UserError(f"{key}: without --config, plan.py takes the layout options {', '.join(LAYOUT_OPTIONS)} "
+                            "and model.FIELD=VALUE; for any other training option give the config with --config")
+    return pinned
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="phi-1", choices=sorted(PRESETS))
+    parser = argparse.ArgumentParser(prog="plan.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="a training config (YAML, as python -m phi1.train --config reads)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="training-config options, e.g. activation_checkpointing=true parallel.zero_stage=2")
+    parser.add_argument("--preset", default="phi-1", choices=sorted(PRESETS), help="model, without --config")
     parser.add_argument("--gpu", default="A100-80GB", help=f"GPU kind: {', '.join(GPU_KINDS)}")
-    parser.add_argument("--gpus", type=int, default=8, help="number of GPUs")
+    parser.add_argument("--gpus", type=int, default=8, help="number of GPUs (the training world size)")
     parser.add_argument("--interconnect", default=None,
                         help=f"intra-node link: {', '.join(INTRA_NODE_LINKS)} (default: the GPU kind's usual one)")
     parser.add_argument("--inter-node", default="ib-hdr", help=f"link between nodes: {', '.join(INTER_NODE_LINKS)}")
-    parser.add_argument("--global-batch", type=int, default=1024, help="sequences per optimizer step")
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--precision", default="fp16", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--global-batch", type=int, default=1024, help="sequences per optimizer step (no --config)")
+    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (no --config)")
+    parser.add_argument("--precision", default="fp16", choices=("fp32", "bf16", "fp16"), help="(no --config)")
     parser.add_argument("--mfu", type=float, default=0.5,
                         help="fraction of the GPU's peak the kernels reach (the paper implies ~0.5 on A100)")
     parser.add_argument("--tokens", type=float, default=PAPER_TOKENS, help="token budget for the days column")
-    parser.add_argument("--zero", default="0,1,2,3", help="ZeRO stages to consider, comma-separated")
+    parser.add_argument("--zero", default="0,1,2,3", help="ZeRO stages to search, comma-separated "
+                        "(parallel.zero_stage=N pins one)")
     parser.add_argument("--top", type=int, default=20, help="rows to print (0: all)")
     parser.add_argument("--all", action="store_true", help="include layouts that do not fit in memory")
+    parser.add_argument("--no-search", action="store_true", help="with --config: only the config's own layout")
     parser.add_argument("--no-paper", action="store_true", help="leave out the comparison with the phi-1 paper")
     args = parser.parse_args(argv)
+    if not 0 < args.mfu <= 1:
+        raise UserError(f"--mfu: must be in (0, 1], got {args.mfu}")
+    if args.gpus < 1:
+        raise UserError(f"--gpus: must be >= 1, got {args.gpus}")
+    hardware = cluster(args.gpu, args.gpus, args.interconnect, args.inter_node)
     try:
-        config = get_preset(args.preset)
-        hardware = cluster(args.gpu, args.gpus, args.interconnect, args.inter_node)
         stages = tuple(int(z) for z in args.zero.split(",") if z.strip())
-        plans = enumerate_plans(config, hardware, args.global_batch, args.seq_len, args.precision, args.mfu, stages)
-    except ValueError as e:
-        print(f"plan.py: error: {e}", file=sys.stderr)
-        return 2
+    except ValueError:
+        raise UserError(f"--zero: expected comma-separated stages 0-3, got {args.zero!r}") from None
+
+    # Training-config reading lives here, in a tool: phi1.planning never imports phi1.training.
+    from phi1.training.config import load_config, validate_config
+    from phi1.training.loop import resolve_config
+    from phi1.training.plan import memory_layout
+
+    header = ""
+    if args.config is not None:
+        config = load_config(args.config, args.overrides)
+        resolve_config(config, args.gpus)
+        # validated as `python -m phi1.train --dry-run --device cuda` validates it (precision 'auto' resolved for
+        # a GPU); whether it fits is this tool's own answer below, for the GPU kind asked for
+        model_config = validate_config(config, args.gpus, check_files=False, device="cuda", check_memory=False)
+        layout = memory_layout(config, model_config, args.gpus,
+                               runtime_overhead_gib=hardware.gpu.runtime_overhead_gib)
+        source = args.config + (f" {' '.join(args.overrides)}" if args.overrides else "")
+        print(config_report(source, model_config, layout, config.batch.global_batch_size, hardware, args.mfu,
+                            args.tokens, args.gpus))
+        if args.no_search:
+            return 0
+        global_batch, seq_len, precision = config.batch.global_batch_size, config.data.seq_len, config.precision
+        search = {"loss_chunk_size": config.loss_chunk_size}
+        header = "\nother layouts of this model, batch, sequence length and precision:\n"
+    else:
+        pinned = _search_options(args.overrides)
+        config = load_config(None, [f"model.preset={args.preset}", *args.overrides])
+        model_config = config.model.build()
+        global_batch, seq_len, precision = args.global_batch, args.seq_len, args.precision
+        # the pinned options were parsed and typed by the training config's own fields above
+        search = {"loss_chunk_size": config.loss_chunk_size}
+        if "parallel.tensor_parallel" in pinned:
+            search["tensor_parallel"] = (config.parallel.tensor_parallel,)
+        if "parallel.zero_stage" in pinned:
+            stages = (config.parallel.zero_stage,)
+        if "parallel.sequence_parallel" in pinned:
+            search["sequence_parallel"] = (config.parallel.sequence_parallel,)
+        if "batch.micro_batch_size" in pinned:
+            search["micro_batches"] = (config.batch.micro_batch_size,)
+        if "activation_checkpointing" in pinned:
+            search["activation_checkpointing"] = (config.activation_checkpointing,)
+    plans = enumerate_plans(model_config, hardware, global_batch, seq_len, precision, args.mfu, stages, **search)
     shown = plans if args.all else [p for p in plans if p.fits]
     if args.top:
         shown = shown[: args.top]
     fitting = sum(p.fits for p in plans)
-    print(f"{config.name}: {config.num_parameters():,} parameters; {args.gpus} x {args.gpu} "
-          f"({hardware.gpu.memory_gib:g} GiB, {hardware.gpu.peak_tflops(args.precision):g} TFLOP/s {args.precision}), "
+    print(header + f"{model_config.name}: {model_config.num_parameters():,} parameters; {args.gpus} x {args.gpu} "
+          f"({hardware.gpu.memory_gib:g} GiB, {hardware.gpu.peak_tflops(precision):g} TFLOP/s {precision}), "
           f"{hardware.intra.name} within a node, {hardware.inter.name} between nodes; global batch "
-          f"{args.global_batch} x {args.seq_len}; compute at {100 * args.mfu:.0f}% of peak")
+          f"{global_batch} x {seq_len}; compute at {100 * args.mfu:.0f}% of peak")
     print(f"{len(plans)} layouts, {fitting} fit in memory; best first\n")
     if shown:
         print(format_table(shown, args.tokens, hardware.gpu.memory_gib))
     else:
         print("no layout fits: add GPUs, or allow more ZeRO stages / smaller micro-batches")
-    if args.preset == "phi-1" and not args.no_paper:
+    if args.config is None:
+        print(f"assumes     {assumptions(plans[0].layout, per_layout=False)}; compute at {100 * args.mfu:.0f}% "
+              "of the GPU's peak")
+    if args.config is None and args.preset == "phi-1" and not args.no_paper and not args.overrides:
         print()
         print(paper_comparison(sorted({0.5, args.mfu})))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main, prog="plan.py")

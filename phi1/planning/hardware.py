@@ -1,7 +1,8 @@
 """GPU kinds and the links between them, as the planner needs them.
 
-Peak TFLOP/s come from `phi1.training.metrics.PEAK_TFLOPS` (looked up by the GPU's name, as training does);
-this module adds what that table lacks: memory, HBM bandwidth, and how many GPUs a node holds.
+`PEAK_TFLOPS` holds each device's peak dense TFLOP/s by precision, looked up by the name CUDA reports; training
+reads it for MFU (phi1.training.metrics re-exports it). `GPU_KINDS` adds what the planner needs beyond the
+peak: memory, HBM bandwidth, and how many GPUs a node holds.
 
 Link bandwidths are the bus bandwidths a ring collective reaches per GPU in practice (nccl-tests "busbw" for
 large messages), not the marketing bidirectional totals: NVLink 3 (A100) 600 GB/s bidirectional reaches
@@ -14,7 +15,39 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from phi1.training.metrics import peak_tflops
+# Peak dense TFLOP/s per device (no 2:4 sparsity), by the precision of the matmuls. fp32 means plain IEEE
+# fp32 (TF32 tensor-core figures are not used: phi1 does not enable TF32). Matched against the device name
+# as CUDA reports it, most specific pattern first.
+PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0}),
+    ("H100 NVL", {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0}),
+    ("H100", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),  # SXM; "NVIDIA H100 80GB HBM3"
+    ("H200", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
+    ("GH200", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
+    ("L40S", {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6}),
+    ("L4", {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3}),
+    ("V100", {"fp16": 125.0, "fp32": 15.7}),
+    ("MI300X", {"bf16": 1307.0, "fp16": 1307.0, "fp32": 163.4}),
+    ("MI250X", {"bf16": 383.0, "fp16": 383.0, "fp32": 47.9}),
+]
+
+# The ordering above matters: "GH200" must not be read as "H200" first, nor "H100 PCIe" as "H100".
+_MATCH_ORDER = sorted(PEAK_TFLOPS, key=lambda item: -len(item[0]))
+
+
+def peak_tflops(name: str, precision: str, override: float | None = None) -> float | None:
+    """Peak dense TFLOP/s of the device called `name` at `precision`; `override` wins; None when unknown."""
+    if override is not None:
+        return override
+    for pattern, peaks in _MATCH_ORDER:
+        if pattern.lower() in name.lower():
+            return peaks.get(precision)
+    return None
+
+
+# CUDA context (~0.5 GiB), NCCL buffers and caching-allocator slack on a GPU: memory no tensor accounts for.
+DEFAULT_RUNTIME_OVERHEAD_GIB = 1.5
 
 
 @dataclass(frozen=True)
@@ -31,18 +64,18 @@ class GPUKind:
     """GPUs of one node, joined by the intra-node link."""
     default_link: str = "nvlink3"
     """Intra-node link of the usual server for this GPU."""
-    runtime_overhead_gib: float = 1.5
+    runtime_overhead_gib: float = DEFAULT_RUNTIME_OVERHEAD_GIB
     """Memory no tensor accounts for: CUDA context (~0.5 GiB), NCCL buffers, caching-allocator slack."""
 
     def peak_tflops(self, precision: str) -> float:
-        """Peak dense TFLOP/s at `precision`, from phi1.training.metrics.PEAK_TFLOPS.
+        """Peak dense TFLOP/s at `precision`, from PEAK_TFLOPS.
 
         Raises:
             ValueError: no peak is known for this GPU at this precision.
         """
         peak = peak_tflops(self.name, precision)
         if peak is None:
-            raise ValueError(f"no peak TFLOP/s for {self.name!r} at {precision!r} in phi1.training.metrics.PEAK_TFLOPS")
+            raise ValueError(f"no peak TFLOP/s for {self.name!r} at {precision!r} in phi1.planning.hardware.PEAK_TFLOPS")
         return peak
 
 

@@ -319,27 +319,64 @@ def estimate_memory(config: ModelConfig, layout: Layout) -> MemoryEstimate:
     )
 
 
-def layout_from_train_config(train_config, model_config: ModelConfig, world_size: int, gpu: bool = True,
-                             runtime_overhead_bytes: float = 0.0) -> Layout:
-    """The Layout a `phi1.training.config.TrainConfig` runs on `world_size` processes."""
-    tp = train_config.parallel.tensor_parallel
+def make_layout(config: ModelConfig, *, tensor_parallel: int, data_parallel: int, zero_stage: int,
+                micro_batch_size: int, gradient_accumulation: int, seq_len: int, precision: str,
+                activation_checkpointing: bool, sequence_parallel: bool, loss_chunk_size: int, gpu: bool = True,
+                runtime_overhead_bytes: float = 0.0) -> Layout:
+    """The Layout of one training setup, with what the model decides filled from `config`: whether attention
+    keeps s x s scores (`attention_backend == 'math'`) and the dropout masks (`attn_dropout`, `resid_dropout`).
+
+    The one constructor of layouts: `python -m phi1.train --dry-run` (through phi1.training.plan) and the
+    layout search of tools/plan.py both build theirs here, so the same setup gets the same estimate.
+    """
     return Layout(
-        tensor_parallel=tp,
-        data_parallel=max(1, world_size // tp),
-        zero_stage=train_config.parallel.zero_stage,
-        micro_batch_size=train_config.batch.micro_batch_size,
-        gradient_accumulation=max(1, train_config.grad_accum_steps(world_size)),
-        seq_len=train_config.data.seq_len,
-        precision=train_config.precision,
-        activation_checkpointing=train_config.activation_checkpointing,
-        sequence_parallel=train_config.parallel.sequence_parallel,
-        loss_chunk_size=train_config.loss_chunk_size,
-        fused_attention=model_config.attention_backend != "math",
-        attn_dropout=model_config.attn_dropout,
-        resid_dropout=model_config.resid_dropout,
+        tensor_parallel=tensor_parallel,
+        data_parallel=data_parallel,
+        zero_stage=zero_stage,
+        micro_batch_size=micro_batch_size,
+        gradient_accumulation=max(1, gradient_accumulation),
+        seq_len=seq_len,
+        precision=precision,
+        activation_checkpointing=activation_checkpointing,
+        sequence_parallel=sequence_parallel,
+        loss_chunk_size=loss_chunk_size,
+        fused_attention=config.attention_backend != "math",
+        attn_dropout=config.attn_dropout,
+        resid_dropout=config.resid_dropout,
         gpu=gpu,
         runtime_overhead_bytes=runtime_overhead_bytes,
     )
+
+
+def assumptions(layout: Layout, per_layout: bool = True) -> str:
+    """What an estimate of `layout` assumes, in one line (printed by --dry-run and tools/plan.py);
+    `per_layout=False` leaves out what a table's rows vary (ZeRO stage, activation checkpointing)."""
+    attention = ("fused attention (SDPA / FlashAttention: no s x s scores kept)" if layout.fused_attention
+                 else "the 'math' attention backend (s x s probabilities kept)")
+    chunk = (f"the chunked lm_head + loss ({layout.loss_chunk_size} tokens per chunk)"
+             if layout.loss_chunk_size > 0 and layout.tensor_parallel == 1
+             else "the whole micro-batch's logits in the loss" + (
+                 " (loss_chunk_size applies at tensor_parallel 1 only)" if layout.loss_chunk_size > 0 else ""))
+    device = (f"a GPU with {layout.runtime_overhead_bytes / GIB:g} GiB of CUDA context, NCCL buffers and allocator "
+              "slack" if layout.gpu else "a CPU rank (no CUDA context)")
+    if not per_layout:
+        states = ("DDP: fp32 weights, gradients and AdamW states; ZeRO: 16-bit weights and gradients plus fp32 "
+                  "master and AdamW states, partitioned as the stage does, ")
+    elif layout.zero_stage == 0:
+        states = "DDP: fp32 weights, gradients and AdamW states, "
+    else:
+        states = (f"DeepSpeed ZeRO-{layout.zero_stage}: {layout.precision} weights and gradients plus fp32 master and "
+                  "AdamW states partitioned as the stage does, ")
+    if not per_layout:
+        checkpointing = "AC: activation checkpointing of every block; "
+    elif layout.activation_checkpointing:
+        checkpointing = "activation checkpointing of every block; "
+    else:
+        checkpointing = "every block's activations kept; "
+    return (f"a steady-state step (AdamW states allocated) on {device}; {states}{layout.precision} compute; "
+            + checkpointing
+            + f"{attention}; {chunk}; dropout masks for attn_dropout {layout.attn_dropout:g} and resid_dropout "
+              f"{layout.resid_dropout:g}")
 
 
 __all__ = [
@@ -347,8 +384,9 @@ __all__ = [
     "Layout",
     "MemoryEstimate",
     "ParameterCounts",
+    "assumptions",
     "estimate_memory",
-    "layout_from_train_config",
+    "make_layout",
     "model_state_bytes",
     "parameter_counts",
     "saved_bytes_per_layer",

@@ -3,7 +3,9 @@
 The choices: tensor parallel size (divisors of the GPU count that split the heads, MLP and vocabulary and fit
 in one node), data parallel = GPUs / TP, ZeRO stage 0-3, micro-batch (powers of two that divide the per-replica
 batch), activation checkpointing on or off, and sequence parallelism when TP > 1 (phi1 supports it with ZeRO 0
-and 1). A plan fits when its peak memory is within the GPU's memory; fitting plans come first, fastest first;
+and 1). Each choice can be pinned to what a training config says (tools/plan.py does this for `--config` and
+for `KEY=VALUE` options). Every layout is built by `phi1.planning.memory.make_layout`, as the dry run's is.
+A plan fits when its peak memory is within the GPU's memory; fitting plans come first, fastest first;
 among equally fast ones (to the millisecond), the larger micro-batch, then the smaller memory.
 """
 
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 from phi1.core.config import ModelConfig
 from phi1.planning.hardware import Cluster
-from phi1.planning.memory import GIB, Layout, MemoryEstimate, estimate_memory
+from phi1.planning.memory import GIB, Layout, MemoryEstimate, estimate_memory, make_layout
 from phi1.planning.timing import StepTime, predict_on_cluster
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
@@ -63,8 +65,21 @@ def enumerate_plans(
     precision: str,
     utilisation: float,
     zero_stages: tuple[int, ...] = (0, 1, 2, 3),
+    *,
+    tensor_parallel: tuple[int, ...] | None = None,
+    micro_batches: tuple[int, ...] | None = None,
+    activation_checkpointing: tuple[bool, ...] = (False, True),
+    sequence_parallel: tuple[bool, ...] | None = None,
+    loss_chunk_size: int = 0,
 ) -> list[Plan]:
     """Every layout choice with its memory and time, best first (see the module docstring).
+
+    Args:
+        config: the model (its attention backend and dropout count in the memory).
+        zero_stages, tensor_parallel, micro_batches, activation_checkpointing, sequence_parallel: the values to
+            try for each choice; None tries every valid one (sequence parallelism: both where TP > 1 and
+            ZeRO <= 1).
+        loss_chunk_size: tokens per chunk of the fused lm_head + loss, as `loss_chunk_size` in a training config.
 
     Raises:
         ValueError: seq_len beyond the model's max_seq_len, or no layout divides the global batch.
@@ -73,8 +88,9 @@ def enumerate_plans(
         raise ValueError(f"seq_len {seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
     capacity = cluster.gpu.memory_gib * GIB
     overhead = cluster.gpu.runtime_overhead_gib * GIB
+    valid_tp = tensor_parallel_choices(config, cluster.count, cluster.gpus_per_node)
     plans = []
-    for tp in tensor_parallel_choices(config, cluster.count, cluster.gpus_per_node):
+    for tp in (valid_tp if tensor_parallel is None else [t for t in tensor_parallel if t in valid_tp]):
         dp = cluster.count // tp
         per_replica, remainder = divmod(global_batch, dp)
         if remainder:
@@ -82,23 +98,25 @@ def enumerate_plans(
         for zero in zero_stages:
             if zero > 0 and dp == 1:
                 continue  # ZeRO partitions over DP: nothing to partition
-            for micro in MICRO_BATCHES:
+            for micro in (MICRO_BATCHES if micro_batches is None else micro_batches):
                 if per_replica % micro:
                     continue
-                for checkpointing in (False, True):
-                    for sp in ((False, True) if tp > 1 and zero <= 1 else (False,)):
-                        layout = Layout(
-                            tensor_parallel=tp, data_parallel=dp, zero_stage=zero, micro_batch_size=micro,
-                            gradient_accumulation=per_replica // micro,
-                            seq_len=seq_len, precision=precision, activation_checkpointing=checkpointing,
-                            sequence_parallel=sp, gpu=True, runtime_overhead_bytes=overhead,
-                            attn_dropout=config.attn_dropout, resid_dropout=config.resid_dropout,
+                for checkpointing in activation_checkpointing:
+                    allowed_sp = (False, True) if tp > 1 and zero <= 1 else (False,)
+                    for sp in (allowed_sp if sequence_parallel is None
+                               else [v for v in sequence_parallel if v in allowed_sp]):
+                        layout = make_layout(
+                            config, tensor_parallel=tp, data_parallel=dp, zero_stage=zero, micro_batch_size=micro,
+                            gradient_accumulation=per_replica // micro, seq_len=seq_len, precision=precision,
+                            activation_checkpointing=checkpointing, sequence_parallel=sp,
+                            loss_chunk_size=loss_chunk_size, gpu=True, runtime_overhead_bytes=overhead,
                         )
                         memory = estimate_memory(config, layout)
                         time = predict_on_cluster(config, layout, global_batch, cluster, utilisation)
                         plans.append(Plan(layout, memory, time, memory.total <= capacity, per_replica // micro))
     if not plans:
-        raise ValueError(f"no layout of {cluster.count} GPUs divides the global batch {global_batch}")
+        raise ValueError(f"no layout of {cluster.count} GPUs with the chosen options divides the global batch "
+                         f"{global_batch}")
     # Among equally fast plans the larger micro-batch first (the stated utilisation is the same for all, but
     # real kernels run closer to it on bigger GEMMs), then the smaller memory.
     plans.sort(key=lambda p: (not p.fits, round(p.time.total, 3), -p.layout.micro_batch_size, p.memory.total))

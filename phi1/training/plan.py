@@ -1,9 +1,12 @@
 """What `--dry-run` prints: parameter count, parallel layout, batch arithmetic, memory estimate per device.
 
-The memory estimate is `phi1.planning.memory`, the project's one memory model (also behind tools/plan.py, and
-checked against measured peaks by benchmarks/bench_planner_memory.py): weights, gradients and optimizer states
-by ZeRO stage and precision, our block's saved activations counted tensor by tensor, the logits, and the
-buffers and transients of the backward and the optimizer step; the total is the peak of a steady-state step.
+The memory estimate is `phi1.planning.memory`, the project's one memory model (checked against measured peaks
+by benchmarks/bench_planner_memory.py): weights, gradients and optimizer states by ZeRO stage and precision, our
+block's saved activations counted tensor by tensor, the logits, and the buffers and transients of the backward
+and the optimizer step; the total is the peak of a steady-state step.
+
+`memory_layout` is the one translation of a TrainConfig into the planner's plain `Layout`: the dry run calls it,
+and so does `tools/plan.py --config`, so both print the same number for the same config and GPU count.
 """
 
 from __future__ import annotations
@@ -11,19 +14,46 @@ from __future__ import annotations
 import dataclasses
 
 from phi1.core.config import ModelConfig
-from phi1.planning.memory import GIB, estimate_memory, layout_from_train_config
+from phi1.planning.hardware import DEFAULT_RUNTIME_OVERHEAD_GIB
+from phi1.planning.memory import GIB, Layout, assumptions, estimate_memory, make_layout
 from phi1.training.config import TrainConfig
 
-# CUDA context, NCCL buffers and allocator slack on a GPU (phi1.planning.hardware.GPUKind.runtime_overhead_gib).
-GPU_RUNTIME_OVERHEAD_GIB = 1.5
+# CUDA context, NCCL buffers and allocator slack on a GPU (every phi1.planning.hardware.GPU_KINDS entry's too).
+GPU_RUNTIME_OVERHEAD_GIB = DEFAULT_RUNTIME_OVERHEAD_GIB
+
+
+def memory_layout(config: TrainConfig, model_config: ModelConfig, world_size: int, gpu: bool = True,
+                  runtime_overhead_gib: float | None = None) -> Layout:
+    """The planner's Layout of `config` run on `world_size` processes.
+
+    Args:
+        gpu: True for a GPU (fused AdamW; `runtime_overhead_gib`, default GPU_RUNTIME_OVERHEAD_GIB, of CUDA
+            context and NCCL buffers), False for CPU ranks (no overhead).
+    """
+    tp = config.parallel.tensor_parallel
+    overhead = (GPU_RUNTIME_OVERHEAD_GIB if runtime_overhead_gib is None else runtime_overhead_gib) if gpu else 0.0
+    return make_layout(
+        model_config,
+        tensor_parallel=tp,
+        data_parallel=max(1, world_size // tp),
+        zero_stage=config.parallel.zero_stage,
+        micro_batch_size=config.batch.micro_batch_size,
+        gradient_accumulation=config.grad_accum_steps(world_size),
+        seq_len=config.data.seq_len,
+        precision=config.precision,
+        activation_checkpointing=config.activation_checkpointing,
+        sequence_parallel=config.parallel.sequence_parallel,
+        loss_chunk_size=config.loss_chunk_size,
+        gpu=gpu,
+        runtime_overhead_bytes=overhead * GIB,
+    )
 
 
 def memory_estimate(config: TrainConfig, model_config: ModelConfig, world_size: int, fused_attention: bool = True,
                     gpu: bool = True) -> dict[str, float]:
     """Bytes per device by part (weights, gradients, optimizer, activations, logits, buffers) and the peak
     `total`, from phi1.planning.memory. `fused_attention=False` counts the 'math' backend's s x s scores."""
-    layout = layout_from_train_config(config, model_config, world_size, gpu=gpu,
-                                      runtime_overhead_bytes=GPU_RUNTIME_OVERHEAD_GIB * GIB if gpu else 0.0)
+    layout = memory_layout(config, model_config, world_size, gpu=gpu)
     if not fused_attention:
         layout = dataclasses.replace(layout, fused_attention=False)
     estimate = estimate_memory(model_config, layout)
@@ -59,5 +89,6 @@ def dry_run_report(config: TrainConfig, model_config: ModelConfig, world_size: i
         f"{GPU_RUNTIME_OVERHEAD_GIB:g} GiB of CUDA context and NCCL buffers): "
         + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in memory.items() if k != "total")
         + f"; peak {memory['total'] / GIB:.2f} GiB",
+        f"assumes     {assumptions(memory_layout(config, model_config, world_size))}",
     ]
     return "\n".join(lines)

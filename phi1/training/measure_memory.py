@@ -1,5 +1,7 @@
 """Measured peak memory of real training steps on CPU, to check `phi1.planning.memory` against.
 
+It lives in `training`, not `planning`, because it runs the Trainer (phi1.planning never imports training).
+
 `measure_peak_memory` launches fresh processes (torchrun for more than one) that each build the real
 `phi1.training.loop.Trainer` from TrainConfig overrides, take their resident memory as the baseline, run a few
 `Trainer.train_step` calls, and report the peak resident memory above that baseline next to the planner's
@@ -8,7 +10,7 @@ than 64 KiB is its own mmap returned to the kernel when freed and the resident s
 the peak is reset at the baseline by writing 5 to /proc/self/clear_refs (Linux), so the import and start-up
 transients do not count.
 
-    python -m phi1.planning.measure model.n_layer=4 batch.micro_batch_size=4 ...   (one worker; see below)
+    python -m phi1.training.measure_memory model.n_layer=4 batch.micro_batch_size=4 ...   (one worker; see below)
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from phi1.planning.memory import estimate_memory, layout_from_train_config
+from phi1.planning.memory import estimate_memory
 
 REPO = Path(__file__).resolve().parents[2]
 RESULT_PREFIX = "PHI1_MEMORY_RESULT "
@@ -81,7 +83,9 @@ def worker(overrides: list[str], steps: int) -> dict:
             trainer.train_step(data)
         peak = _status_kib("VmHWM") * 1024
         trainer.close()
-        layout = layout_from_train_config(config, model_config, world_size, gpu=False)
+        from phi1.training.plan import memory_layout
+
+        layout = memory_layout(config, model_config, world_size, gpu=False)
         estimate = estimate_memory(model_config, layout)
         result = {"rank": state.rank, "measured": peak - baseline, "baseline": baseline, "peak_reset": reset,
                   "predicted": estimate.total, "peak_moment": estimate.peak_moment, "parts": estimate.as_dict()}
@@ -107,7 +111,7 @@ def measure_peak_memory(overrides: list[str], nproc: int = 1, steps: int = 3, ti
                DS_ACCELERATOR="cpu")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    module = ["-m", "phi1.planning.measure", f"--steps={steps}", *overrides]
+    module = ["-m", "phi1.training.measure_memory", f"--steps={steps}", *overrides]
     if nproc > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *module]
     else:
