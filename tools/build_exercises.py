@@ -25,6 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from build_corpus import iter_python_files  # noqa: E402
 
+from phi1.cli import UserError, run_cli  # noqa: E402
+
 
 def exercises_from_source(source: str, max_solution_lines: int = 40) -> list[dict]:
     """(prompt, solution, name) of every top-level function with a docstring and a non-empty body after it.
@@ -61,8 +63,20 @@ def excluded_paths(corpus: str | None) -> set[str]:
     """The `path` fields of a build_corpus.py jsonl (relative to its root)."""
     if corpus is None:
         return set()
+    if not os.path.isfile(corpus):
+        raise UserError(f"--exclude-corpus {corpus}: no such file; pass the jsonl that tools/build_corpus.py wrote")
     with open(corpus, encoding="utf-8") as handle:
-        return {json.loads(line)["path"] for line in handle if line.strip()}
+        paths = set()
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                paths.add(record["path"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"--exclude-corpus {corpus}:{number}: not a build_corpus.py record (a JSON object "
+                                "with a 'path' field); pass the jsonl that tools/build_corpus.py wrote") from None
+        return paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-exercises", type=int, default=None, help="stop after this many")
     parser.add_argument("--max-solution-lines", type=int, default=40)
     args = parser.parse_args(argv)
+    if not os.path.isdir(args.root):
+        raise UserError(f"--root {args.root}: not a directory of .py files")
+    if args.max_exercises is not None and args.max_exercises < 1:
+        raise UserError(f"--max-exercises {args.max_exercises}: must be at least 1")
 
     skip = excluded_paths(args.exclude_corpus)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
@@ -99,8 +117,11 @@ def main(argv: list[str] | None = None) -> int:
                 break
     print(f"wrote {written} exercises from {files_used} files to {args.output}"
           + (f" ({len(skip)} corpus files excluded, {unreadable} unreadable)" if skip or unreadable else ""))
-    return 0 if written else 1
+    if not written:
+        raise UserError(f"--root {args.root}: no top-level function with a docstring and a body found; nothing "
+                        f"was written to {args.output}")
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main, prog="build_exercises.py")

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 
+from phi1.cli import UserError, run_cli
 from phi1.quality.decontamination import (
     PAPER_TAUS,
     DecontaminationConfig,
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.mbpp:
         references += load_mbpp_references(args.mbpp)
     if not references:
-        raise SystemExit("nothing to check against: --no-humaneval without --mbpp")
+        raise UserError("nothing to check against: --no-humaneval without --mbpp")
     config = DecontaminationConfig(
         ngram_n=args.ngram_n, ngram_min_shared=args.ngram_min_shared, tau=args.tau, report_taus=PAPER_TAUS,
         ast_min_tokens=args.ast_min_tokens, constant_values=args.constant_values,
@@ -113,4 +114,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, prog="decontaminate.py")

@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 
+from phi1.cli import UserError, run_cli
 from phi1.quality.jsonl import LineStats, iter_records
 
 
@@ -97,7 +98,7 @@ def train(args: argparse.Namespace) -> dict:
     texts, labels, stats = read_labelled(args.labelled, args.text_key, args.label_key)
     print(f"{args.labelled}: {stats.summary()}", file=sys.stderr)
     if not texts:
-        raise SystemExit(f"{args.labelled}: no usable labelled records")
+        raise UserError(f"{args.labelled}: no usable labelled records")
     embedder = CodeEmbedder(args.embedding_model, args.tokenizer_type, args.tokenizer_model,
                             batch_size=args.batch_size)
     start = time.perf_counter()
@@ -132,9 +133,9 @@ def filter_shards(args: argparse.Namespace) -> dict:
     embedder = classifier.header.get("embedder", {})
     model_dir = args.embedding_model or embedder.get("model_dir")
     if not model_dir or not os.path.isdir(model_dir):
-        raise SystemExit(f"{args.classifier}: its embedder {model_dir!r} is not a directory; pass --embedding-model")
+        raise UserError(f"{args.classifier}: its embedder {model_dir!r} is not a directory; pass --embedding-model")
     if checkpoint_fingerprint(model_dir) != embedder.get("fingerprint") and not args.allow_other_embedder:
-        raise SystemExit(f"{model_dir}: not the checkpoint {args.classifier} was trained on (fingerprints differ); "
+        raise UserError(f"{model_dir}: not the checkpoint {args.classifier} was trained on (fingerprints differ); "
                          "its scores would mean nothing. Pass --allow-other-embedder to force it")
     threshold = classifier.header.get("threshold", 0.5) if args.threshold is None else args.threshold
     config = FilterConfig(classifier_dir=args.classifier, embedding_model=model_dir, tokenizer_type=args.tokenizer_type,
@@ -221,4 +222,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, prog="quality_filter.py")

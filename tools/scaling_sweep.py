@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from phi1.cli import UserError, run_cli  # noqa: E402
 from phi1.core.config import get_preset  # noqa: E402
 from phi1.planning.collectives import RESULT_PREFIX  # noqa: E402
 from phi1.planning.hardware import Link  # noqa: E402
@@ -189,7 +190,7 @@ def plot(points: list[Point], path: Path, title: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise SystemExit(f"scaling_sweep.py: the plot needs matplotlib ({e}); pip install matplotlib") from None
+        raise UserError(f"the plot needs matplotlib ({e}); pip install matplotlib") from None
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for axis, mode in zip(axes, ("strong", "weak")):
         rows = sorted((p for p in points if p.mode == mode), key=lambda p: p.processes)
@@ -229,14 +230,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/scaling", help="directory of scaling.png, scaling.md, scaling.json")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per run")
     args = parser.parse_args(argv)
-    procs = sorted({int(p) for p in args.procs.split(",")})
-    if 1 not in procs:
-        print("scaling_sweep.py: --procs must include 1 (the run that calibrates the compute rate)", file=sys.stderr)
-        return 2
+    try:
+        procs = sorted({int(p) for p in args.procs.split(",") if p.strip()})
+    except ValueError:
+        raise UserError(f"--procs {args.procs}: give process counts separated by commas, e.g. 1,2,4") from None
+    if 1 not in procs or procs[0] < 1:
+        raise UserError(f"--procs {args.procs}: must include 1 (the run that calibrates the compute rate) and no "
+                        "count below 1")
     if args.warmup >= args.steps:
-        print("scaling_sweep.py: --warmup must be smaller than --steps", file=sys.stderr)
-        return 2
+        raise UserError(f"--warmup {args.warmup}: must be smaller than --steps ({args.steps})")
+    for option, value in (("--strong-global-batch", args.strong_global_batch), ("--weak-micro-batch",
+                          args.weak_micro_batch), ("--seq-len", args.seq_len), ("--steps", args.steps)):
+        if value < 1:
+            raise UserError(f"{option} {value}: must be at least 1")
     modes = [m for m in args.modes.split(",") if m]
+    unknown = sorted(set(modes) - {"strong", "weak"})
+    if unknown or not modes:
+        raise UserError(f"--modes {args.modes}: choose from strong, weak (comma-separated)")
     gpus = torch.cuda.device_count()
     cores = gpus if gpus else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     model_config = get_preset("phi-1-tiny", **MODEL)
@@ -310,4 +320,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main, prog="scaling_sweep.py")
