@@ -293,3 +293,33 @@ def test_every_tp_group_lives_on_one_node(order, nodes, per_node, tp, pp):
     if order == "tp-dp-pp" and pp > 1 and world // pp >= per_node:
         # Megatron's order: a whole stage (all its DP replicas) fills nodes, so the DP all-reduce stays inside.
         assert groups_spanning_nodes(grid, "dp", per_node) == [] or world // pp > per_node
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The training config refuses what cannot run, and PP itself until the trainer runs it
+
+
+@pytest.mark.parametrize(
+    ("overrides", "names"),
+    [
+        # A layout that is right in itself: still refused, since the trainer does not step pipelines yet.
+        (["parallel.pipeline_parallel=2", "model.n_layer=4", "batch.micro_batch_size=2"],
+         "the trainer does not run pipeline parallelism yet"),
+        (["parallel.pipeline_parallel=2", "parallel.zero_stage=2"], "ZeRO-2 and ZeRO-3 are incompatible"),
+        (["parallel.pipeline_parallel=2", "parallel.pipeline_schedule=interleaved"], "parallel.virtual_stages: the interleaved"),
+        (["parallel.pipeline_parallel=2", "parallel.pipeline_schedule=interleaved", "parallel.virtual_stages=2",
+          "model.n_layer=6", "batch.global_batch_size=32"], "n_layer=6 is not divisible"),
+        (["parallel.pipeline_parallel=3"], "tensor_parallel x pipeline_parallel = 1 x 3 does not divide"),
+        (["parallel.pipeline_schedule=zero-bubble"], "parallel.pipeline_schedule: must be one of"),
+        (["parallel.virtual_stages=2"], "parallel.virtual_stages: 2 chunks per rank need"),
+    ],
+)
+def test_config_refuses_pipeline_layouts_with_the_reason(overrides, names):
+    from phi1.testing.hostile import assert_clear_error, python, run_bounded
+
+    outcome = run_bounded(
+        python("-m", "phi1.train", "--config", "configs/quickstart_pretrain.yaml", "--dry-run", "--world-size", "4",
+               "--device", "cpu", *overrides),
+        timeout_s=120,
+    )
+    assert_clear_error(outcome, names=names)

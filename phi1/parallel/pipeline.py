@@ -42,17 +42,22 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.nn.parallel import DistributedDataParallel
 
 from phi1.parallel.layers import tensor_parallel_dims
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.pipelining import PipelineStage
+
+# torch.distributed.pipelining and device_mesh are imported where they are used: together they take seconds to
+# import (FSDP and DTensor come with them), and the config validator reads SCHEDULES from this module.
 
 SCHEDULES = ("1f1b", "interleaved", "gpipe")
 """Values of `parallel.pipeline_schedule`."""
@@ -155,6 +160,8 @@ def build_pipeline_groups(tensor_parallel: int, pipeline_parallel: int, order: s
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("build_pipeline_groups needs an initialised torch.distributed process group")
+    from torch.distributed.device_mesh import DeviceMesh
+
     world, rank = dist.get_world_size(), dist.get_rank()
     grid = rank_grid(world, tensor_parallel, pipeline_parallel, order)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -270,6 +277,13 @@ class PipelineRunner:
         grad_clip: float = 0.0,
         timed: bool = False,
     ) -> None:
+        from torch.distributed.pipelining import (
+            PipelineStage,
+            Schedule1F1B,
+            ScheduleGPipe,
+            ScheduleInterleaved1F1B,
+        )
+
         virtual_stages = len(chunks)
         check_schedule(schedule, groups.pp_size, virtual_stages, n_microbatches)
         expected = stages_of_rank(groups.pp_rank, groups.pp_size, virtual_stages)

@@ -27,6 +27,7 @@ import dataclasses
 import inspect
 import math
 import os
+import stat
 import textwrap
 import types
 import typing
@@ -39,6 +40,7 @@ import yaml
 from phi1.core.config import PRESETS, ModelConfig, number_problem
 from phi1.data.tokenizers import TOKENIZER_TYPES
 from phi1.ops.loader import MODES as FUSED_OPS_MODES
+from phi1.parallel.pipeline import SCHEDULES as PIPELINE_SCHEDULES
 from phi1.training.precision import PRECISIONS, default_device_type, precision_problem, resolve_precision
 
 PRECISION_CHOICES = ("auto", *PRECISIONS)
@@ -148,6 +150,12 @@ class ParallelSection:
     """0: torch DDP with replicated optimizer; 1, 2, 3: DeepSpeed ZeRO stage over the data-parallel group."""
     ddp_bucket_mb: float = 25.0
     """Gradient all-reduce bucket size of DDP, MB."""
+    pipeline_parallel: int = 1
+    """Pipeline stages the blocks are split into (ranks laid out TP adjacent, then PP, then DP)."""
+    pipeline_schedule: str = "1f1b"
+    """Pipeline schedule: '1f1b', 'interleaved' (Megatron's, needs virtual_stages >= 2) or 'gpipe' (reference)."""
+    virtual_stages: int = 1
+    """Model chunks per pipeline rank under the interleaved schedule (bubble (P-1)/(V m + P-1))."""
 
 
 @dataclass
@@ -481,6 +489,9 @@ def read_config_file(path: str | os.PathLike) -> dict:
             refused by ConfigLoader, or not a mapping at the top level.
     """
     try:
+        # A FIFO would block the open and a device never ends: only regular files are configs.
+        if Path(path).exists() and not Path(path).is_dir() and not stat.S_ISREG(os.stat(path).st_mode):
+            raise ConfigError(f"{path}: not a regular file (a pipe or a device); --config takes a YAML file")
         with open(path, "rb") as handle:
             raw = handle.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
@@ -837,6 +848,33 @@ def _check(problems: list[str], option: str, value: Any, **bounds: Any) -> bool:
     return why is None
 
 
+def _pipeline_problems(par: ParallelSection, pp: int, virtual: int, dp: int, model_config: ModelConfig | None,
+                       batch: BatchSection | None) -> list[str]:
+    """What stops `pp` pipeline stages of `virtual` chunks each from running this model and batch."""
+    problems = []
+    interleaved = par.pipeline_schedule == "interleaved"
+    chunks = pp * virtual
+    if model_config is not None and model_config.n_layer < chunks:
+        problems.append(f"parallel.pipeline_parallel: {pp} ranks x {virtual} chunks = {chunks} stages, but the model "
+                        f"has {model_config.n_layer} blocks (n_layer); every stage needs at least one")
+    elif model_config is not None and interleaved and model_config.n_layer % chunks != 0:
+        problems.append(f"parallel.virtual_stages: the interleaved schedule needs equal chunks: n_layer="
+                        f"{model_config.n_layer} is not divisible by pipeline_parallel x virtual_stages = {chunks}")
+    if batch is not None and batch.global_batch_size % (batch.micro_batch_size * dp) == 0:
+        micro_batches = batch.global_batch_size // (batch.micro_batch_size * dp)
+        if par.pipeline_schedule in ("1f1b", "interleaved") and micro_batches < pp:
+            problems.append(f"batch.global_batch_size: {micro_batches} micro-batches per step are fewer than the "
+                            f"{pp} pipeline stages that {par.pipeline_schedule} keeps busy; raise "
+                            "batch.global_batch_size or lower batch.micro_batch_size")
+        elif interleaved and micro_batches % pp != 0:
+            problems.append(f"batch.global_batch_size: the interleaved schedule needs the micro-batches per step "
+                            f"({micro_batches}) to be a multiple of parallel.pipeline_parallel={pp}")
+    problems.append("parallel.pipeline_parallel: the trainer does not run pipeline parallelism yet (stages, "
+                    "schedules and their equivalence tests are in phi1.parallel.pipeline); use "
+                    "parallel.pipeline_parallel=1")
+    return problems
+
+
 def _check_choice(problems: list[str], option: str, value: Any, choices: tuple[str, ...]) -> bool:
     if value not in choices:
         problems.append(f"{option}: must be one of {choices}, got {value!r}")
@@ -880,7 +918,13 @@ def validate_config(config: TrainConfig, world_size: int, *, check_files: bool =
     if tp_ok and world_size % tp != 0:
         problems.append(f"parallel.tensor_parallel: {tp} does not divide the {world_size} launched processes")
         tp_ok = False
-    dp = world_size // tp
+    pp_ok = _check(problems, "parallel.pipeline_parallel", par.pipeline_parallel, integer=True, low=1, high=world_size)
+    pp = par.pipeline_parallel if pp_ok else 1
+    if tp_ok and pp_ok and world_size % (tp * pp) != 0:
+        problems.append(f"parallel.pipeline_parallel: tensor_parallel x pipeline_parallel = {tp} x {pp} does not "
+                        f"divide the {world_size} launched processes")
+        pp = 1
+    dp = world_size // (tp * pp)
     zero_ok = _check_choice(problems, "parallel.zero_stage", par.zero_stage, (0, 1, 2, 3))
     if zero_ok and par.zero_stage > 0 and dp < 2:
         problems.append(f"parallel.zero_stage: DeepSpeed ZeRO partitions over the data-parallel ranks, and this "
@@ -891,6 +935,21 @@ def validate_config(config: TrainConfig, world_size: int, *, check_files: bool =
     if par.sequence_parallel and par.zero_stage in (2, 3):
         problems.append("parallel.sequence_parallel: is not supported with ZeRO stage 2 or 3; use zero_stage 0 or 1")
     _check(problems, "parallel.ddp_bucket_mb", par.ddp_bucket_mb, integer=False, low=0, high=65536, low_open=True)
+    schedule_ok = _check_choice(problems, "parallel.pipeline_schedule", par.pipeline_schedule, PIPELINE_SCHEDULES)
+    virtual_ok = _check(problems, "parallel.virtual_stages", par.virtual_stages, integer=True, low=1, high=1024)
+    virtual = par.virtual_stages if virtual_ok else 1
+    if schedule_ok and virtual_ok and par.pipeline_schedule == "interleaved" and virtual < 2:
+        problems.append(f"parallel.virtual_stages: the interleaved schedule needs >= 2 model chunks per pipeline "
+                        f"rank, got {virtual}; set parallel.virtual_stages=2 or parallel.pipeline_schedule=1f1b")
+    if schedule_ok and virtual_ok and par.pipeline_schedule != "interleaved" and virtual != 1:
+        problems.append(f"parallel.virtual_stages: {virtual} chunks per rank need parallel.pipeline_schedule="
+                        f"interleaved (got {par.pipeline_schedule!r})")
+    if pp > 1 and zero_ok and par.zero_stage in (2, 3):
+        problems.append(f"parallel.zero_stage: ZeRO-{par.zero_stage} cannot be combined with pipeline parallelism "
+                        "(DeepSpeed refuses it too: 'ZeRO-2 and ZeRO-3 are incompatible with pipeline "
+                        "parallelism'): they partition gradients (ZeRO-3 also weights), so every micro-batch's "
+                        "backward would reduce-scatter (and gather) again, once per micro-batch; use zero_stage 0 "
+                        "or 1")
 
     # -- model -----------------------------------------------------------------------------------------------------
     if config.model.preset not in PRESETS and config.finetune.init_from is None:
@@ -931,6 +990,9 @@ def validate_config(config: TrainConfig, world_size: int, *, check_files: bool =
             f"batch.global_batch_size: {batch.global_batch_size} is not a multiple of micro_batch_size x "
             f"data-parallel size = {batch.micro_batch_size} x {dp}; gradient accumulation must be a whole number of "
             "micro-batches")
+    if pp > 1:
+        problems.extend(_pipeline_problems(par, pp, virtual if virtual_ok else 1, dp, model_config,
+                                           batch if micro_ok and global_ok else None))
     data = config.data
     seq_ok = _check(problems, "data.seq_len", data.seq_len, integer=True, low=1, high=2**20)
     if seq_ok and model_config is not None and data.seq_len > model_config.max_seq_len:
@@ -1057,21 +1119,17 @@ def validate_config(config: TrainConfig, world_size: int, *, check_files: bool =
 
 def _absurd_size_problem(config: TrainConfig, tp: int, world_size: int, device_type: str) -> list[str]:
     """For a model whose fields are out of range but numeric: a line when its 16-bit weights alone cannot fit."""
-    values = config.model.values()
-    sizes = ("n_layer", "d_model", "vocab_size")
-    if any(number_problem(values.get(name), integer=True, low=1) for name in sizes):
+    shape = ModelConfig.unvalidated(**config.model.values())
+    if any(number_problem(getattr(shape, name), integer=True, low=1) for name in ("n_layer", "d_model", "vocab_size",
+                                                                                  "d_mlp")):
         return []
-    d_mlp = values.get("d_mlp") or 4 * values["d_model"]
-    if number_problem(d_mlp, integer=True, low=1):
-        return []
-    shape = ModelConfig.unvalidated(**{**values, "d_mlp": d_mlp})
     ranks_here = world_size if device_type == "cpu" else 1
     capacity, what = _memory_capacity(device_type, ranks_here)
     floor = 2.0 * shape.num_parameters() / tp
     if floor <= capacity:
         return []
-    return [f"memory: model.n_layer={values['n_layer']}, model.d_model={values['d_model']}, model.vocab_size="
-            f"{values['vocab_size']} has {shape.num_parameters():,} parameters, at least {floor / 2**30:,.0f} GiB "
+    return [f"memory: model.n_layer={shape.n_layer}, model.d_model={shape.d_model}, model.vocab_size="
+            f"{shape.vocab_size} has {shape.num_parameters():,} parameters, at least {floor / 2**30:,.0f} GiB "
             f"per rank for the 16-bit weights alone, more than {what}"]
 
 
@@ -1106,6 +1164,11 @@ def _default_text(item: dataclasses.Field) -> str:
         value = item.default_factory()
     else:
         return "(required)"
+    return _value_text(value)
+
+
+def _value_text(value: Any) -> str:
+    """`value` as it is written in YAML, on one line."""
     if isinstance(value, tuple):
         value = list(value)
     return "null" if value is None else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
@@ -1119,10 +1182,13 @@ def config_fields() -> list[tuple[str, str, str, str]]:
                                                            if f.name == "preset")), model_docs["preset"]))
     hints = typing.get_type_hints(ModelConfig)
     docs = field_docs(ModelConfig)
+    preset = ModelSection().preset
+    preset_values = ModelConfig(**ModelSection(preset=preset).values()).to_dict()
     for item in dataclasses.fields(ModelConfig):
         if item.name == "name":
             continue
-        rows.append((f"model.{item.name}", _type_name(hints[item.name]), "the preset's", docs.get(item.name, "")))
+        default = f"the preset's; {preset}: {_value_text(preset_values[item.name])}"
+        rows.append((f"model.{item.name}", _type_name(hints[item.name]), default, docs.get(item.name, "")))
 
     def walk(cls: type, prefix: str) -> None:
         hints = typing.get_type_hints(cls)
