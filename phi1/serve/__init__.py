@@ -108,8 +108,9 @@ def serve(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    sock = bind_socket(args.host, args.port)  # a port in use is reported before the model loads
     service = build_service(args)
-    sock = bind_socket(args.host, args.port, args.limits.backlog)
+    sock.listen(args.limits.backlog)
     host, port = sock.getsockname()[:2]
     print(f"{PROG}: model '{service.served_model}' on http://{host}:{port}/v1 (context {service.context} tokens, "
           f"at most {args.limits.max_concurrent_requests} requests in flight)", file=sys.stderr, flush=True)

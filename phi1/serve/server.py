@@ -479,15 +479,16 @@ def build_app(service: CompletionService, limits: ServerLimits | None = None):
     return WriteTimeout(app, limits.write_timeout_s)
 
 
-def bind_socket(host: str, port: int, backlog: int) -> socket.socket:
-    """A listening TCP socket on host:port (port 0: a free one). Raises ValueError naming --host/--port."""
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (port 0: a free one), not listening yet: the CLI binds before it loads
+    the model, so a port in use is reported at once, and clients are refused, not queued, until it listens.
+    Raises ValueError naming --host/--port."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                              flags=socket.AI_PASSIVE)[0]
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
-        sock.listen(backlog)
     except OSError as error:
         raise ValueError(f"--host {host} --port {port}: cannot listen there ({error.strerror or error}); "
                          "choose another address or port") from None
@@ -508,6 +509,7 @@ class RunningServer:
 
     def __init__(self, service: CompletionService, sock: socket.socket, limits: ServerLimits) -> None:
         self.service, self.limits = service, limits
+        sock.listen(limits.backlog)
         self.address = sock.getsockname()[:2]
         self.app = build_app(service, limits)
         self.server = uvicorn_server(self.app, limits)
@@ -539,11 +541,12 @@ def start_server(service: CompletionService, host: str = "127.0.0.1", port: int 
     """Serve `service` on a background thread; `.port` is the port (0 picks a free one), `.stop()` ends it."""
     limits = limits or ServerLimits()
     limits.check()
-    return RunningServer(service, bind_socket(host, port, limits.backlog), limits)
+    return RunningServer(service, bind_socket(host, port), limits)
 
 
 def serve_forever(service: CompletionService, sock: socket.socket, limits: ServerLimits) -> str | None:
     """Serve on the calling (main) thread until SIGINT or SIGTERM; returns the signal's name, if one ended it.
+    `sock` is bound (`bind_socket`) and listening.
 
     uvicorn shuts down gracefully on those signals and then raises them again; the handlers installed here take
     that second delivery, so the process exits with status 0 after a clean shutdown.
