@@ -88,6 +88,6 @@ cat <<EOT
 Next:
   phi1-eval --model $DIR/finetune --limit 20
   phi1-serve --model $DIR/finetune --port 8000
-  DATA_PATH=$DIR/data/stdlib_text_document TOKENIZER_MODEL=$DIR/tokenizer/tokenizer.model torchrun --nproc-per-node 8 examples/pretrain_phi1.sh
+  DATA_PATH=$DIR/data/stdlib_text_document TOKENIZER_MODEL=$DIR/tokenizer/tokenizer.model CHECKPOINT_DIR=$DIR/phi-1 torchrun --nproc-per-node 8 examples/pretrain_phi1.sh
      (the paper's pretraining recipe on 8 GPUs; every step on your own data: README.md, "The pipeline, step by step")
 EOT
