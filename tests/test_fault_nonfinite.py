@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from phi1.testing.hostile import assert_clear_error, python, run_bounded
-from phi1.train import main as train_main
+from phi1.train import run as train_main
 from phi1.training.checkpointing import (
     find_checkpoint,
     load_model_from_training_checkpoint,
