@@ -147,3 +147,33 @@ def test_mpirun_trains_with_ranks_from_mpi(reference, tmp_path) -> None:
     check(subprocess.run(["bash", "examples/mpirun_pretrain.sh", *TINY], cwd=REPO, capture_output=True, text=True,
                          env=env, timeout=180))
     assert losses(tmp_path) == expected
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# srun for one node: drop srun's own options, run the task once (SLURM_PROCID 0), as srun does on each node.
+while [[ "$1" == --* ]]; do shift; done
+SLURM_PROCID=0 exec "$@"
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+# `scontrol show hostnames LIST`: this machine.
+echo 127.0.0.1
+"""
+
+
+@pytest.mark.slow
+def test_slurm_batch_script_trains_like_one_launch(reference, tmp_path) -> None:
+    """examples/slurm_pretrain_phi1.sbatch on one 'node', with srun and scontrol stand-ins on PATH: the script's
+    own logic (node count, rendezvous host, srun of the multi-node launcher) runs unchanged."""
+    data_dir, expected = reference
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    run_dir = tmp_path / "run"
+    env = env_for(data_dir, run_dir, SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="node0", SLURM_JOB_ID="4242",
+                  SLURM_SUBMIT_DIR=str(REPO), GPUS_PER_NODE="2", MASTER_PORT=str(free_port()),
+                  PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    check(subprocess.run(["bash", "examples/slurm_pretrain_phi1.sbatch", *TINY], cwd=REPO, capture_output=True,
+                         text=True, env=env, timeout=180))
+    assert losses(run_dir) == expected
