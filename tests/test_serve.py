@@ -331,3 +331,50 @@ def test_default_max_tokens_fits_the_context(served):
     assert body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"] <= service.context
     status, body = post(port, "/v1/completions", {"model": NAME, "prompt": prompt, "max_tokens": left + 1})
     assert status == 400 and body["error"]["param"] == "max_tokens" and f"at most {left}" in body["error"]["message"]
+
+
+def health(port: int) -> dict:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.request("GET", "/health")
+    payload = json.loads(connection.getresponse().read())
+    connection.close()
+    return payload
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_clients_that_leave_free_their_slots(served, stream):
+    import socket
+    import time
+
+    service, port, _ = served
+    engine = service.engine
+    given_up = engine.batches_stopped + engine.cancelled_skipped
+    body = json.dumps({"model": NAME, "prompt": "def f(", "max_tokens": 240, "temperature": 0, "stream": stream})
+    request = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode()
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(request)
+            time.sleep(0.3)  # admitted and generating
+    deadline = time.monotonic() + 20
+    while health(port)["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert health(port)["in_flight"] == 0
+    assert engine.batches_stopped + engine.cancelled_skipped > given_up  # the engine stopped work nobody awaits
+
+
+def test_a_client_that_does_not_read_is_dropped_after_the_write_timeout():
+    import asyncio
+    import time
+
+    from phi1.serve.server import WriteTimeout
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x", "more_body": True})
+
+    async def stalled_send(message):
+        await asyncio.sleep(3600)  # the client's window never opens
+
+    began = time.monotonic()
+    asyncio.run(WriteTimeout(app, 0.2)({"type": "http", "client": ("127.0.0.1", 1)}, None, stalled_send))
+    assert time.monotonic() - began < 2

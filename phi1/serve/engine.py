@@ -137,6 +137,9 @@ class BatchingEngine:
         self.batches_run = 0
         self.largest_batch = 0
         self.cancelled_skipped = 0
+        """Requests dropped before their batch started because their client left."""
+        self.batches_stopped = 0
+        """Batches ended early because all their clients left."""
         self._thread = threading.Thread(target=self._loop, name="phi1-batching-engine", daemon=True)
         self._thread.start()
 
@@ -202,6 +205,7 @@ class BatchingEngine:
                                                           vocab_size=self.vocab_size):
                 if all(submission.cancelled for submission in group):
                     log.info("batch of %d sequences stopped: all its clients went away", len(rows))
+                    self.batches_stopped += 1
                     return
                 row = rows[index]
                 if token is not None:
