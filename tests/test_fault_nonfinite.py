@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from phi1.testing.hostile import assert_clear_error, python, run_bounded
 from phi1.train import run as train_main
@@ -19,7 +22,13 @@ from phi1.training.checkpointing import (
     read_trainer_state,
 )
 from phi1.training.config import load_config
-from phi1.training.fault import NonFiniteTrainingError, file_sha256, verify_checkpoint
+from phi1.training.fault import (
+    NonFiniteTrainingError,
+    file_sha256,
+    nonfinite_weights,
+    verify_checkpoint,
+    weights_are_finite,
+)
 from phi1.training.loop import train
 from phi1.training.metrics import read_jsonl
 from phi1.training.synthetic import write_synthetic_dataset
@@ -133,3 +142,33 @@ def test_an_infinite_learning_rate_never_ends_done(data, tmp_path) -> None:
         assert "done:" not in outcome.stdout
     assert find_checkpoint(run) is None and not (run / "latest").exists()
     assert not list(run.glob("iter_*"))
+
+
+def _weight_check_rank(rank: int, world_size: int, store_path: str, poisoned_rank: int | None, out_dir: str) -> None:
+    store = dist.FileStore(store_path, world_size)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, store=store)
+    try:
+        torch.manual_seed(rank)
+        # each rank holds its own shard, as under tensor parallelism: fp32 and fp16 tensors, one large-but-finite
+        shard = torch.nn.ParameterDict({
+            "a": torch.nn.Parameter(torch.randn(64, 32)),
+            "b": torch.nn.Parameter(torch.full((8,), 60000.0, dtype=torch.float16)),
+        })
+        if rank == poisoned_rank:
+            with torch.no_grad():
+                shard["a"][3, 5] = float("nan")
+        verdict = weights_are_finite(shard, world_size)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"finite": verdict, "names": nonfinite_weights(shard)}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("poisoned_rank", [None, 1])
+def test_weight_check_is_agreed_by_every_rank(tmp_path, poisoned_rank) -> None:
+    """A NaN in rank 1's shard only: both ranks answer 'not finite' (one all-reduced flag), and only rank 1
+    names the parameter; with no NaN both answer 'finite' (60000 in fp16 is large but finite)."""
+    mp.spawn(_weight_check_rank, args=(2, str(tmp_path / "store"), poisoned_rank, str(tmp_path)), nprocs=2)
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert [r["finite"] for r in results] == [poisoned_rank is None] * 2
+    assert [r["names"] for r in results] == [[], [] if poisoned_rank is None else ["a"]]
