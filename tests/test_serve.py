@@ -378,3 +378,20 @@ def test_a_client_that_does_not_read_is_dropped_after_the_write_timeout():
     began = time.monotonic()
     asyncio.run(WriteTimeout(app, 0.2)({"type": "http", "client": ("127.0.0.1", 1)}, None, stalled_send))
     assert time.monotonic() - began < 2
+
+
+ODD_TEXT = {
+    "lone surrogate in the prompt": (b'{"model": "toy", "prompt": "\\ud800 x", "max_tokens": 3}', 200),
+    "NUL prompt": (b'{"model": "toy", "prompt": "\\u0000", "max_tokens": 3}', 200),
+    "empty prompt": (b'{"model": "toy", "prompt": "", "max_tokens": 3}', 200),
+    "lone surrogate stop string": (b'{"model": "toy", "prompt": "x", "max_tokens": 3, "stop": "\\udc00"}', 200),
+    "lone surrogate model name": (b'{"model": "\\ud800", "prompt": "x"}', 404),
+    "lone surrogate unknown parameter": (b'{"model": "toy", "prompt": "x", "\\ud800": 1}', 400),
+}
+
+
+@pytest.mark.parametrize("raw, status", list(ODD_TEXT.values()), ids=list(ODD_TEXT))
+def test_odd_text_is_answered_not_500(served, raw, status):
+    _, port, _ = served
+    got, body = post(port, "/v1/completions", raw)
+    assert got == status, body

@@ -38,7 +38,8 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse as StarletteJSONResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -238,6 +239,14 @@ class WriteTimeout:
                 raise
             log.warning("%s: the client did not read for %g s; connection dropped", scope.get("client"),
                         self.timeout_s)
+
+
+class JSONResponse(StarletteJSONResponse):
+    """JSON with non-ASCII escaped: a lone surrogate that a client sent (and an error message repeats) cannot
+    make the response unencodable."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
 class _Admission:
