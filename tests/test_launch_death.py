@@ -153,3 +153,45 @@ def test_sigkill_of_torchrun_ends_training_and_checkpoints(tmp_path) -> None:
         for pid in workers:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+MPI_RANK = textwrap.dedent("""
+    import os, sys, time
+    from phi1.parallel.launcher import die_with_launcher
+    watched = die_with_launcher(poll_interval_s=0.2)
+    with open(os.path.join(sys.argv[1], f"rank{os.environ['OMPI_COMM_WORLD_RANK']}"), "w") as report:
+        report.write(f"{os.getpid()} {watched}")
+    time.sleep(600)
+""")
+
+
+@pytest.mark.slow
+def test_sigkill_of_mpirun_ends_its_ranks(tmp_path) -> None:
+    import shutil
+
+    if shutil.which("mpirun") is None:
+        pytest.skip("mpirun not found: install Open MPI (apt-get install openmpi-bin libopenmpi-dev); CI does")
+    env = clean_env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    launcher = subprocess.Popen(["mpirun", "-np", "2", "--oversubscribe", "-x", "PYTHONPATH", sys.executable, "-c",
+                                 MPI_RANK, str(tmp_path)], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    ranks: list[int] = []
+    try:
+        reports = [tmp_path / "rank0", tmp_path / "rank1"]
+        assert wait_until(lambda: all(r.exists() and r.read_text() for r in reports), 120), "the ranks never started"
+        watched = []
+        for report in reports:
+            pid, launcher_pid = report.read_text().split()
+            ranks.append(int(pid))
+            watched.append(launcher_pid)
+        assert "None" not in watched, "die_with_launcher did not recognise mpirun"
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait(10)
+        assert wait_until(lambda: not any(alive(pid) for pid in ranks), 5), (
+            f"ranks {[pid for pid in ranks if alive(pid)]} still run 5 s after mpirun was killed")
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        for pid in ranks:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
