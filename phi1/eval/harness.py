@@ -14,12 +14,8 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
-
-from phi1.core.generation import SamplingParams, generate
-from phi1.core.model import PhiForCausalLM
 from phi1.eval import plain_data
 from phi1.eval.pass_at_k import mean_pass_at_k, pass_at_k
 from phi1.eval.sandbox import (
@@ -33,6 +29,11 @@ from phi1.eval.sandbox import (
     run_program,
 )
 from phi1.eval.tasks import Problem, iter_jsonl, write_jsonl
+
+if TYPE_CHECKING:  # torch is imported where generation needs it: scoring samples does not
+    import torch
+
+    from phi1.core.model import PhiForCausalLM
 
 
 @dataclass
@@ -98,7 +99,11 @@ def generate_completions(
     progress: bool = True,
 ) -> list[dict]:
     """This rank's share of completions, as dicts with task_id, completion, sample_index, finish_reason,
-    prompt_tokens, completion_tokens and prompt_truncated."""
+    prompt_tokens, completion_tokens, prompt_truncated and max_new_tokens.
+
+    Raises ValueError when an explicit `config.max_new_tokens` does not fit the model's context.
+    """
+    from phi1.core.generation import SamplingParams, generate
     if config.n_samples < 1:
         raise ValueError(f"--n-samples must be >= 1, got {config.n_samples}")
     if config.batch_size < 1:
@@ -160,6 +165,8 @@ def generate_completions(
 
 def gather_completions(local: list[dict], problems: list[Problem]) -> list[dict] | None:
     """All ranks' completions on rank 0 (None on the others), in problem then sample order."""
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         gathered: list[list[dict]] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(local, gathered, dst=0)
@@ -381,5 +388,7 @@ def write_reports(output_dir: str | os.PathLike, report: EvalReport, scored: lis
 
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work so that timings are honest."""
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
