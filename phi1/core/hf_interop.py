@@ -81,12 +81,20 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5))
     numbers = {"rope_theta": theta, "partial_rotary_factor": partial}
+    for name in ("rope_theta", "partial_rotary_factor"):  # written both ways: both must be numbers and agree
+        if name in hf:
+            numbers[name] = hf[name]
+        if name in rope:
+            numbers[f"rope_parameters.{name}"] = rope[name]
     for name in ("layer_norm_eps", "initializer_range", "resid_pdrop", "embd_pdrop", "attention_dropout"):
         if name in hf:
             numbers[name] = hf[name]
     for name, value in numbers.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             raise ValueError(f"config.json: {name} must be a finite number, got {value!r}")
+    for name in ("rope_theta", "partial_rotary_factor"):
+        if name in hf and name in rope and hf[name] != rope[name]:
+            raise ValueError(f"config.json: {name} {hf[name]!r} and rope_parameters.{name} {rope[name]!r} disagree")
     if not 0.0 <= partial <= 1.0:
         raise ValueError(f"config.json: partial_rotary_factor must be in [0, 1], got {partial!r}")
     max_positions = hf.get("max_position_embeddings", 2048)

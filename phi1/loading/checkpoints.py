@@ -66,19 +66,19 @@ def complete_iterations(run_dir: str | os.PathLike) -> list[int]:
     return sorted(found)
 
 
-def _read_latest(run_dir: Path) -> int | None:
-    """The iteration `run_dir/latest` names; None (with a warning) when its text is not an iteration.
+def _read_latest(run_dir: Path) -> int:
+    """The iteration `run_dir/latest` names.
 
     Raises:
-        ValueError: `latest` leaves the directory, or is not a small regular file.
+        ValueError: `latest` leaves the directory, is not a small regular file, or holds anything but an
+            iteration number.
     """
     inside(run_dir, "latest", "pointer")
     text = read_bounded_text(run_dir / "latest", run_dir / "latest", MAX_POINTER_BYTES)
     value = text.strip()
     if not value.isascii() or not value.isdigit():
-        logger.warning("%s: %r is not an iteration number; taking the newest complete checkpoint",
-                       run_dir / "latest", value[:20])
-        return None
+        raise ValueError(f"{run_dir / 'latest'}: holds {len(text)} characters that are not an iteration number; it "
+                         "must name the iteration of a complete iter_* checkpoint (delete it to use the newest one)")
     return int(value)
 
 
@@ -91,19 +91,17 @@ def find_checkpoint(path: str | os.PathLike) -> Path | None:
 
     Raises:
         ValueError: `latest` or the `iter_*` entry it names leaves the run directory, or `latest` is not a small
-            regular file.
+            regular file holding an iteration number.
     """
     path = Path(path)
     if is_checkpoint(path):
         return path
     if os.path.lexists(path / "latest"):
-        iteration = _read_latest(path)
-        if iteration is not None:
-            candidate = iteration_dir(path, iteration)
-            inside(path, candidate.name, "entry named by latest")
-            if candidate.is_dir() and is_checkpoint(candidate):
-                return candidate
-            logger.warning("%s names no complete checkpoint; taking the newest complete one", path / "latest")
+        candidate = iteration_dir(path, _read_latest(path))
+        inside(path, candidate.name, "entry named by latest")
+        if candidate.is_dir() and is_checkpoint(candidate):
+            return candidate
+        logger.warning("%s names no complete checkpoint; taking the newest complete one", path / "latest")
     iterations = complete_iterations(path)
     return iteration_dir(path, iterations[-1]) if iterations else None
 
@@ -188,7 +186,7 @@ def read_shard_headers(directory: str | os.PathLike) -> tuple[ModelConfig, dict,
         other_dims, other_config = _shard_metadata(header, tp_size, rank)
         if other_config != config or other_dims != dims:
             raise ValueError(f"{header.path}: metadata (model config or partition dims) differs from {paths[0].name}'s")
-    expected = expected_tensor_shapes(config, sum(len(h.tensors) for h in headers) // tp_size, paths[0])
+    expected = expected_tensor_shapes(config, len(headers[0].tensors), paths[0], f"{paths[0].name}'s model_config")
     for header in headers:
         check_weight_dtypes(header)
         shard_expected = {}
@@ -204,18 +202,17 @@ def read_shard_headers(directory: str | os.PathLike) -> tuple[ModelConfig, dict,
     return config, dims, headers
 
 
-def expected_tensor_shapes(config: ModelConfig, tensors_in_files: int, shown: Path,
+def expected_tensor_shapes(config: ModelConfig, tensors_in_files: int, weights: Path, config_source: str,
                            shapes_of=expected_shapes) -> dict[str, tuple[int, ...]]:
-    """`shapes_of(config)`, after refusing a config with more layers than the files hold tensors for (every
-    format stores at least 10 tensors per layer plus 5), so an absurd n_layer costs nothing.
+    """`shapes_of(config)`, after refusing a config with more layers than the weights hold tensors (every layer
+    has at least 10), so an absurd n_layer is named instead of enumerated.
 
     Raises:
-        ValueError: naming `shown`, the layer count and the tensor count.
+        ValueError: naming the weights, the config's layer count and the tensor count.
     """
-    needed = 10 * config.n_layer + 5
-    if needed > tensors_in_files:
-        raise ValueError(f"{shown}: the config says n_layer={config.n_layer} (at least {needed} tensors) but the "
-                         f"weights hold {tensors_in_files} tensors")
+    if config.n_layer > tensors_in_files:
+        raise ValueError(f"{weights}: holds {tensors_in_files} tensors, but {config_source} says "
+                         f"n_layer={config.n_layer}, which needs at least {10 * config.n_layer + 5}")
     return shapes_of(config)
 
 

@@ -193,7 +193,8 @@ def _hf_headers(directory: Path) -> list[SafetensorsHeader] | None:
 
 def _check_hf_tensors(directory: Path, headers: list[SafetensorsHeader], config: ModelConfig) -> None:
     total = sum(len(h.tensors) for h in headers)
-    expected = expected_tensor_shapes(config, total, directory / "config.json", hf_expected_shapes)
+    expected = expected_tensor_shapes(config, total, headers[0].path if len(headers) == 1 else directory / HF_INDEX,
+                                      str(directory / "config.json"), hf_expected_shapes)
     seen: dict[str, Path] = {}
     for header in headers:
         check_weight_dtypes(header)
@@ -206,7 +207,8 @@ def _check_hf_tensors(directory: Path, headers: list[SafetensorsHeader], config:
         compare_tensors(header, own, f"{directory / 'config.json'}", ignore=lambda name: "rotary_emb" in name)
     missing = sorted(set(expected) - set(seen))
     if missing:
-        raise ValueError(f"{directory}: tensors missing from the weights: {missing[:5]}"
+        where = headers[0].path if len(headers) == 1 else directory / HF_INDEX
+        raise ValueError(f"{where}: tensors missing: {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''} (config.json says n_layer={config.n_layer})")
 
 
@@ -247,7 +249,7 @@ def _load_phi1(directory: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{weights}: missing (a phi1 model directory holds config.json and model.safetensors)")
     header = read_header(inside(directory, weights.name, "file"), weights)
     check_weight_dtypes(header, weights)
-    expected = expected_tensor_shapes(config, len(header.tensors), directory / "config.json")
+    expected = expected_tensor_shapes(config, len(header.tensors), weights, str(directory / "config.json"))
     compare_tensors(header, expected, str(directory / "config.json"))
     return load_tensors(header)
 

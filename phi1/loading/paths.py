@@ -29,22 +29,25 @@ def inside(base: str | os.PathLike, name: str | os.PathLike, what: str) -> Path:
         what: where the name came from, for the message (e.g. "manifest.json entry").
 
     Raises:
-        ValueError: `name` is absolute, empty, not a string, holds a NUL, or resolves outside `base` (through
-            `..` or a symlink). The message names `base` and the name, never facts about the target.
+        ValueError: `name` is absolute, empty, not a string, holds a NUL, climbs out with `..`, or resolves
+            outside `base` through a symlink. The message names `base`, and the name only when the name itself
+            stays inside (a symlink's name); never the target or any fact about it.
     """
     base_resolved = Path(base).resolve()
     if not isinstance(name, (str, os.PathLike)) or not os.fspath(name) or "\x00" in os.fspath(name):
-        raise ValueError(f"{base}: {what} {name!r} is not a file name inside the directory")
+        raise ValueError(f"{base}: a {what} is not a file name inside the directory; refused")
     text = os.fspath(name)
     if os.path.isabs(text):
-        raise ValueError(f"{base}: {what} {text!r} is an absolute path; only names inside {base} are accepted")
+        # The name itself points elsewhere: it is not echoed, so no message names a file outside the directory.
+        raise ValueError(f"{base}: a {what} is an absolute path; only names inside {base} are accepted, refused")
+    if ".." in Path(text).parts:
+        raise ValueError(f"{base}: a {what} climbs out with '..'; only names inside {base} are accepted, refused")
     try:
         resolved = (base_resolved / text).resolve()
     except (OSError, RuntimeError):  # a symlink loop
-        raise ValueError(f"{base}: {what} {text!r} cannot be resolved (a symlink loop?)") from None
+        raise ValueError(f"{base}: {what} {text!r} cannot be resolved (a symlink loop?); refused") from None
     if resolved != base_resolved and base_resolved not in resolved.parents:
-        raise ValueError(f"{base}: {what} {text!r} leaves the directory (through '..' or a symlink pointing out); "
-                         "refused")
+        raise ValueError(f"{base}: {what} {text!r} is a symlink pointing out of the directory; refused")
     return resolved
 
 
