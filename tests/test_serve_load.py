@@ -98,6 +98,14 @@ def ask(port: int, body: dict, timeout: float = 60) -> tuple[int, dict]:
     return response.status, payload
 
 
+def health(port: int) -> dict:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.request("GET", "/health")
+    payload = json.loads(connection.getresponse().read())
+    connection.close()
+    return payload
+
+
 @pytest.mark.slow
 def test_256_concurrent_clients_are_all_answered(server):
     clients = 256
@@ -235,3 +243,25 @@ def test_sigterm_lets_the_running_request_finish_then_exits_0(model_dir, tmp_pat
     assert result["answer"][0] == 200 and result["answer"][1]["choices"][0]["finish_reason"] in ("length", "stop")
     log = (tmp_path / "serve.log").read_text()
     assert "stopped by SIGTERM" in log and "Traceback" not in log
+
+
+@pytest.mark.slow
+def test_the_openai_client_retries_429_until_all_are_served(server):
+    openai = pytest.importorskip("openai")
+    clients = 3 * MAX_CONCURRENT
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", max_retries=30,
+                                    timeout=60)
+        async with client:
+            return await asyncio.gather(*(client.completions.create(model=NAME, prompt=f"def f{i}(", max_tokens=4,
+                                                                    temperature=0) for i in range(clients)))
+
+    refused_before = health(server.port)["refused"]
+    began = time.monotonic()
+    answers = asyncio.run(run())
+    refused = health(server.port)["refused"] - refused_before
+    print(f"{clients} openai clients, {MAX_CONCURRENT} slots: all served in {time.monotonic() - began:.1f} s "
+          f"after {refused} answers 429")
+    assert len(answers) == clients and all(a.choices[0].finish_reason in ("length", "stop") for a in answers)
+    assert refused > 0  # the client did meet the limit, and its retries got through
