@@ -27,6 +27,7 @@ import dataclasses
 import inspect
 import math
 import os
+import re
 import stat
 import textwrap
 import types
@@ -987,7 +988,7 @@ def validate_config(config: TrainConfig, world_size: int, *, check_files: bool =
     global_ok = _check(problems, "batch.global_batch_size", batch.global_batch_size, integer=True, low=1, high=2**24)
     if micro_ok and global_ok and batch.global_batch_size % (batch.micro_batch_size * dp) != 0:
         problems.append(
-            f"batch.global_batch_size: {batch.global_batch_size} is not a multiple of micro_batch_size x "
+            f"batch.global_batch_size: {batch.global_batch_size} is not a multiple of batch.micro_batch_size x "
             f"data-parallel size = {batch.micro_batch_size} x {dp}; gradient accumulation must be a whole number of "
             "micro-batches")
     if pp > 1:
@@ -995,9 +996,12 @@ def validate_config(config: TrainConfig, world_size: int, *, check_files: bool =
                                            batch if micro_ok and global_ok else None))
     data = config.data
     seq_ok = _check(problems, "data.seq_len", data.seq_len, integer=True, low=1, high=2**20)
-    if seq_ok and model_config is not None and data.seq_len > model_config.max_seq_len:
+    # The model's context, even when other model fields are wrong (so that this problem is listed with theirs).
+    context = (ModelConfig.unvalidated(**config.model.values()).max_seq_len
+               if config.model.preset in PRESETS else None)
+    if seq_ok and number_problem(context, integer=True, low=1) is None and data.seq_len > context:
         problems.append(f"data.seq_len: {data.seq_len} exceeds the model's context model.max_seq_len="
-                        f"{model_config.max_seq_len}; lower data.seq_len or raise model.max_seq_len")
+                        f"{context}; lower data.seq_len or raise model.max_seq_len")
     cores = os.cpu_count() or 1
     _check(problems, "data.num_workers", data.num_workers, integer=True, low=0, high=MAX_WORKERS_PER_CORE * cores)
     try:
@@ -1109,9 +1113,11 @@ def validate_config(config: TrainConfig, world_size: int, *, check_files: bool =
         # An absurd size is still worth naming next to the range errors: the closed-form weights alone.
         problems.extend(_absurd_size_problem(config, tp, world_size, device))
     if prior:
-        named = [line for line in prior]
-        problems = list(prior) + [line for line in problems
-                                  if not any(f"{line.split(': ', 1)[0]}:" in earlier for earlier in named)]
+        # The options refused while loading hold their defaults here: drop what validation says that involves them.
+        refused = {match.group(1) for line in prior for match in re.finditer(r"([a-z_]+(?:\.[a-z_]+)*): ", line)}
+        refused.discard("override")
+        problems = list(prior) + [line for line in problems if not any(
+            re.search(rf"(?<![\w.]){re.escape(option)}(?![\w])", line) for option in refused)]
     if problems:
         raise ConfigError(problems)
     return model_config
