@@ -121,8 +121,20 @@ class TextPart(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Any
     name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, value: Any) -> str | list[TextPart]:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list):
+            try:
+                return [TextPart.model_validate(part) for part in value]
+            except ValidationError:
+                pass
+        raise ValueError("must be a string or a list of text parts ({\"type\": \"text\", \"text\": \"...\"})")
 
 
 def _check_stop(value: Any) -> list[str]:
@@ -220,26 +232,40 @@ def _type_name(value: Any) -> str:
         type(value).__name__, type(value).__name__)
 
 
+def _path(parts: list) -> str:
+    """('messages', 0, 'content') -> messages[0].content"""
+    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(parts))
+
+
+def _shown(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _error_from(error: ValidationError) -> RequestError:
     """The first problem pydantic found, as a 400 naming the parameter."""
     first = error.errors(include_url=False)[0]
-    location = [part for part in first["loc"] if part not in ("str", "list[str]", "list[TextPart]")]
-    message = first["msg"].removeprefix("Value error, ")
+    location = [part for part in first["loc"] if part not in ("str", "list[str]")]
+    message, kind, given = first["msg"].removeprefix("Value error, "), first["type"], first.get("input")
     if not location and ": " in message:  # a model-level check names its parameter itself
         name, message = message.split(": ", 1)
         return RequestError(f"'{name}' {message}", param=name)
-    if first["type"] == "extra_forbidden":
+    if kind == "extra_forbidden" and len(location) > 1:
+        return RequestError(f"'{_path(location[:-1])}': unknown field '{location[-1]}'", param=str(location[0]))
+    if kind == "extra_forbidden":
         unknown = sorted({str(e["loc"][0]) for e in error.errors() if e["type"] == "extra_forbidden"})
         return RequestError(f"unknown parameter(s): {', '.join(unknown)}", param=unknown[0], code="unknown_parameter")
-    param = str(location[0]) if location else None
-    path = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(location))
-    if first["type"] == "missing":
+    param, path = (str(location[0]) if location else None), _path(location)
+    if kind == "missing":
         return RequestError(f"'{path}' is required", param=param)
-    got = "" if first["type"] in ("value_error",) else f", got {_type_name(first.get('input'))}"
-    if first["type"] == "finite_number":
-        got = f", got {first.get('input')}"
-    elif first["type"].startswith(("greater", "less")):
-        got = f", got {first.get('input')}"
+    if kind == "float_type" and isinstance(given, int) and not isinstance(given, bool):
+        message, got = "Input is too large to be a number", ""
+    elif kind == "value_error":
+        got = ""
+    elif kind == "finite_number" or kind.startswith(("greater", "less")):
+        got = f", got {_shown(given)}"
+    else:
+        got = f", got {_type_name(given)}"
     return RequestError(f"'{path}': {message}{got}", param=param)
 
 
