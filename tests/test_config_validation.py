@@ -458,5 +458,7 @@ def test_torchrun_prints_one_error_line(data, tmp_path) -> None:
     assert outcome.returncode != 0
     lines = [line for line in (outcome.stdout + outcome.stderr).splitlines() if "phi1-train: error:" in line]
     assert len(lines) == 1, outcome.describe()
-    assert "Traceback (most recent call last)" not in outcome.stderr, outcome.describe()
+    # torchrun itself reports a failed worker with its own ChildFailedError traceback; no phi1 frame may appear.
+    assert not re.search(r'File "[^"]*/phi1/', outcome.stderr), outcome.describe()
+    assert "exitcode  : 2" in outcome.stderr  # rank 0 exited with the user-error status
     assert "optim.lr:" in outcome.stderr and "data.seq_len:" in outcome.stderr
