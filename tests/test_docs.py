@@ -7,7 +7,8 @@ What the harness changes, and nothing else (the table is printed with every fail
 - SUBSTITUTIONS: sizes only. `--nproc-per-node 8` becomes 2 and `--workers 8` becomes 2 (a 2-core CPU);
   `tools/build_corpus.py` reads 80 files; a training command (`-m phi1.train` without --dry-run, the
   `examples/*.sh` launchers, the quickstart) gets TINY size overrides appended (model size, sequence length,
-  batch, steps, intervals: never the tokenizer, precision or parallel layout); `phi1-eval` scores 2 problems.
+  batch, steps, intervals: never the tokenizer, precision or parallel layout); `phi1-eval` scores 2 problems
+  (`--limit 2`, replacing any --limit).
 - ENVIRONMENT: GPUS_PER_NODE=2 (what `bash examples/pretrain_phi1.sh` reads), QUICKSTART_FILES=80 and
   QUICKSTART_EXERCISES=300 (examples/quickstart.sh), PHI1_SKIP_INSTALL=1 (scripts/quickstart.sh: the suite runs
   after scripts/test.sh installed the same packages), HOME in the scratch directory.
@@ -136,8 +137,8 @@ def harness(command: Command) -> Command:
         else:
             tiny = TINY_MODEL + TINY_RUN
         code += " " + " ".join(tiny)
-    if re.match(r"(phi1-eval|python -m phi1\.eval)\b", code) and "--limit" not in code:
-        code += " --limit 2"
+    if re.match(r"(phi1-eval|python -m phi1\.eval)\b", code):
+        code = re.sub(r"--limit[ =]\d+", "", code).rstrip() + " --limit 2"
     if re.match(r"(phi1-serve|python -m phi1\.serve)\b", code):
         command.mode = "server"
     command.harnessed = code
