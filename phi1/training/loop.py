@@ -673,8 +673,12 @@ def train(config: TrainConfig) -> RunState:
         result = trainer.run()
         if state.is_main:
             latest = checkpointing.find_checkpoint(config.checkpoint.dir)
-            logger.info("done: iteration %d, %d samples; checkpoint %s; metrics %s; TensorBoard %s",
-                        result.iteration, result.consumed_samples, latest, trainer.jsonl_path, trainer.tb_dir)
+            extras = [f"metrics {trainer.jsonl_path}" if trainer.jsonl_path else "",
+                      f"TensorBoard {trainer.tb_dir}" if trainer.sink.writer is not None else "",
+                      f"W&B {trainer.sink.wandb_path}" if trainer.sink.wandb_path is not None else "",
+                      f"profiler trace {trainer.profiler.path}" if trainer.profiler is not None else ""]
+            logger.info("done: iteration %d, %d samples; checkpoint %s%s", result.iteration, result.consumed_samples,
+                        latest, "".join(f"; {extra}" for extra in extras if extra))
         return result
     finally:
         if trainer is not None:
