@@ -226,7 +226,9 @@ class StageTiming:
     compute_s: float
     """Forward, backward and loss of this rank's stages."""
     wall_s: float
-    """The whole schedule, from a barrier of the PP group to this rank's last operation."""
+    """The whole schedule, between two barriers of the PP group (the same step time for every rank)."""
+    peak_in_flight: int = 0
+    """Most chunk micro-batches whose forward had run and backward had not, at once (activations held)."""
 
     @property
     def idle_fraction(self) -> float:
@@ -302,6 +304,7 @@ class PipelineRunner:
         self.timed = timed
         self.last_timing: StageTiming | None = None
         self._compute_s = 0.0
+        self._in_flight = self._peak_in_flight = 0
         self.modules = [
             DistributedDataParallel(chunk, process_group=groups.dp_group, broadcast_buffers=False,
                                     device_ids=[groups.device.index] if groups.device.type == "cuda" else None)
@@ -342,8 +345,19 @@ class PipelineRunner:
 
     def _time_methods(self, stage: PipelineStage) -> None:
         # The schedule calls these two for every micro-batch's compute; receives and sends happen outside them.
-        stage.forward_one_chunk = self._timed(stage.forward_one_chunk)
-        stage.backward_one_chunk = self._timed(stage.backward_one_chunk)
+        forward, backward = self._timed(stage.forward_one_chunk), self._timed(stage.backward_one_chunk)
+
+        def counted_forward(*args, **kwargs):
+            self._in_flight += 1
+            self._peak_in_flight = max(self._peak_in_flight, self._in_flight)
+            return forward(*args, **kwargs)
+
+        def counted_backward(*args, **kwargs):
+            self._in_flight -= 1
+            return backward(*args, **kwargs)
+
+        stage.forward_one_chunk = counted_forward
+        stage.backward_one_chunk = counted_backward
 
     # -- the step -----------------------------------------------------------------------------------------------
 
@@ -367,11 +381,14 @@ class PipelineRunner:
         target = labels.to(self.groups.device) if self.holds_last else None
         if self.timed:
             dist.barrier(group=self.groups.pp_group)
-            self._compute_s = 0.0
+            self._compute_s, self._in_flight, self._peak_in_flight = 0.0, 0, 0
             start = time.perf_counter()
         self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
         if self.timed:
-            self.last_timing = StageTiming(compute_s=self._compute_s, wall_s=time.perf_counter() - start)
+            # The step ends when the last rank is done: a rank that finishes early idles until then too.
+            dist.barrier(group=self.groups.pp_group)
+            self.last_timing = StageTiming(compute_s=self._compute_s, wall_s=time.perf_counter() - start,
+                                           peak_in_flight=self._peak_in_flight)
         self._allreduce_sequence_parallel_grads()
         return self._broadcast_loss(losses)
 

@@ -1,0 +1,200 @@
+"""Pipeline parallelism in the planner: the bubble, per-stage memory, and the bytes sent between stages.
+
+These model the schedules `phi1.parallel.pipeline` runs (torch.distributed.pipelining's), with P pipeline ranks,
+m micro-batches per step and V virtual stages (model chunks) per rank under the interleaved schedule:
+
+- bubble: the share of a step a rank idles, (P-1)/(m+P-1) for 1F1B and GPipe, (P-1)/(V m+P-1) for interleaved
+  1F1B (Narayanan et al. 2021), for stages of equal work;
+- activations in flight: under 1F1B pipeline rank r runs min(m, P-r) forwards before its first backward, so the
+  first rank holds P micro-batches of activations for its layers and the last holds one; GPipe holds all m;
+  interleaved rank r holds min((V-1) x m/rounds + 2 (P-1-r) + 1, V m) chunk micro-batches, each 1/V of its
+  layers (torch's `_get_warmup_ops` plus the forward of the 1F1B phase, rounds = max(1, m // P));
+- P2P: each micro-batch's activation crosses P V - 1 stage boundaries forward and its gradient the same
+  boundaries backward; without a scatter/gather over the TP group (Megatron's optimisation, not done here) every
+  TP rank sends its own copy, the whole (b, s, d) tensor, or its (b, s/t, d) shard under sequence parallelism;
+- receive buffers: torch's `PipelineStage` allocates, once, a receive buffer for every micro-batch's input
+  activation (stages but the first) and output gradient (stages but the last): 2 m activation-sized buffers per
+  chunk that live for the whole run.
+
+Call from the dry run or tools/plan.py:
+
+    bubble_fraction(pp, m, "1f1b")                                         -> 0.2
+    stage_memory(config, layout, pp=4, pp_rank=0, micro_batches=8)         -> StageMemory (bytes by part)
+    p2p_bytes_per_step(config, layout, pp=4, micro_batches=8)              -> P2PBytes
+
+`layout` is the planner's `Layout` (micro-batch size, TP, SP, precision, checkpointing, ZeRO stage, DP size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from phi1.core.config import ModelConfig
+from phi1.core.pipeline_stage import layer_ranges
+from phi1.parallel.pipeline import SCHEDULES, check_schedule, stages_of_rank
+from phi1.planning.memory import (
+    Layout,
+    _layer_backward_working_set,
+    _logits_bytes,
+    model_state_bytes,
+    parameter_counts,
+    saved_bytes_per_layer,
+)
+
+
+def bubble_fraction(pipeline_parallel: int, micro_batches: int, schedule: str = "1f1b", virtual_stages: int = 1) -> float:
+    """Share of a step each pipeline rank is idle: (P-1)/(m+P-1), or (P-1)/(V m+P-1) for 'interleaved'.
+
+    Raises:
+        ValueError: an unknown schedule, or P, m or V < 1.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"pipeline schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if min(pipeline_parallel, micro_batches, virtual_stages) < 1:
+        raise ValueError(f"P, m and V must be >= 1, got P={pipeline_parallel} m={micro_batches} V={virtual_stages}")
+    p, m = pipeline_parallel, micro_batches
+    v = virtual_stages if schedule == "interleaved" else 1
+    return (p - 1) / (v * m + p - 1)
+
+
+def in_flight_chunks(pp_rank: int, pipeline_parallel: int, micro_batches: int, schedule: str = "1f1b",
+                     virtual_stages: int = 1) -> int:
+    """Chunk micro-batches whose activations pipeline rank `pp_rank` holds at its peak (see the module docstring).
+
+    A chunk is one of the rank's V model chunks (its whole share of layers without virtual stages), so the
+    activations held are this count x the layers of one chunk.
+    """
+    p, m, v = pipeline_parallel, micro_batches, virtual_stages
+    if not 0 <= pp_rank < p:
+        raise ValueError(f"pipeline rank {pp_rank} is not in 0 .. {p - 1}")
+    if schedule == "gpipe":
+        return m * v
+    if schedule == "1f1b":
+        return min(m, p - pp_rank)
+    if schedule == "interleaved":
+        rounds = max(1, m // p)
+        warmup = min((v - 1) * (m // rounds) + 2 * (p - 1 - pp_rank), m * v)
+        return min(warmup + 1, m * v)
+    raise ValueError(f"pipeline schedule must be one of {SCHEDULES}, got {schedule!r}")
+
+
+def _activation_bytes(layout: Layout) -> int:
+    """Bytes per element of the hidden states sent between stages: the fp32 residual stream, except when ZeRO
+    keeps 16-bit weights (then the whole forward is 16-bit)."""
+    return 4 if layout.precision == "fp32" or layout.zero_stage == 0 else 2
+
+
+def activation_message_bytes(config: ModelConfig, layout: Layout) -> float:
+    """Bytes of one micro-batch's hidden states one TP rank sends across one stage boundary."""
+    t = layout.tensor_parallel
+    local_seq = layout.seq_len / t if layout.sequence_parallel and t > 1 else layout.seq_len
+    return layout.micro_batch_size * local_seq * config.d_model * _activation_bytes(layout)
+
+
+@dataclass(frozen=True)
+class P2PBytes:
+    """Point-to-point traffic of one optimizer step."""
+
+    message: float
+    """One micro-batch's activation (or its gradient) across one boundary, one TP rank."""
+    per_rank: float
+    """Sent by the busiest rank (activations forward plus gradients backward), bytes per step."""
+    total: float
+    """Sent by every rank of the whole job together, bytes per step."""
+
+
+def p2p_bytes_per_step(config: ModelConfig, layout: Layout, pipeline_parallel: int, micro_batches: int,
+                       virtual_stages: int = 1) -> P2PBytes:
+    """Bytes sent between pipeline stages in one step (the schedule does not change them, only their timing).
+
+    A rank holding V chunks sends forward from every chunk but the pipeline's last and backward from every
+    chunk but the first: 2 V m messages for a middle rank, (2V - 1) m for the first and last ranks.
+    """
+    p, m, v = pipeline_parallel, micro_batches, virtual_stages
+    message = activation_message_bytes(config, layout)
+    if p == 1:
+        return P2PBytes(message=message, per_rank=0.0, total=0.0)
+    boundaries = p * v - 1
+    busiest = (2 * v if p > 2 else 2 * v - 1) * m * message
+    replicas = layout.tensor_parallel * layout.data_parallel
+    return P2PBytes(message=message, per_rank=busiest, total=2 * boundaries * m * message * replicas)
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Bytes of one pipeline rank at the peak of a step, by part (see `stage_memory`)."""
+
+    layers: int
+    """Blocks this rank holds (over its chunks)."""
+    in_flight: int
+    """Chunk micro-batches of activations held at the peak."""
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+    """The loss's logits on the last rank (0 elsewhere)."""
+    p2p_buffers: float
+    """torch's receive buffers for every micro-batch's input activation and output gradient."""
+    working: float
+    """One block's backward working set."""
+    total: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def stage_memory(config: ModelConfig, layout: Layout, pipeline_parallel: int, pp_rank: int, micro_batches: int,
+                 schedule: str = "1f1b", virtual_stages: int = 1, split: Sequence[int] | None = None) -> StageMemory:
+    """Peak bytes of pipeline rank `pp_rank` in a steady-state step.
+
+    Model states of the rank's own parameters (its blocks, plus the embedding on the first rank and the final
+    LayerNorm and lm_head on the last) by ZeRO stage as `phi1.planning.memory` counts them; the activations of
+    `in_flight_chunks` chunk micro-batches (block inputs only under activation checkpointing, plus one block
+    recomputed); the logits of the micro-batches in flight on the last rank; torch's receive buffers; one block's
+    backward working set. Gradients exist for the whole step (m >= 2 micro-batches accumulate).
+
+    Raises:
+        ValueError: a schedule that cannot run (see `phi1.parallel.pipeline.check_schedule`) or a split that does
+            not fit the model.
+    """
+    p, m, v = pipeline_parallel, micro_batches, virtual_stages
+    check_schedule(schedule, p, v, m)
+    ranges = layer_ranges(config.n_layer, p * v, split)
+    held = stages_of_rank(pp_rank, p, v)
+    n_layers = sum(len(ranges[s]) for s in held)
+    first, last = 0 in held, p * v - 1 in held
+    counts = parameter_counts(config, layout.tensor_parallel)
+    params = n_layers * counts.per_layer
+    params += counts.embedding if first else 0
+    params += counts.lm_head + 2 * config.d_model if last else 0
+    weights, grads, optim = model_state_bytes(dataclasses.replace(counts, per_rank=params), layout)
+
+    in_flight = in_flight_chunks(pp_rank, p, m, schedule, v)
+    t = layout.tensor_parallel
+    sp = layout.sequence_parallel and t > 1
+    s, b, h = layout.seq_len, layout.micro_batch_size, config.d_model
+    per_layer = saved_bytes_per_layer(config, layout)
+    block_input = 4 * s * b * h / (t if sp else 1)
+    kept_per_layer = block_input if layout.activation_checkpointing else per_layer
+    recompute = per_layer if layout.activation_checkpointing else 0.0
+    chunk_layers = n_layers / v
+    activations = in_flight * chunk_layers * kept_per_layer + recompute
+
+    logits = 0.0
+    if last:
+        forward, backward = _logits_bytes(config, layout)
+        last_in_flight = in_flight_chunks(p - 1, p, m, schedule, v)
+        # Under V chunks only the last chunk's micro-batches carry logits: about 1/V of those in flight.
+        with_logits = max(1, round(last_in_flight / v))
+        logits = (with_logits - 1) * backward + max(forward, backward)
+
+    message = activation_message_bytes(config, layout)
+    receive_buffers = sum((s_ != 0) + (s_ != p * v - 1) for s_ in held) * m * message
+    working = _layer_backward_working_set(config, layout)
+    total = weights + grads + optim + activations + logits + receive_buffers + working
+    return StageMemory(layers=n_layers, in_flight=in_flight, weights=weights, gradients=grads, optimizer=optim,
+                       activations=activations, logits=logits, p2p_buffers=receive_buffers, working=working,
+                       total=total)
