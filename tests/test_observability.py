@@ -147,3 +147,14 @@ def test_missing_wandb_is_one_clear_line(data, tmp_path) -> None:
     assert_clear_error(outcome, names="logging.wandb_project")
     assert "pip install wandb" in outcome.stderr and not (run / "metrics.jsonl").exists()
 
+
+
+def test_online_wandb_without_a_login_is_one_clear_line(data, tmp_path, monkeypatch) -> None:
+    """logging.wandb_mode=online with no API key: exit 2 naming the option and the offline alternative."""
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    run = tmp_path / "run"
+    outcome = run_bounded(python("-m", "phi1.train", *overrides(data, run, **{"logging.wandb_project": "p"})),
+                          timeout_s=240, memory_mb=None, env={"HOME": str(tmp_path / "home"), "WANDB_SILENT": "true"})
+    assert_clear_error(outcome, names="logging.wandb_project")
+    assert "logging.wandb_mode=offline" in outcome.stderr and not (run / "latest").exists()

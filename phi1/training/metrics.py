@@ -87,6 +87,7 @@ class MetricsSink:
 
         Raises:
             ImportError: wandb_project is set and wandb is not installed (train() checks this on every rank first).
+            ValueError: W&B refused to start the run (an online run without an API key), naming the option.
         """
         self.enabled = enabled
         self.writer = None
@@ -110,8 +111,14 @@ class MetricsSink:
 
             if wandb_dir:
                 Path(wandb_dir).mkdir(parents=True, exist_ok=True)
-            self.wandb_run = wandb.init(project=wandb_project, name=wandb_run_name, mode=wandb_mode, dir=wandb_dir,
-                                        config=wandb_config)
+            try:
+                self.wandb_run = wandb.init(project=wandb_project, name=wandb_run_name, mode=wandb_mode,
+                                            dir=wandb_dir, config=wandb_config)
+            except wandb.errors.Error as error:  # no API key, no network for an online run, a bad setting
+                self.close()
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                raise ValueError(f"logging.wandb_project: W&B could not start a {wandb_mode} run ({reason}); log in "
+                                 "with `wandb login` or set WANDB_API_KEY, or set logging.wandb_mode=offline") from None
             self.wandb_path = Path(self.wandb_run.dir).parent  # the run's folder; `files/` is inside it
 
     def write(self, record: dict, console: str | None = None) -> None:
