@@ -11,7 +11,7 @@ What holds the server up under load and against slow or hostile clients (all set
 - A request's line and headers must arrive within `header_timeout_s` of the connection opening (or of the
   previous response on a kept-alive connection), whatever the client trickles: uvicorn itself has no such
   deadline (its keep-alive timer is reset by every byte), so `DeadlineH11Protocol` adds one. The client then
-  gets 408 and the connection is closed. h11 caps the request line and headers at 16 KiB (400 beyond).
+  gets 408 and the connection is closed. h11 answers 400 to a request head still incomplete past 16 KiB.
 - The body must arrive within `body_timeout_s` (408 and close) and be at most `max_body_bytes` (413; the
   rest of a larger body is read and dropped first, up to a bound, so that the client sees the answer instead of
   a reset). The JSON may nest at most `max_json_depth` levels (400).
