@@ -164,3 +164,14 @@ def test_empty_sequences_within_allowance_still_load(tmp_path) -> None:
     prefix = _dataset(tmp_path / "data", [[]] * 5000 + [[3, 4]])
     dataset = IndexedDataset(prefix)
     assert len(dataset) == 5001 and dataset.num_tokens == 2
+
+
+def test_absurd_epoch_count_refused_at_once(tmp_path) -> None:
+    """A paper-length schedule on a 3-token corpus would build billions of permutations; it is refused at once."""
+    from phi1.data.gpt_dataset import GPTDataset
+
+    dataset = IndexedDataset(_dataset(tmp_path / "tiny", [[1, 2, 3]]))
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=r"tiny: the train split holds 3 tokens; .* need 682666667 passes"):
+        GPTDataset(dataset, np.arange(1), 2048, 1_000_000, seed=0)
+    assert time.perf_counter() - started < 1

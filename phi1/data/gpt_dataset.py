@@ -177,6 +177,25 @@ def load_or_build_sample_indices(
     return SampleIndices(*(np.load(paths[name], mmap_mode="r") for name in _INDEX_NAMES))
 
 
+# Beyond these the index arrays would take minutes to build or more memory than a node has: a run asking for
+# that many passes over its data is misconfigured (a paper-length schedule on a toy corpus), not a workload.
+MAX_EPOCHS = 100_000
+MAX_DOCUMENT_INDEX_ENTRIES = 1 << 32
+
+
+def _check_epochs(indexed: IndexedDataset, document_ids: np.ndarray, seq_len: int, num_samples: int, name: str) -> None:
+    tokens = int(indexed.sizes[document_ids].sum(dtype=np.int64)) if document_ids.size else 0
+    if tokens <= 0:
+        raise ValueError(f"{indexed.prefix}: the {name} split holds no tokens; check data.split or the dataset")
+    epochs = epochs_needed(tokens, seq_len, num_samples)
+    if epochs > MAX_EPOCHS or epochs * document_ids.size > MAX_DOCUMENT_INDEX_ENTRIES:
+        raise ValueError(
+            f"{indexed.prefix}: the {name} split holds {tokens} tokens; {num_samples} samples of {seq_len} tokens "
+            f"need {epochs} passes over it (at most {MAX_EPOCHS}); use more data, or fewer schedule.train_steps / "
+            "eval.iters"
+        )
+
+
 class GPTDataset(torch.utils.data.Dataset):
     """Packed samples of `seq_len + 1` tokens from a range of documents of an indexed dataset.
 
@@ -212,6 +231,7 @@ class GPTDataset(torch.utils.data.Dataset):
         self.num_samples = int(num_samples)
         self.name = name
         sizes = indexed.sizes
+        _check_epochs(indexed, np.asarray(document_ids, dtype=np.int64), seq_len, num_samples, name)
         if cache_dir is None:
             indices = build_sample_indices(sizes, document_ids, seq_len, num_samples, seed)
         else:

@@ -141,6 +141,8 @@ class PackedExerciseDataset(torch.utils.data.Dataset):
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch not in self._permutations:
+            # Only the current epoch's order is kept: many epochs over a small file would otherwise grow memory.
+            self._permutations.clear()
             self._permutations[epoch] = np.random.RandomState((self.seed + 7919 * epoch) % 2**32).permutation(self.samples_per_epoch)
         return self._permutations[epoch]
 
