@@ -37,7 +37,7 @@ setup(
         "tiktoken>=0.6",
         "ninja>=1.11",  # torch.utils.cpp_extension builds csrc/fused_ops with it (python -m phi1.ops)
         "tensorboard>=2.14",  # training logs here by default (logging.tensorboard_dir)
-        "fastapi>=0.110",  # phi1-serve: the ASGI app
+        "starlette>=0.37",  # phi1-serve: the ASGI app
         "uvicorn>=0.29",  # phi1-serve: the HTTP server (timeouts, backlog, concurrency limit)
         "pydantic>=2.5",  # phi1-serve: request schemas
     ],
