@@ -9,7 +9,13 @@ exact bits (float.hex: inf, nan and -0.0 too) and ints of any size round-trip (h
     ["i", "0x1f"]  int             ["f", "0x1.8p+1"]  float     ["c", "0x0p+0", "0x1p+0"]  complex
     ["s", "text"]  str             ["b", "AAE="]      bytes     ["l", [...]] list   ["t", [...]] tuple
     ["S", [...]]   set             ["F", [...]]       frozenset ["d", [[key, value], ...]] dict
+    ["T", "int"]   one of the plain types itself (MBPP/533 passes `int` as an argument)
+    ["o", "re.Match", true]        any other object, as an `Opaque` stand-in: its type name and truth value
     null, true, false              None, True, False
+
+A return value of another type (a `re.Match` that MBPP/737's test only checks for truth) arrives as an
+`Opaque`: true or false as the original was, equal only to itself, with no other behaviour. It cannot pass any
+test that a plain True or False could not pass.
 
 `decode` is the trusted side's only way in: it builds objects of exactly those types from a bounded JSON text,
 so no object made by model code (an `__eq__` that is always true, a str subclass, a proxy) can reach a
@@ -41,8 +47,25 @@ class PlainDataError(ValueError):
     """A value that is not plain data, or a message that is not a valid encoding of one."""
 
 
+class Opaque:
+    """Stand-in for a returned object that is not plain data: only its type name and truth value came across."""
+
+    __slots__ = ("type_name", "truth")
+
+    def __init__(self, type_name: str, truth: bool) -> None:
+        self.type_name, self.truth = type_name, truth
+
+    def __bool__(self) -> bool:
+        return self.truth
+
+    def __repr__(self) -> str:
+        return f"<{self.type_name} object ({'true' if self.truth else 'false'})>"
+
+
 _SEQUENCE_TAGS = {"l": list, "t": tuple, "S": set, "F": frozenset}
 _TAG_OF_SEQUENCE = {list: "l", tuple: "t", set: "S", frozenset: "F"}
+_TYPES = {kind.__name__: kind for kind in (bool, int, float, complex, str, bytes, list, tuple, set, frozenset, dict,
+                                           type(None))}
 
 
 def encode(value, _depth: int = 0):
@@ -66,6 +89,8 @@ def encode(value, _depth: int = 0):
         return [_TAG_OF_SEQUENCE[kind], [encode(item, _depth + 1) for item in value]]
     if kind is dict:
         return ["d", [[encode(key, _depth + 1), encode(item, _depth + 1)] for key, item in value.items()]]
+    if kind is type and _TYPES.get(value.__name__) is value:
+        return ["T", value.__name__]
     raise PlainDataError(f"a {kind.__module__}.{kind.__qualname__} is not plain data")
 
 
@@ -76,6 +101,8 @@ def _to_plain(value, depth: int):
     kind = type(value)
     if value is None or kind in (bool, int, float, complex, str, bytes):
         return value
+    if kind is type and _TYPES.get(value.__name__) is value:
+        return value
     if kind in _TAG_OF_SEQUENCE:
         return kind(_to_plain(item, depth + 1) for item in value)
     if kind is dict:
@@ -84,8 +111,6 @@ def _to_plain(value, depth: int):
         return _to_plain(value.item(), depth + 1)
     # Subclasses keep their base value, never their own methods: an int subclass whose __eq__ is always true
     # arrives as the int it holds.
-    if isinstance(value, bool):
-        return bool(int.__int__(value))
     if isinstance(value, int):
         return int.__int__(value)
     if isinstance(value, float):
@@ -105,8 +130,15 @@ def _to_plain(value, depth: int):
 
 
 def encode_lenient(value):
-    """`encode` after turning subclasses of plain types and NumPy scalars into plain values."""
-    return encode(_to_plain(value, 0))
+    """`encode` after turning subclasses of plain types and NumPy scalars into plain values; a top-level value
+    of any other type becomes an opaque record (type name and truth value)."""
+    try:
+        return encode(_to_plain(value, 0))
+    except PlainDataError:
+        kind = type(value)
+        if isinstance(value, (int, float, complex, str, bytes, list, tuple, set, frozenset, dict)):
+            raise  # a plain value nested too deep, or holding something that is not plain
+        return ["o", f"{kind.__module__}.{kind.__qualname__}"[:200], bool(value)]
 
 
 def _float(text) -> float:
@@ -158,6 +190,10 @@ class _Decoder:
                 return _SEQUENCE_TAGS[tag](items)
             except TypeError as error:  # an unhashable member of a set
                 raise PlainDataError(f"bad {_SEQUENCE_TAGS[tag].__name__}: {error}") from None
+        if tag == "o" and len(data) == 3 and type(data[1]) is str and type(data[2]) is bool:
+            return Opaque(data[1][:200], data[2])
+        if tag == "T" and len(data) == 2 and type(data[1]) is str and data[1] in _TYPES:
+            return _TYPES[data[1]]
         if tag == "d" and len(data) == 2 and type(data[1]) is list:
             result = {}
             for pair in data[1]:
@@ -216,12 +252,15 @@ def close_enough(actual, expected, atol: float, rtol: float = 1e-7) -> bool:
     """Whether two (nested) numeric values agree within `atol` + `rtol` * |expected|, element by element, like
     numpy.testing.assert_allclose: same shape, nan equal to nan, infinities equal only to themselves."""
     numeric = (int, float)
-    if type(actual) in numeric and type(expected) in numeric and type(actual) is not bool:
-        if math.isnan(actual) or math.isnan(expected):
-            return math.isnan(actual) and math.isnan(expected)
-        if math.isinf(actual) or math.isinf(expected):
+    if type(actual) in numeric and type(expected) in numeric:
+        try:
+            if math.isnan(actual) or math.isnan(expected):
+                return math.isnan(actual) and math.isnan(expected)
+            if math.isinf(actual) or math.isinf(expected):
+                return actual == expected
+            return abs(actual - expected) <= atol + rtol * abs(expected)
+        except OverflowError:  # ints beyond float range
             return actual == expected
-        return abs(actual - expected) <= atol + rtol * abs(expected)
     if type(actual) in (list, tuple) and type(expected) in (list, tuple):
         return len(actual) == len(expected) and all(
             close_enough(a, e, atol, rtol) for a, e in zip(actual, expected))

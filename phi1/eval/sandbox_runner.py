@@ -392,7 +392,11 @@ def make_proxy(name: str, channel: LineChannel, state: dict):
                 for ancestor in answer["raised"]:
                     cls = getattr(builtins, str(ancestor), None)
                     if isinstance(cls, type) and issubclass(cls, Exception):
-                        raise cls(message)
+                        try:
+                            error = cls(message)
+                        except Exception:  # UnicodeDecodeError and the like take other arguments: try its base
+                            continue
+                        raise error
                 raise CandidateError(message)
             if "unencodable" in answer:
                 raise plain_data.PlainDataError(

@@ -88,19 +88,33 @@ class Problem:
         """(prelude, test, proxied names) for `phi1.eval.sandbox.run_checked`.
 
         HumanEval: the prompt (helpers such as `poly`) is the prelude and the entry point is proxied. MBPP: the
-        names the asserts call without defining them are proxied; names they only use as `name.attribute`
-        (`math.isclose`, which the whole program would get from the completion's `import math`) are imported.
+        names the asserts call and neither define nor find in builtins are proxied, and so are builtin names the
+        reference solution defines (MBPP/126 tests a function named `sum`); a completion that shadows any other
+        builtin (`set`, `sorted`) does not change the test. Names the asserts only use as `name.attribute`
+        (`math.isclose`, which the whole program gets from the completion's `import math`) are imported.
         """
         if self.suite == "humaneval":
             return self.prompt, self.test + "\n" + f"check({self.entry_point})", [self.entry_point]
-        modules, functions = [], []
         tree = ast.parse(self.test)
         called = {node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call)
                   and isinstance(node.func, ast.Name)}
+        modules, functions = [], []
         for name in free_names(self.test):
             (functions if name in called else modules).append(name)
+        functions += [name for name in top_level_definitions(self.reference or "")
+                      if name in called and name not in functions and hasattr(builtins, name)]
         prelude = "".join(f"try:\n    import {name}\nexcept ImportError:\n    pass\n" for name in modules)
         return prelude, self.test, functions
+
+
+def top_level_definitions(code: str) -> list[str]:
+    """Names of the functions and classes `code` defines at top level ([] when it does not parse)."""
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return []
+    return [node.name for node in tree.body
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
 
 
 def top_level_imports(code: str) -> str:
