@@ -87,6 +87,44 @@ def test_cache_is_reused(tmp_path) -> None:
     assert len(os.listdir(tmp_path / "cache")) == 8  # a different sample count is a different key
 
 
+def _tamper_shuffle_range(path) -> None:
+    array = np.load(path)
+    array[3] = 10**9
+    np.save(path, array)
+
+
+def _tamper_shape(path) -> None:
+    np.save(path, np.load(path)[:-1])
+
+
+def _tamper_garbage(path) -> None:
+    with open(path, "wb") as handle:
+        handle.write(b"\x93NUMPY garbage that is not an array")
+
+
+def _tamper_sample_offsets(path) -> None:
+    array = np.load(path)
+    array[5, 1] = 10**6
+    np.save(path, array)
+
+
+@pytest.mark.parametrize("name, tamper, words", [
+    ("shuffle_index", _tamper_shuffle_range, "sample numbers out of range"),
+    ("shuffle_index", _tamper_shape, "shape"),
+    ("document_index", _tamper_garbage, "unreadable index cache"),
+    ("sample_index", _tamper_sample_offsets, "offsets beyond their documents"),
+])
+def test_damaged_index_cache_is_refused_naming_the_file(tmp_path, name, tamper, words) -> None:
+    _make_corpus(tmp_path / "c")
+    indexed = IndexedDataset(tmp_path / "c")
+    GPTDataset(indexed, np.arange(100), 32, 50, seed=0, cache_dir=tmp_path / "cache")
+    path = next(p for p in (tmp_path / "cache").iterdir() if p.name.endswith(f"-{name}.npy"))
+    tamper(path)
+    with pytest.raises(ValueError, match=words) as raised:
+        GPTDataset(indexed, np.arange(100), 32, 50, seed=0, cache_dir=tmp_path / "cache")
+    assert str(path) in str(raised.value)
+
+
 def _rank_main(rank: int, world_size: int, prefix: str, cache_dir: str, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)

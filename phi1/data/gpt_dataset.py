@@ -174,7 +174,48 @@ def load_or_build_sample_indices(
     _barrier()
     if not complete():  # the builder wrote to a file system this node does not see
         build_and_save()
-    return SampleIndices(*(np.load(paths[name], mmap_mode="r") for name in _INDEX_NAMES))
+    loaded = {}
+    for name in _INDEX_NAMES:
+        try:
+            loaded[name] = np.load(paths[name], mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise ValueError(f"{paths[name]}: unreadable index cache ({e}); delete it to have it rebuilt") from None
+    indices = SampleIndices(*(loaded[name] for name in _INDEX_NAMES))
+    _check_cached_indices(indices, paths, sizes, document_ids, num_samples)
+    return indices
+
+
+def _check_cached_indices(indices: SampleIndices, paths: dict[str, str], sizes: np.ndarray, document_ids: np.ndarray,
+                          num_samples: int) -> None:
+    """Refuses cache files that do not describe this split (damaged, edited, or from another dataset).
+
+    Every sample read goes through these arrays, so a wrong value would read other tokens or out of bounds.
+    The checks are vectorised over arrays the size of the run.
+    """
+    document_index, sample_index, shuffle_index = indices.document_index, indices.sample_index, indices.shuffle_index
+    problem = None
+    if document_index.dtype != np.int64 or document_index.ndim != 1 or document_index.size == 0:
+        problem = ("document_index", f"dtype {document_index.dtype}, shape {document_index.shape}")
+    elif sample_index.dtype != np.int64 or sample_index.shape != (num_samples + 1, 2):
+        problem = ("sample_index", f"dtype {sample_index.dtype}, shape {sample_index.shape}, expected "
+                                   f"({num_samples + 1}, 2) int64")
+    elif shuffle_index.dtype != np.int64 or shuffle_index.shape != (num_samples,):
+        problem = ("shuffle_index", f"dtype {shuffle_index.dtype}, shape {shuffle_index.shape}")
+    elif document_ids.size and (int(document_index.min()) < int(document_ids.min())
+                                or int(document_index.max()) > int(document_ids.max())):
+        problem = ("document_index", "documents outside this split")
+    elif num_samples and (int(shuffle_index.min()) < 0 or int(shuffle_index.max()) >= num_samples):
+        problem = ("shuffle_index", "sample numbers out of range")
+    else:
+        positions, offsets = sample_index[:, 0], sample_index[:, 1]
+        if int(positions.min()) < 0 or int(positions.max()) >= document_index.size or int(offsets.min()) < 0:
+            problem = ("sample_index", "positions out of range")
+        elif np.any(offsets > sizes[document_index[positions]]):
+            problem = ("sample_index", "offsets beyond their documents")
+    if problem is not None:
+        name, what = problem
+        raise ValueError(f"{paths[name]}: index cache does not match its dataset ({what}); it is damaged or was "
+                         "edited: delete it (or the whole index-cache directory) to have it rebuilt")
 
 
 # Beyond these the index arrays would take minutes to build or more memory than a node has: a run asking for
