@@ -123,6 +123,6 @@ def test_train_then_filter_shards_with_two_workers(tmp_path, nano_dir, capsys) -
     other = tmp_path / "other"
     shutil.copytree(nano_dir, other)
     (other / "config.json").write_text((other / "config.json").read_text() + " ")
-    with pytest.raises(SystemExit, match="not the checkpoint"):
+    with pytest.raises(ValueError, match="not the checkpoint"):  # a UserError: run_cli prints it, exit 2
         main(["filter", "--classifier", str(tmp_path / "cls"), "--input", *shards, "--output-dir",
               str(tmp_path / "out2"), "--embedding-model", str(other)])
