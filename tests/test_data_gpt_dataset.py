@@ -195,3 +195,21 @@ def test_micro_batch_sampler_resumes() -> None:
     assert list(MicroBatchSampler(40, 36, 3, 1, 2, drop_last=False)) == [[39]]
     with pytest.raises(ValueError):
         MicroBatchSampler(40, 40, 3, 0, 2)
+
+
+@pytest.mark.parametrize("split", ["nan,1,1", "inf,1", "1,,2", "a,b", "", "1,2,3,4", "0,0,0", "-1,2"])
+def test_bad_split_names_the_option(split) -> None:
+    from phi1.data.gpt_dataset import parse_split
+
+    with pytest.raises(ValueError, match="data.split"):
+        parse_split(split)
+
+
+@pytest.mark.parametrize("path", ["nan a 1 b", "inf a 1 b", "0 a 1 b", "x a 1 b", "1 a 2"])
+def test_bad_blend_weights_name_the_option(path) -> None:
+    with pytest.raises(ValueError, match="data.path"):
+        parse_data_path(path)
+
+
+def test_huge_blend_weights_do_not_overflow() -> None:
+    assert parse_data_path("1e308 a 1e308 b") == (["a", "b"], [0.5, 0.5])

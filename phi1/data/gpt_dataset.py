@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -41,9 +42,12 @@ def parse_split(split: str | Sequence[float]) -> list[float]:
     Raises:
         ValueError: negative parts, more than three, or all zero.
     """
-    parts = [float(p) for p in split.replace("/", ",").split(",")] if isinstance(split, str) else list(split)
-    if len(parts) > 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise ValueError(f"split {split!r}: need up to three non-negative numbers, not all zero, e.g. '969,30,1'")
+    try:
+        parts = [float(p) for p in split.replace("/", ",").split(",")] if isinstance(split, str) else [float(p) for p in split]
+    except (TypeError, ValueError):
+        parts = []
+    if not parts or len(parts) > 3 or not all(math.isfinite(p) and p >= 0 for p in parts) or sum(parts) <= 0:
+        raise ValueError(f"data.split {split!r}: need up to three non-negative numbers, not all zero, e.g. '969,30,1'")
     parts += [0.0] * (3 - len(parts))
     total = sum(parts)
     return [p / total for p in parts]
@@ -328,16 +332,18 @@ def parse_data_path(prefixes_and_weights: str | Sequence) -> tuple[list[str], li
     if len(tokens) == 1:
         return tokens, [1.0]
     if len(tokens) % 2:
-        raise ValueError(f"data path {prefixes_and_weights!r}: expected 'WEIGHT PREFIX WEIGHT PREFIX ...'")
+        raise ValueError(f"data.path {prefixes_and_weights!r}: expected 'WEIGHT PREFIX WEIGHT PREFIX ...'")
     weights, prefixes = [], []
     for weight, prefix in zip(tokens[0::2], tokens[1::2]):
         try:
             weights.append(float(weight))
         except ValueError:
-            raise ValueError(f"data path: weight {weight!r} before {prefix!r} is not a number") from None
-        if weights[-1] <= 0:
-            raise ValueError(f"data path: weight {weight} of {prefix!r} must be positive")
+            raise ValueError(f"data.path: weight {weight!r} before {prefix!r} is not a number") from None
+        if not math.isfinite(weights[-1]) or weights[-1] <= 0:
+            raise ValueError(f"data.path: weight {weight} of {prefix!r} must be a positive, finite number")
         prefixes.append(prefix)
+    if not math.isfinite(sum(weights)):  # huge weights that add up to infinity: scale them first
+        weights = [w / max(weights) for w in weights]
     total = sum(weights)
     return prefixes, [w / total for w in weights]
 
