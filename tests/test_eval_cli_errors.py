@@ -110,6 +110,17 @@ def test_bad_problem_file(tmp_path, name):
     assert message in outcome.stderr, outcome.describe()
 
 
+@pytest.mark.parametrize("device", ["gpu0", "cuda:7"])
+def test_bad_device(tmp_path, device):
+    from phi1.eval.toy_model import build_toy_model_dir
+
+    model_dir = build_toy_model_dir(tmp_path / "model", "phi-1-nano", max_seq_len=128,
+                                    texts=["def f(x):\n    return x\n"] * 50)
+    outcome = run_bounded(python("-m", "phi1.eval", "--model", str(model_dir), "--limit", "1", "--device", device,
+                                 "--quiet", "--output-dir", str(tmp_path / "out")), timeout_s=120)
+    assert_clear_error(outcome, names="--device")
+
+
 @pytest.mark.slow
 def test_max_new_tokens_default_fits_the_context_and_too_many_is_refused(tmp_path):
     from phi1.eval.harness import default_max_new_tokens

@@ -113,6 +113,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _device(name: str):
+    """The torch device named by --device; raises UserError for a malformed name or one this machine lacks."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: not a device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible); "
+                        "use --device cpu")
+    return device
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m phi1.eval` and `phi1-eval`; returns the exit status."""
     die_with_launcher()  # a rank whose torchrun is killed stops too (phi1/parallel/launcher.py)
@@ -127,13 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.samples is not None:
         samples = read_samples(args.samples, problems)
     else:
-        import torch
-
         from phi1.eval.loading import check_vocab, load_model, load_tokenizer
         from phi1.parallel.state import destroy_distributed, init_distributed
 
         state = init_distributed()
-        device = torch.device(args.device) if args.device and state.world_size == 1 else state.device
+        device = _device(args.device) if args.device and state.world_size == 1 else state.device
         model = load_model(args.model, device=str(device), dtype=args.dtype)
         tokenizer = load_tokenizer(args.model, args.tokenizer_type, args.tokenizer_model)
         check_vocab(model, tokenizer, args.model)
