@@ -33,6 +33,7 @@ from phi1.parallel.pipeline import (
     stages_of_rank,
 )
 from phi1.parallel.spawn import run_on_gloo
+from phi1.planning.pipeline import bubble_fraction, in_flight_chunks, p2p_bytes_per_step, stage_memory
 
 CONFIG = get_preset("phi-1-nano", n_layer=4)
 MICRO, SEQ, GLOBAL, STEPS = 2, 16, 8, 10
@@ -77,7 +78,18 @@ def _one_process() -> tuple[list[float], dict[str, torch.Tensor], float]:
         if step == 0:
             first_norm = norm
         optimizer.step()
+    losses.append(_eval_loss(model))
     return losses, grads, first_norm
+
+
+@torch.no_grad()
+def _eval_loss(model: PhiForCausalLM) -> float:
+    """Mean micro-batch loss on the first batch, dropout off: what validation reports."""
+    model.eval()
+    input_ids, labels = _batches()[0]
+    accum = GLOBAL // MICRO
+    return sum(model(input_ids[m * MICRO : (m + 1) * MICRO], labels=labels[m * MICRO : (m + 1) * MICRO]).loss.item()
+               for m in range(accum)) / accum
 
 
 def _pipeline_worker(rank: int, world_size: int, tp: int, pp: int, schedule: str, virtual: int, sp: bool) -> dict:
@@ -90,7 +102,7 @@ def _pipeline_worker(rank: int, world_size: int, tp: int, pp: int, schedule: str
     rows = GLOBAL // groups.dp_size
     runner = PipelineRunner(
         chunks, groups, stage_loss_fn(chunks), n_microbatches=rows // MICRO, micro_batch_size=MICRO, seq_len=SEQ,
-        schedule=schedule, optimizer=optimizer, grad_clip=CLIP,
+        schedule=schedule, optimizer=optimizer, grad_clip=CLIP, timed=True,
     )
     share = slice(groups.dp_rank * rows, (groups.dp_rank + 1) * rows)
     losses, grads, norms = [], {}, []
@@ -107,7 +119,13 @@ def _pipeline_worker(rank: int, world_size: int, tp: int, pp: int, schedule: str
             assert not result.skipped
             losses.append(result.loss)
             norms.append(result.grad_norm)
-    return {"losses": losses, "grads": grads, "norms": norms, "coords": [groups.dp_rank, groups.pp_rank, groups.tp_rank]}
+        in_flight = runner.last_timing.peak_in_flight
+    for chunk in chunks:
+        chunk.eval()
+    input_ids, labels = _batches()[0]
+    losses.append(runner.eval_loss(input_ids[share], labels[share]))  # validation, after the 10 steps
+    return {"losses": losses, "grads": grads, "norms": norms, "in_flight": in_flight,
+            "coords": [groups.dp_rank, groups.pp_rank, groups.tp_rank]}
 
 
 def _gather_full_grads(results: list[dict], tp: int) -> dict[str, torch.Tensor]:
@@ -155,20 +173,25 @@ def test_pipeline_matches_one_process(layout, one_process):
         _pipeline_worker, case["world"], case["tp"], case["pp"], case["schedule"], case["virtual"], case["sp"],
         timeout_s=600,
     )
+    rows = GLOBAL // (case["world"] // (case["tp"] * case["pp"]))
     for result in results:  # the last stage's loss reaches every rank
         assert result["losses"] == results[0]["losses"]
         assert result["norms"] == pytest.approx(results[0]["norms"], rel=1e-12)
+        # activations held at once, as the planner predicts for this rank
+        pp_rank = result["coords"][1]
+        assert result["in_flight"] == in_flight_chunks(pp_rank, case["pp"], rows // MICRO, case["schedule"], case["virtual"])
     losses = results[0]["losses"]
-    assert len(losses) == STEPS
+    assert len(losses) == STEPS + 1  # 10 training steps, then a validation pass
     for step, (got, want) in enumerate(zip(losses, ref_losses)):
-        assert abs(got - want) <= LOSS_RTOL * abs(want), f"{layout} step {step + 1}: loss {got} vs one process {want}"
+        what = f"step {step + 1}" if step < STEPS else "validation after the steps"
+        assert abs(got - want) <= LOSS_RTOL * abs(want), f"{layout} {what}: loss {got} vs one process {want}"
     assert results[0]["norms"][0] == pytest.approx(ref_norm, rel=1e-5)
     grads = _gather_full_grads(results, case["tp"])
     assert sorted(grads) == sorted(ref_grads), "the stages together must hold exactly the model's parameters"
     for name, want in ref_grads.items():
         err = (grads[name] - want).abs().max().item()
         assert err <= GRAD_ATOL, f"{layout}: gradient of {name} off by {err:.3e}"
-    assert losses[-1] < losses[0] - 0.3, "the 10 steps must actually train"
+    assert losses[STEPS - 1] < losses[0] - 0.3, "the 10 steps must actually train"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -323,3 +346,72 @@ def test_config_refuses_pipeline_layouts_with_the_reason(overrides, names):
         timeout_s=120,
     )
     assert_clear_error(outcome, names=names)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Planner formulas
+
+
+def test_bubble_fraction_formulas():
+    assert bubble_fraction(2, 4) == pytest.approx(1 / 5)
+    assert bubble_fraction(4, 8, "1f1b") == pytest.approx(3 / 11)
+    assert bubble_fraction(4, 8, "gpipe") == pytest.approx(3 / 11)
+    assert bubble_fraction(4, 8, "interleaved", virtual_stages=2) == pytest.approx(3 / 19)
+    assert bubble_fraction(1, 8) == 0.0
+    with pytest.raises(ValueError, match="must be one of"):
+        bubble_fraction(2, 4, "zb")
+
+
+def test_in_flight_activations_per_rank():
+    # 1F1B: rank r holds P - r micro-batches, the first rank P, whatever m >= P.
+    assert [in_flight_chunks(r, 4, 8) for r in range(4)] == [4, 3, 2, 1]
+    assert [in_flight_chunks(r, 4, 8, "gpipe") for r in range(4)] == [8] * 4
+    # Interleaved, Megatron's count for the first rank: V P + P - 1 chunk micro-batches of L / (P V) layers,
+    # i.e. P (1 + (P - 1) / (P V)) micro-batches of the rank's L / P layers.
+    assert in_flight_chunks(0, 4, 8, "interleaved", 2) == 2 * 4 + 4 - 1
+    assert in_flight_chunks(3, 4, 8, "interleaved", 2) == 5
+    assert in_flight_chunks(0, 4, 4, "interleaved", 2) == 8  # capped at all V m chunk micro-batches
+
+
+def _planner_layout(**changes):
+    from phi1.planning.memory import Layout
+
+    return Layout(**{"micro_batch_size": 2, "seq_len": 2048, "precision": "bf16", "gpu": True, **changes})
+
+
+def test_stage_memory_first_stage_holds_p_micro_batches():
+    from phi1.planning.memory import saved_bytes_per_layer
+
+    config = get_preset("phi-1")
+    layout = _planner_layout()
+    per_layer = saved_bytes_per_layer(config, layout)
+    stages = [stage_memory(config, layout, 4, r, micro_batches=8) for r in range(4)]
+    assert [s.layers for s in stages] == [6, 6, 6, 6]
+    assert [s.in_flight for s in stages] == [4, 3, 2, 1]
+    for rank, stage in enumerate(stages):
+        assert stage.activations == pytest.approx((4 - rank) * 6 * per_layer)
+    assert stages[0].logits == 0 and stages[-1].logits > 0
+    assert stages[0].weights > stages[1].weights  # the embedding
+    assert stages[-1].weights > stages[1].weights  # the lm_head
+    # torch's receive buffers: m activations in (not on the first rank) and m gradients in (not on the last).
+    message = 2 * 2048 * config.d_model * 4
+    assert [s.p2p_buffers for s in stages] == [8 * message, 16 * message, 16 * message, 8 * message]
+    assert stages[0].total > stages[1].total > stages[2].total
+    # Activation checkpointing keeps only the block inputs.
+    checkpointed = stage_memory(config, _planner_layout(activation_checkpointing=True), 4, 0, micro_batches=8)
+    assert checkpointed.activations < stages[0].activations / 4
+    with pytest.raises(ValueError, match="virtual_stages >= 2"):
+        stage_memory(config, layout, 4, 0, micro_batches=8, schedule="interleaved")
+
+
+def test_p2p_bytes_per_step():
+    config = get_preset("phi-1")
+    layout = _planner_layout(precision="fp32", tensor_parallel=2, sequence_parallel=True, data_parallel=2)
+    traffic = p2p_bytes_per_step(config, layout, pipeline_parallel=4, micro_batches=8)
+    message = 2 * (2048 / 2) * config.d_model * 4  # a sequence shard under SP, fp32
+    assert traffic.message == message
+    assert traffic.per_rank == 2 * 8 * message  # a middle rank: m activations forward, m gradients backward
+    assert traffic.total == 2 * 3 * 8 * message * 2 * 2  # 3 boundaries, both ways, every TP and DP replica
+    interleaved = p2p_bytes_per_step(config, layout, pipeline_parallel=4, micro_batches=8, virtual_stages=2)
+    assert interleaved.total == 2 * 7 * 8 * message * 4  # V = 2 doubles the boundaries (7 instead of 3)
+    assert p2p_bytes_per_step(config, layout, 1, 8).total == 0
