@@ -98,6 +98,20 @@ def test_preprocess_bad_tokenizer_names_it(tokenizer_case, tmp_path) -> None:
     assert_clear_error(outcome, names=str(tokenizer))
 
 
+@pytest.mark.parametrize("options, named", [
+    (["--json-keys", "../outside"], "--json-keys"),
+    (["--json-keys", "text", "text"], "--json-keys"),
+    (["--workers", "0"], "--workers"),
+    (["--workers", "100000"], "--workers"),
+    (["--max-document-chars", "0"], "--max-document-chars"),
+])
+def test_preprocess_bad_option_names_it(options, named, word_tokenizer, tmp_path) -> None:
+    corpus = _write(tmp_path / "c.jsonl", ("\n".join(GOOD) + "\n").encode())
+    outcome = _preprocess(corpus, tmp_path / "sub" / "out", word_tokenizer, *options)
+    assert_clear_error(outcome, names=named)
+    assert not (tmp_path / "outside_document.bin").exists() and not list(tmp_path.glob("sub/*"))
+
+
 # name -> (the bad line, as bytes; words of its report)
 BAD_LINES = {
     "not_utf8": (b'{"text": "caf\xe9 w1"}', "not UTF-8"),

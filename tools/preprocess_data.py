@@ -463,6 +463,13 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"--workers {args.workers}: more than 4 per CPU core ({max_workers}); use at most the "
                         "number of cores")
     _check_input(args.input)
+    for key in args.json_keys:
+        # The key becomes part of the output file names: it must not lead out of the output directory.
+        if not key or key in (".", "..") or any(char in key for char in "/\\\x00") or len(key) > 100:
+            raise UserError(f"--json-keys {key!r}: a key names the output files ({{prefix}}_{{key}}_document.bin); "
+                            "use a plain field name without '/', '\\' or NUL, at most 100 characters")
+    if len(set(args.json_keys)) != len(args.json_keys):
+        raise UserError(f"--json-keys {' '.join(args.json_keys)}: a key is given twice")
     args.tokenizer_type = resolve_tokenizer_type(args)
     return preprocess(args, command=["tools/preprocess_data.py", *arguments])
 
