@@ -8,6 +8,7 @@ equal work. Rank 0 gathers the completions, executes them and writes the reports
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -222,16 +223,23 @@ class _Judge:
     """BY_OUTPUTS: the reference's answer to each input."""
     reference_passed: bool | None = None
     """Whether the reference solution passed (None: the problem has none)."""
+    reference_time_s: float = 0.0
+    """BY_OUTPUTS: wall time of the reference on all inputs (each sample may take 4 times as long, plus 1 s)."""
 
 
 def _calibrate(problem: Problem, sandbox: SandboxConfig) -> _Judge:
     """Run the reference solution to choose the problem's judging; see phi1/eval/sandbox.py."""
     if problem.inputs is not None:
+        # EvalPlus's plus inputs can take the reference seconds: give it room, then give each sample a time
+        # limit scaled from the reference's own time, as EvalPlus does per input.
+        generous = dataclasses.replace(sandbox, timeout_s=max(60.0, sandbox.timeout_s),
+                                       cpu_time_s=max(60, sandbox.cpu_time_s))
         calls = run_calls(problem.candidate_program(problem.reference or ""),
-                          [(problem.entry_point, args) for args in problem.inputs], sandbox)
+                          [(problem.entry_point, args) for args in problem.inputs], generous)
         ok = calls.status == "completed" and len(calls.answers) == len(problem.inputs) and all(
             answer[0] == "ok" for answer in calls.answers)
-        return _Judge(BY_OUTPUTS, expected=calls.answers if ok else None, reference_passed=ok)
+        return _Judge(BY_OUTPUTS, expected=calls.answers if ok else None, reference_passed=ok,
+                      reference_time_s=calls.wall_time_s)
     if problem.reference is None:
         return _Judge(OUT_OF_PROCESS)
     if run_checked(problem.candidate_program(problem.reference), *problem.checker_code(), sandbox).passed:
@@ -273,8 +281,10 @@ def _judge_sample(problem: Problem, judge: _Judge, completion: str, sandbox: San
         if judge.expected is None:
             return {"passed": False, "base_passed": False, "verdict": BY_OUTPUTS,
                     "result": "failed: the canonical solution did not run on every input (see --data)"}
+        limit = max(sandbox.timeout_s, 4 * judge.reference_time_s + 1)
+        scaled = dataclasses.replace(sandbox, timeout_s=limit, cpu_time_s=max(sandbox.cpu_time_s, int(limit) + 1))
         calls = run_calls(problem.candidate_program(completion),
-                          [(problem.entry_point, args) for args in problem.inputs], sandbox)
+                          [(problem.entry_point, args) for args in problem.inputs], scaled)
         matches = [output_matches(problem, args, actual, expected)
                    for args, actual, expected in zip(problem.inputs, calls.answers, judge.expected)]
         answered = len(matches)
