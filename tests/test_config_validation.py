@@ -151,6 +151,37 @@ def test_contradictions_are_named(data, overrides: list[str], option: str) -> No
     assert any(line.startswith(f"{option}:") for line in lines), lines
 
 
+@pytest.mark.parametrize("overrides, world_size, option", [
+    (["parallel.tensor_parallel=3"], 4, "parallel.tensor_parallel"),  # does not divide the world
+    (["parallel.tensor_parallel=8", "batch.global_batch_size=2", "batch.micro_batch_size=2"], 8,
+     "parallel.tensor_parallel"),  # 4 heads cannot split 8 ways
+    (["parallel.sequence_parallel=true"], 1, "parallel.sequence_parallel"),
+    (["parallel.tensor_parallel=2", "parallel.sequence_parallel=true", "parallel.zero_stage=2"], 4,
+     "parallel.sequence_parallel"),
+    (["parallel.zero_stage=4"], 1, "parallel.zero_stage"),
+    (["optim.betas=[0.9,0.9,0.9]"], 1, "optim.betas"),
+    (["schedule.decay=exponential"], 1, "schedule.decay"),
+    (["optimiser.lr=1e-3"], 1, "optimiser.lr"),
+    (["schedule.train_steps=many"], 1, "schedule.train_steps"),
+    (["model.preset=phi-9"], 1, "model.preset"),
+    (["model.n_layers=2"], 1, "model.n_layers"),
+    (["model.rotary_dim=7"], 1, "model.rotary_dim"),
+    (["model.tie_word_embeddings=true"], 1, "model.tie_word_embeddings"),
+    (["model.attention_backend=triton"], 1, "model.attention_backend"),
+    (["fused_ops=sometimes"], 1, "fused_ops"),
+    (["optim.impl=sgd"], 1, "optim.impl"),
+    (["loss_chunk_size=64", "parallel.zero_stage=3"], 2, "loss_chunk_size"),
+    (["faults.kill_at_iteration=2", "faults.kill_rank=5"], 1, "faults.kill_rank"),
+    (["data.path=/nonexistent/corpus"], 1, "data.path"),
+    (["data.tokenizer_model=/nonexistent/tokenizer.json"], 1, "data.tokenizer_model"),
+    (["checkpoint.load=/nonexistent/run"], 1, "checkpoint.load"),
+    (["finetune.data=/nonexistent/ex.jsonl"], 1, "finetune.data"),
+])
+def test_layout_and_file_problems_are_named(data, overrides: list[str], world_size: int, option: str) -> None:
+    lines = problems_of(nano(data) + overrides, world_size=world_size)
+    assert any(line.startswith(f"{option}:") for line in lines), lines
+
+
 def test_workers_are_bounded_by_the_cores(data) -> None:
     cores = os.cpu_count() or 1
     assert problems_of(nano(data, **{"data.num_workers": 4 * cores})) == []
@@ -280,6 +311,7 @@ HOSTILE_YAML: dict[str, bytes] = {
     "syntax_error": b"optim: {lr: 1e-3\n",
     "tabs": b"optim:\n\tlr: 1.0\n",
     "list_key": b"? [a, b]\n: 1\n",
+    "binary": b"\x00\x01\x02 binary",
 }
 
 
