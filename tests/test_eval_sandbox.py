@@ -282,14 +282,19 @@ def test_unix_sockets_are_refused_even_where_the_file_is_visible(tmp_path_factor
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def test_io_uring_is_refused():
+@pytest.mark.parametrize("call", [
+    "libc.syscall(425, 8, ctypes.create_string_buffer(120))",  # io_uring_setup
+    "libc.ptrace(16, 1, 0, 0)",  # PTRACE_ATTACH to pid 1
+    "libc.syscall(311 if os.uname().machine == 'x86_64' else 271, 1, 0, 0, 0, 0, 0)",  # process_vm_writev
+    "libc.syscall(438, 0, 0, 0)",  # pidfd_getfd
+])
+def test_syscalls_that_reach_other_processes_are_refused(call):
     program = (
         "import ctypes, os\n"
         "libc = ctypes.CDLL(None, use_errno=True)\n"
-        "params = ctypes.create_string_buffer(120)\n"
-        "fd = libc.syscall(425, 8, params)\n"
-        "print('io_uring', fd, ctypes.get_errno())\n"
+        f"result = {call}\n"
+        "print('result', result, ctypes.get_errno())\n"
     )
     result = run_program(program, CONFIG)
     assert result.passed, result.stderr
-    assert "io_uring -1 1" in result.stdout, result.stdout  # EPERM
+    assert "result -1 1" in result.stdout, result.stdout  # EPERM from the filter

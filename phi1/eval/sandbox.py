@@ -51,8 +51,9 @@ The boundary, outermost first (each layer holds when an inner one is bypassed):
    `/var/lock` are replaced by empty tmpfs, so the host's filesystem sockets there are out of sight; every other
    mount is remounted read-only. The IPC namespace hides System V shared memory and message queues.
 3. A seccomp filter refuses `socket(AF_UNIX, ...)` (EACCES) everywhere, so Unix-domain sockets elsewhere in the
-   file system (`/var/lib/...sock`) cannot be reached either; it refuses io_uring, x32 system calls and kills a
-   process that makes system calls of another ABI (i386 `int 0x80`).
+   file system (`/var/lib/...sock`) cannot be reached either; it refuses io_uring, ptrace, process_vm_readv/
+   writev, pidfd_getfd and x32 system calls, and kills a process that makes system calls of another ABI (i386
+   `int 0x80`). The checker is also made non-dumpable, so a process of its uid cannot open its memory or fds.
 4. The runner sets rlimits (CPU seconds, address space, largest file, processes, no core files), no_new_privs,
    and as root a fresh uid that no other process uses: it cannot signal or ptrace the evaluator, the checker or
    other samples, and the clean-up kills everything that uid owns.
@@ -64,8 +65,10 @@ Not covered: there is no PID namespace (the program can list other processes and
 caches, timing and other side channels; kernel bugs reachable from the allowed system calls; memory is
 bounded per process by RLIMIT_AS (a program with max_processes children can use that many times more) and
 the tmpfs quota counts against the host's memory; without root or `unshare`, layers 2 and the private uid are
-absent: the program is then held only by rlimits, the seccomp filter and the in-process guard, and can write
-where the evaluator's user can. The isolation that was active is reported with every result.
+absent: the program is then held only by rlimits, the seccomp filter and the in-process guard; it can write
+where the evaluator's user can, signal the evaluator, and, where the kernel's Yama ptrace_scope is 0, open the
+evaluator's /proc/PID/mem (the checker is non-dumpable, the evaluator is not). Evaluate untrusted models as root
+(or in a container as its root), where none of this applies. The isolation that was active is reported with every result.
 """
 
 from __future__ import annotations

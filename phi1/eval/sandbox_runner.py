@@ -41,10 +41,11 @@ KEPT_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noat
 PRIVATE_DIRS = ("/run", "/var/run", "/var/tmp", "/dev/shm", "/var/lock", "/run/lock")
 WORKDIR = "/tmp"
 
-# seccomp: refuse socket(AF_UNIX, ...) and io_uring (whose IORING_OP_SOCKET would sidestep the filter).
+# seccomp: refuse socket(AF_UNIX, ...); io_uring (whose IORING_OP_SOCKET would sidestep the filter); and the
+# calls that reach into another process of the same uid (ptrace, process_vm_readv/writev, pidfd_getfd).
 AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 NR_SOCKET = {"x86_64": 41, "aarch64": 198}
-NR_IO_URING = (425, 426, 427)
+NR_REFUSED = {"x86_64": (425, 426, 427, 101, 310, 311, 438), "aarch64": (425, 426, 427, 117, 270, 271, 438)}
 AF_UNIX = 1
 EACCES, EPERM = 13, 1
 
@@ -62,7 +63,7 @@ def seccomp_program(machine: str) -> list[tuple[int, int, int, int]]:
     load, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
     allow, kill = 0x7FFF0000, 0x80000000
     deny_unix, deny_other = 0x00050000 | EACCES, 0x00050000 | EPERM
-    blocked = list(NR_IO_URING)
+    blocked = list(NR_REFUSED[machine])
     program = [
         (load, 0, 0, 4),                              # 0: arch
         (jeq, 1, 0, AUDIT_ARCH[machine]),             # 1: native arch -> 3
@@ -421,6 +422,9 @@ def _write_back(original, changed) -> None:
 
 
 def run_checker_role(orders, channel: LineChannel, result_fd: int) -> None:
+    # Not dumpable: a process of the same uid (the candidate, when there is no private uid) cannot open this
+    # one's /proc/PID/mem or file descriptors.
+    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
     def verdict(value: str, error: str = "") -> None:
         os.write(result_fd, (json.dumps({"verdict": value, "error": error[:1000]}) + "\n").encode())
         sys.stdout.flush()
