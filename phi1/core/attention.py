@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +19,9 @@ logger = logging.getLogger("phi1.attention")
 
 try:  # flash-attn is optional: not installable on CPU machines
     from flash_attn import flash_attn_func as _flash_attn_func
+    from flash_attn import flash_attn_varlen_func as _flash_attn_varlen_func
 except Exception:  # ImportError, or a CUDA/ABI mismatch raised at import
-    _flash_attn_func = None
+    _flash_attn_func = _flash_attn_varlen_func = None
 
 
 def flash_attn_available() -> bool:
@@ -103,3 +105,74 @@ KERNELS = {"flash": flash_attention, "sdpa": sdpa_attention, "math": math_attent
 
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Document masking inside packed samples
+
+
+@dataclass
+class Documents:
+    """The documents of packed samples, found at their end-of-document tokens.
+
+    A token belongs to the document its eod token ends (the eod itself included), so document d of a row runs
+    from just after the (d-1)-th eod to the d-th eod.
+    """
+
+    position_ids: torch.Tensor
+    """(B, T) rotary positions restarting at 0 at each document's first token."""
+    keep: torch.Tensor
+    """(B, 1, T, T) bool: causal and within one document (the SDPA and math paths)."""
+    cu_seqlens: torch.Tensor | None = None
+    """(n_documents + 1,) int32 starts of the documents in the flattened B x T tokens (flash-attn's varlen);
+    None when flash-attn is not used."""
+    max_seqlen: int = 0
+    """The longest document's length (flash-attn's varlen)."""
+
+
+def find_documents(input_ids: torch.Tensor, eod_token_id: int, varlen: bool = False) -> Documents:
+    """Documents, rotary positions and the block-diagonal causal mask of packed samples.
+
+    Args:
+        input_ids: (B, T) token ids; every `eod_token_id` ends a document.
+        varlen: also build flash-attn's `cu_seqlens` / `max_seqlen` (one host sync for the maximum).
+    """
+    B, T = input_ids.shape
+    is_eod = input_ids == eod_token_id  # (B, T)
+    document = torch.cumsum(is_eod.to(torch.int32), dim=1) - is_eod.to(torch.int32)  # (B, T) eods strictly before
+    # A new document starts at position 0 and just after each eod.
+    starts = torch.zeros_like(is_eod)
+    starts[:, 0] = True
+    starts[:, 1:] = is_eod[:, :-1]
+    index = torch.arange(T, device=input_ids.device).expand(B, T)
+    start_of_own = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values  # (B, T)
+    position_ids = index - start_of_own
+    causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+    keep = (document.unsqueeze(2) == document.unsqueeze(1)) & causal  # (B, T, T)
+    documents = Documents(position_ids=position_ids, keep=keep.unsqueeze(1))
+    if varlen:
+        flat_starts = torch.nonzero(starts.reshape(-1), as_tuple=False).squeeze(1)
+        total = torch.tensor([B * T], device=input_ids.device)
+        cu = torch.cat([flat_starts, total]).to(torch.int32)
+        documents.cu_seqlens = cu
+        documents.max_seqlen = int((cu[1:] - cu[:-1]).max())
+    return documents
+
+
+def document_attention(backend: str, q, k, v, documents: Documents, dropout_p: float, scale: float) -> torch.Tensor:
+    """Attention of q, k, v (B, nh, T, hs) within documents only; (B, nh, T, hs).
+
+    flash: flash-attn's varlen kernel over the flattened tokens (no T x T mask, no work across documents).
+    sdpa / math: the (B, 1, T, T) block-diagonal causal mask; SDPA then runs its memory-efficient kernel
+    (the flash kernel takes no mask). FlexAttention would skip the masked blocks too, but needs torch.compile
+    of the attention to be fast, and no GPU was at hand to measure it against the varlen kernel.
+    """
+    if backend == "flash" and documents.cu_seqlens is not None and _flash_attn_varlen_func is not None:
+        B, nh, T, hs = q.shape
+        flat = [t.transpose(1, 2).reshape(B * T, nh, hs) for t in (q, k, v)]  # (B T, nh, hs)
+        cu = documents.cu_seqlens
+        out = _flash_attn_varlen_func(*flat, cu, cu, documents.max_seqlen, documents.max_seqlen,
+                                      dropout_p=dropout_p, softmax_scale=scale, causal=True)
+        return out.view(B, T, nh, hs).transpose(1, 2)
+    kernel = sdpa_attention if backend == "flash" else KERNELS[backend]
+    return kernel(q, k, v, documents.keep, dropout_p, scale)

@@ -20,9 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
-from torch.utils.checkpoint import checkpoint
 
-from phi1.core.attention import KERNELS, causal_keep_mask, default_scale, select_backend
+from phi1.core.activation_checkpointing import activation_checkpointing_mode, checkpointed, run_block
+from phi1.core.attention import (
+    KERNELS,
+    Documents,
+    causal_keep_mask,
+    default_scale,
+    document_attention,
+    find_documents,
+    flash_attn_available,
+    select_backend,
+)
 from phi1.core.chunked_cross_entropy import chunked_linear_cross_entropy
 from phi1.core.config import ModelConfig
 from phi1.ops.fused import bias_gelu, rotary_qkv
@@ -43,7 +52,7 @@ from phi1.parallel.mappings import (
     reduce_from_tp,
     reduce_scatter_to_sequence,
 )
-from phi1.parallel.random import checkpoint_rng_contexts, get_rng_tracker
+from phi1.parallel.random import get_rng_tracker
 
 logger = logging.getLogger("phi1.model")
 
@@ -124,6 +133,7 @@ class PhiAttention(nn.Module):
         sin: torch.Tensor,
         key_padding: torch.Tensor | None,
         kv_cache: KVCache | None,
+        documents: Documents | None = None,
     ) -> torch.Tensor:
         qkv = self.qkv(x)  # (B, T, 3 d / tp); T is the whole sequence even when x is a sequence shard
         B, T, _ = qkv.shape
@@ -132,13 +142,16 @@ class PhiAttention(nn.Module):
         q, k, v = (rotary_qkv if self.fused_ops else rotary_qkv_reference)(qkv, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_index, k, v)  # (B, nh, Tk, hs)
-        keep = causal_keep_mask(T, k.shape[2], key_padding, x.device)
-        kernel = KERNELS[self.resolve_backend(x.device, x.dtype)]
+        backend = self.resolve_backend(x.device, x.dtype)
         dropout_p = self.config.attn_dropout if self.training else 0.0
         # Each TP rank holds other heads: its attention dropout must draw other numbers.
         rng = get_rng_tracker().fork() if dropout_p > 0 else contextlib.nullcontext()
         with rng:
-            y = kernel(q, k, v, keep, dropout_p, default_scale(self.head_dim))  # (B, nh, T, hs)
+            if documents is not None:  # packed documents attend within themselves only
+                y = document_attention(backend, q, k, v, documents, dropout_p, default_scale(self.head_dim))
+            else:
+                keep = causal_keep_mask(T, k.shape[2], key_padding, x.device)
+                y = KERNELS[backend](q, k, v, keep, dropout_p, default_scale(self.head_dim))  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.n_local_heads * self.head_dim)
         return self.dense(y)
 
@@ -182,11 +195,11 @@ class PhiBlock(nn.Module):
         self.mlp = PhiMLP(config, group, fused_tp, sp)
         self.resid_dropout = config.resid_dropout
 
-    def forward(self, h, cos, sin, key_padding, kv_cache):
+    def forward(self, h, cos, sin, key_padding, kv_cache, documents: Documents | None = None):
         x = self.ln(h)
         if self.fused_tp:
             x = gather_from_sequence(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
-        out = self.attn(x, cos, sin, key_padding, kv_cache) + self.mlp(x)
+        out = self.attn(x, cos, sin, key_padding, kv_cache, documents) + self.mlp(x)
         if self.fused_tp:
             out = reduce_scatter_to_sequence(out, self.group) if self.sequence_parallel else reduce_from_tp(out, self.group)
             out = out + (self.attn.dense.bias + self.mlp.fc2.bias)
@@ -236,7 +249,13 @@ class PhiForCausalLM(nn.Module):
         self.config = config
         self.tp_group = tp_group
         self.sequence_parallel = sequence_parallel
-        self.activation_checkpointing = False
+        self.activation_checkpointing = "none"
+        self.activation_checkpointing_every = 1
+        """Under 'full': checkpoint blocks 0, k, 2k, ... (k = 1: every block)."""
+        self.document_eod_token_id: int | None = None
+        """Document masking in training (`data.document_mask`): attention stays inside the documents that this
+        end-of-document token ends, rotary positions restart at each, and no loss predicts a document's first
+        token from the previous one. Forwards with a KV cache or a padding mask (generation) ignore it."""
         # Tokens per chunk of the fused lm_head + cross-entropy (0: plain path). Not under ZeRO-3, whose
         # parameter gathering hooks the lm_head's own forward, which the chunked path bypasses.
         self.loss_chunk_size = 0
@@ -303,6 +322,9 @@ class PhiForCausalLM(nn.Module):
             kv_cache: a KVCache to read and extend (generation).
         """
         h = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache)
+        if labels is not None and self._documents_apply(attention_mask, kv_cache):
+            # The prediction made at an eod token is the next document's first token: not learnable from here.
+            labels = labels.masked_fill(input_ids == self.document_eod_token_id, IGNORE_INDEX)
         if labels is not None and self.loss_chunk_size > 0 and group_size(self.tp_group) == 1:
             # Chunked lm_head + loss: the (B, T, V) logits are never held at once (no logits returned).
             n_tokens = (labels != IGNORE_INDEX).sum().clamp(min=1)
@@ -330,6 +352,12 @@ class PhiForCausalLM(nn.Module):
         past = kv_cache.length if kv_cache is not None else 0
         if past + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {past + T} tokens exceeds ModelConfig.max_seq_len={self.config.max_seq_len}")
+        documents = None
+        if self._documents_apply(attention_mask, kv_cache):
+            varlen = flash_attn_available() and input_ids.device.type == "cuda"
+            documents = find_documents(input_ids, self.document_eod_token_id, varlen=varlen)
+            if position_ids is None:
+                position_ids = documents.position_ids
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0).expand(B, T)
 
@@ -340,19 +368,37 @@ class PhiForCausalLM(nn.Module):
                 h = F.dropout(h, p=self.config.embd_dropout)
         cos, sin = rotary_angles(position_ids, self.config.rotary_dim, self.config.rotary_base)  # (B, T, rd/2) fp32
 
-        for block in self.layers:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                # context_fn replays the TP-region RNG state so recomputed dropout masks match the forward's.
-                h = checkpoint(
-                    block, h, cos, sin, attention_mask, kv_cache, use_reentrant=False, context_fn=checkpoint_rng_contexts
-                )
+        mode = self.activation_checkpointing if self.training and torch.is_grad_enabled() else "none"
+        for i, block in enumerate(self.layers):
+            if checkpointed(mode, self.activation_checkpointing_every, i):
+                # run_block replays the TP-region RNG state so recomputed dropout masks match the forward's.
+                h = run_block(block, mode, h, cos, sin, attention_mask, kv_cache, documents)
             else:
-                h = block(h, cos, sin, attention_mask, kv_cache)
+                h = block(h, cos, sin, attention_mask, kv_cache, documents)
         if kv_cache is not None:
             kv_cache.length += T
         return self.final_layernorm(h)
 
     # -- helpers --------------------------------------------------------------------------------------------------
+
+    def _documents_apply(self, attention_mask: torch.Tensor | None, kv_cache: KVCache | None) -> bool:
+        return self.document_eod_token_id is not None and attention_mask is None and kv_cache is None
+
+    @property
+    def activation_checkpointing(self) -> str:
+        """'none', 'full' or 'selective' (see phi1.core.activation_checkpointing); True / False set full / none."""
+        return self._activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, value: str | bool) -> None:
+        self._activation_checkpointing = activation_checkpointing_mode(value)
+
+    def compile_blocks(self, **options) -> None:
+        """torch.compile each block in place (regional compilation): one block's graph is compiled once and
+        reused by the others, so compile time does not grow with depth; parameter names are unchanged.
+        The fused-ops kernels stand aside while compiled code runs (the compiler fuses their references)."""
+        for block in self.layers:
+            block.compile(**options)
 
     @property
     def fused_ops(self) -> bool:
