@@ -8,7 +8,7 @@ or a HuggingFace phi directory.
     phi1-eval --model runs/quickstart/finetune --n-samples 20 --temperature 0.8 --k 1,10
     phi1-eval --model runs/quickstart/finetune --task mbpp --data mbpp.jsonl      # or sanitized-mbpp.json
     phi1-eval --model runs/quickstart/finetune --task humaneval+ --data HumanEvalPlus.jsonl
-    torchrun --nproc-per-node 8 -m phi1.eval --model runs/phi1/pretrain           # generation on 8 ranks
+    torchrun --nproc-per-node 8 -m phi1.eval --model checkpoints/phi1-finetune    # generation on 8 ranks
     phi1-eval --samples runs/eval/samples.jsonl --task humaneval                  # score existing samples
 
 --max-new-tokens defaults to what the model's context leaves after the longest prompt (at most 512).
