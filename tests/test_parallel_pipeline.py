@@ -124,8 +124,18 @@ def _pipeline_worker(rank: int, world_size: int, tp: int, pp: int, schedule: str
         chunk.eval()
     input_ids, labels = _batches()[0]
     losses.append(runner.eval_loss(input_ids[share], labels[share]))  # validation, after the 10 steps
+
+    # Non-finite guard: a NaN weight on the last stage makes every rank skip the same update.
+    for chunk in chunks:
+        chunk.train()
+        if chunk.is_last:
+            with torch.no_grad():
+                chunk.lm_head.bias[0] = float("nan")
+    before = [p.detach().clone() for p in runner.parameters()]
+    guarded = runner.step(input_ids[share], labels[share])
+    unchanged = all(torch.equal(a.nan_to_num(), p.detach().nan_to_num()) for a, p in zip(before, runner.parameters()))
     return {"losses": losses, "grads": grads, "norms": norms, "in_flight": in_flight,
-            "coords": [groups.dp_rank, groups.pp_rank, groups.tp_rank]}
+            "skipped": guarded.skipped and unchanged, "coords": [groups.dp_rank, groups.pp_rank, groups.tp_rank]}
 
 
 def _gather_full_grads(results: list[dict], tp: int) -> dict[str, torch.Tensor]:
@@ -178,6 +188,7 @@ def test_pipeline_matches_one_process(layout, one_process):
         assert result["losses"] == results[0]["losses"]
         assert result["norms"] == pytest.approx(results[0]["norms"], rel=1e-12)
         # activations held at once, as the planner predicts for this rank
+        assert result["skipped"], "a non-finite gradient norm must skip the update on every rank"
         pp_rank = result["coords"][1]
         assert result["in_flight"] == in_flight_chunks(pp_rank, case["pp"], rows // MICRO, case["schedule"], case["virtual"])
     losses = results[0]["losses"]
@@ -313,9 +324,19 @@ def test_every_tp_group_lives_on_one_node(order, nodes, per_node, tp, pp):
         groups = groups_along(grid, dim)
         assert all(len(g) == size for g in groups)
         assert sorted(r for g in groups for r in g) == list(range(world))
-    if order == "tp-dp-pp" and pp > 1 and world // pp >= per_node:
-        # Megatron's order: a whole stage (all its DP replicas) fills nodes, so the DP all-reduce stays inside.
-        assert groups_spanning_nodes(grid, "dp", per_node) == [] or world // pp > per_node
+
+
+def test_launch_orders_put_pp_or_dp_across_nodes():
+    """2 simulated nodes of 8 ranks, TP 2 x PP 2 x DP 4: our order keeps each pipeline on a node and sends the
+    DP all-reduce between nodes; Megatron-core's keeps each stage's DP group on a node and sends activations."""
+    ours = rank_grid(16, 2, 2, "tp-pp-dp")
+    assert groups_spanning_nodes(ours, "pp", 8) == []
+    assert groups_spanning_nodes(ours, "dp", 8) == groups_along(ours, "dp") == [[0, 4, 8, 12], [1, 5, 9, 13],
+                                                                                 [2, 6, 10, 14], [3, 7, 11, 15]]
+    megatron = rank_grid(16, 2, 2, "tp-dp-pp")
+    assert groups_spanning_nodes(megatron, "dp", 8) == []
+    assert groups_spanning_nodes(megatron, "pp", 8) == groups_along(megatron, "pp")
+    assert groups_along(megatron, "pp")[0] == [0, 8]
 
 
 # ----------------------------------------------------------------------------------------------------------------
