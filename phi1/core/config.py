@@ -210,12 +210,17 @@ def number_problem(value: object, *, integer: bool, low: float | None = None, hi
     The phrase reads after an option's name: `optim.lr: must be a finite number in (0, 1], got inf`.
     Booleans are not numbers here (YAML's `yes` is not 1); an integer is accepted where a float is asked.
     """
+    try:
+        text = repr(value)
+    except ValueError:  # an integer of more digits than Python prints
+        text = "an integer of thousands of digits"
+    shown = text if len(text) <= 80 else f"{text[:60]}...({len(text):,} chars)"
     if integer and not _is_integer(value):
-        return f"must be an integer, got {value!r}"
+        return f"must be an integer, got {shown}"
     if not integer and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        return f"must be a number, got {value!r}"
+        return f"must be a number, got {shown}"
     if not integer and not math.isfinite(value):
-        return f"must be a finite number, got {value!r}"
+        return f"must be a finite number, got {shown}"
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
@@ -223,7 +228,7 @@ def number_problem(value: object, *, integer: bool, low: float | None = None, hi
         right = ")" if high_open else "]"
         low_text = "-inf" if low is None else _bound_text(low)
         high_text = "inf" if high is None else _bound_text(high)
-        return f"must be in {left}{low_text}, {high_text}{right}, got {value!r}"
+        return f"must be in {left}{low_text}, {high_text}{right}, got {shown}"
     return None
 
 

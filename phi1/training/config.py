@@ -38,6 +38,8 @@ from typing import Any
 
 import yaml
 
+from phi1.core.activation_checkpointing import MODES as CHECKPOINTING_MODES
+from phi1.core.activation_checkpointing import activation_checkpointing_mode
 from phi1.core.config import PRESETS, ModelConfig, number_problem
 from phi1.data.tokenizers import TOKENIZER_TYPES
 from phi1.ops.loader import MODES as FUSED_OPS_MODES
@@ -61,6 +63,10 @@ MAX_TRAIN_SAMPLES = 2**32
 """schedule.train_steps x batch.global_batch_size at most (the sample index of the run is built up front)."""
 
 
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run: one or more problems, each naming its option and what to do.
 
@@ -69,7 +75,8 @@ class ConfigError(ValueError):
     """
 
     def __init__(self, problems: str | list[str] | tuple[str, ...]) -> None:
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        # One line each, whatever a hostile value or path put in them (newlines, terminal escapes).
+        self.problems = [_printable(line) for line in ([problems] if isinstance(problems, str) else problems)]
         if len(self.problems) == 1:
             message = self.problems[0]
         else:
@@ -137,6 +144,9 @@ class DataSection:
     """Where the sample-index arrays are cached; default beside each dataset prefix."""
     num_workers: int = 0
     """DataLoader worker processes per rank (0 reads in the training process); at most 4 x the CPU cores."""
+    document_mask: bool = False
+    """Attention stays inside each document of a packed sample (documents end at the tokenizer's eod token),
+    rotary positions restart at each document, and the loss across a boundary is masked (off: the paper's way)."""
 
 
 @dataclass
@@ -358,8 +368,14 @@ class TrainConfig:
     precision: str = "auto"
     """'auto' (bf16 on GPUs that have it, fp16 with loss scaling on older GPUs, fp32 on CPU), 'fp32', 'bf16'
     (autocast, no scaler) or 'fp16' (autocast with dynamic loss scaling; GPUs only)."""
-    activation_checkpointing: bool = False
-    """Recompute each block in the backward instead of keeping its activations."""
+    activation_checkpointing: str = "none"
+    """'none'; 'full' (each block keeps only its input and runs again in the backward; true means full);
+    'selective' (keeps matmul and attention outputs, recomputes the cheap ops between them)."""
+    activation_checkpointing_every: int = 1
+    """Under activation_checkpointing=full, checkpoint every k-th block only (1: every block)."""
+    compile: bool = False
+    """torch.compile each block (regional: compile time does not grow with depth); the first step's time is
+    logged as compile time, apart from the step time."""
     loss_chunk_size: int = 0
     """Tokens per chunk of the fused lm_head + loss, which never holds the micro-batch's whole logits (0: off;
     used at tensor_parallel 1, where the vocab-parallel loss does not already split them; not with ZeRO-3)."""
@@ -480,6 +496,8 @@ def parse_yaml(text: str, where: str) -> Any:
         raise ConfigError(_yaml_error_line(where, error)) from None
     except RecursionError:
         raise ConfigError(f"{where}: nested too deeply to read; a config has sections of fields") from None
+    except (ValueError, OverflowError) as error:  # e.g. an integer of more digits than Python converts
+        raise ConfigError(f"{where}: a value cannot be read: {shown(str(error))}") from None
 
 
 def read_config_file(path: str | os.PathLike) -> dict:
@@ -526,15 +544,21 @@ def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def shown(value: Any, limit: int = 80) -> str:
+    """`value` for a message: its repr, cut to `limit` characters (a hostile value can be megabytes long)."""
+    text = value if isinstance(value, str) and value.startswith("Exceeds") else repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 15]}...({len(text):,} chars)"
+
+
 def _as_integer(value: Any, key: str) -> int:
     if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(f"{key}: expected an integer, got {shown(value)}")
     if isinstance(value, int):
         return value
     if isinstance(value, float):
         if math.isfinite(value) and value.is_integer():
             return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(f"{key}: expected an integer, got {shown(value)}")
     text = str(value).strip().replace("_", "")
     try:
         return int(text)
@@ -543,21 +567,21 @@ def _as_integer(value: Any, key: str) -> int:
     try:
         number = float(text)  # 1e3, which YAML 1.1 reads as a string
     except ValueError:
-        raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        raise ConfigError(f"{key}: expected an integer, got {shown(value)}") from None
     if math.isfinite(number) and number.is_integer():
         return int(number)
-    raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    raise ConfigError(f"{key}: expected an integer, got {shown(value)}")
 
 
 def _as_float(value: Any, key: str) -> float:
     if isinstance(value, bool) or isinstance(value, (list, dict)):
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        raise ConfigError(f"{key}: expected a number, got {shown(value)}")
     try:
         number = float(value) if not isinstance(value, str) else float(value.strip().replace("_", ""))
     except (TypeError, ValueError, OverflowError):
-        raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        raise ConfigError(f"{key}: expected a number, got {shown(value)}") from None
     if not math.isfinite(number):
-        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        raise ConfigError(f"{key}: must be a finite number, got {shown(value)}")
     return number
 
 
@@ -579,24 +603,24 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             text = value.strip()
             value = parse_yaml(text, key) if text.startswith("[") else [v for v in text.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {shown(value)}")
         if origin is tuple and len(args) == 2 and args[1] is not Ellipsis:
             if len(value) != len(args):
-                raise ConfigError(f"{key}: expected {len(args)} values, got {list(value)!r}")
+                raise ConfigError(f"{key}: expected {len(args)} values, got {shown(list(value))}")
             return tuple(_coerce(v, a, key) for v, a in zip(value, args))
         item = args[0] if args else Any
         converted = [_coerce(v, item, key) for v in value]
         return tuple(converted) if origin is tuple else converted
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {shown(value)}")
         return dict(value)
     if hint is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
             return value.strip().lower() in ("true", "yes", "on", "1")
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {shown(value)}")
     if hint is int:
         return _as_integer(value, key)
     if hint is float:
@@ -606,7 +630,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             # YAML 1.1 reads on/off/yes/no/true/false as booleans; the string options spell them on / off.
             return "on" if value else "off"
         if isinstance(value, (dict, list, tuple, set, bytes)):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {shown(value)}")
         return str(value)
     raise ConfigError(f"{key}: unsupported field type {hint}")
 
@@ -835,7 +859,7 @@ def _memory_problem(config: TrainConfig, model_config: ModelConfig, world_size: 
         return (f"memory: the planner estimates {estimate / 2**30:,.1f} GiB per rank for {sizes}, "
                 f"batch.micro_batch_size={config.batch.micro_batch_size}, data.seq_len={config.data.seq_len} "
                 f"(precision {config.precision}, ZeRO stage {config.parallel.zero_stage}, tensor parallel {tp}), "
-                f"more than {what}; lower batch.micro_batch_size or data.seq_len, set activation_checkpointing=true, "
+                f"more than {what}; lower batch.micro_batch_size or data.seq_len, set activation_checkpointing=full, "
                 "or split the model (parallel.tensor_parallel, parallel.zero_stage)"
                 + ("; planning a GPU run from this machine? add --device cuda" if device_type == "cpu" else ""))
     return None
@@ -873,6 +897,30 @@ def _pipeline_problems(par: ParallelSection, pp: int, virtual: int, dp: int, mod
     problems.append("parallel.pipeline_parallel: the trainer does not run pipeline parallelism yet (stages, "
                     "schedules and their equivalence tests are in phi1.parallel.pipeline); use "
                     "parallel.pipeline_parallel=1")
+    return problems
+
+
+def _speed_problems(config: TrainConfig) -> list[str]:
+    """activation_checkpointing (normalised in place: true / false mean full / none), its every-k, and compile."""
+    problems = []
+    try:
+        config.activation_checkpointing = activation_checkpointing_mode(config.activation_checkpointing)
+    except ValueError:
+        problems.append(f"activation_checkpointing: must be one of {CHECKPOINTING_MODES} (true means full, false "
+                        f"none), got {config.activation_checkpointing!r}")
+    mode = config.activation_checkpointing
+    if _check(problems, "activation_checkpointing_every", config.activation_checkpointing_every, integer=True,
+              low=1, high=2**20):
+        if config.activation_checkpointing_every > 1 and mode != "full":
+            problems.append(f"activation_checkpointing_every: {config.activation_checkpointing_every} applies to "
+                            f"activation_checkpointing=full, got {mode!r}; set activation_checkpointing=full or "
+                            "activation_checkpointing_every=1")
+    if config.compile and mode == "selective":
+        problems.append("compile: selective activation checkpointing around compiled blocks is not supported (its "
+                        "op-level policy needs the eager ops); use activation_checkpointing=full or none with compile")
+    if config.compile and config.parallel.zero_stage == 3:
+        problems.append("compile: not supported with ZeRO-3, whose parameter-gathering hooks run inside each block; "
+                        "use parallel.zero_stage 0, 1 or 2 with compile")
     return problems
 
 
@@ -968,6 +1016,7 @@ def validate_config(config: TrainConfig, world_size: int, *, check_files: bool =
         if why is not None:
             problems.append(f"precision: {why}")
     _check_choice(problems, "fused_ops", config.fused_ops, tuple(FUSED_OPS_MODES))
+    problems.extend(_speed_problems(config))
     _check(problems, "loss_chunk_size", config.loss_chunk_size, integer=True, low=0, high=2**31 - 1)
     if isinstance(config.loss_chunk_size, int) and config.loss_chunk_size > 0 and par.zero_stage == 3:
         problems.append("loss_chunk_size: cannot be used with ZeRO-3, which gathers the lm_head only inside its own "
@@ -1009,7 +1058,7 @@ def validate_config(config: TrainConfig, world_size: int, *, check_files: bool =
 
         parse_split(data.split)
     except (ValueError, TypeError) as error:
-        problems.append(f"data.split: {error}")
+        problems.append(str(error) if str(error).startswith("data.split") else f"data.split: {error}")
     problems.extend(_tokenizer_problems(data, check_files))
 
     # -- optimizer and schedule ------------------------------------------------------------------------------------
@@ -1123,6 +1172,11 @@ def validate_config(config: TrainConfig, world_size: int, *, check_files: bool =
     return model_config
 
 
+def _magnitude(number: int) -> str:
+    """`number` with thousands separators, or as a power of ten when it has more digits than anyone reads."""
+    return f"{number:,}" if number < 10**30 else f"about 10^{int(math.log10(number))}"
+
+
 def _absurd_size_problem(config: TrainConfig, tp: int, world_size: int, device_type: str) -> list[str]:
     """For a model whose fields are out of range but numeric: a line when its 16-bit weights alone cannot fit."""
     shape = ModelConfig.unvalidated(**config.model.values())
@@ -1131,12 +1185,14 @@ def _absurd_size_problem(config: TrainConfig, tp: int, world_size: int, device_t
         return []
     ranks_here = world_size if device_type == "cpu" else 1
     capacity, what = _memory_capacity(device_type, ranks_here)
-    floor = 2.0 * shape.num_parameters() / tp
+    parameters = shape.num_parameters()
+    floor = 2 * parameters // tp
     if floor <= capacity:
         return []
-    return [f"memory: model.n_layer={shape.n_layer}, model.d_model={shape.d_model}, model.vocab_size="
-            f"{shape.vocab_size} has {shape.num_parameters():,} parameters, at least {floor / 2**30:,.0f} GiB "
-            f"per rank for the 16-bit weights alone, more than {what}"]
+    count, gib = _magnitude(parameters), _magnitude(floor // 2**30)
+    return [f"memory: model.n_layer={shown(shape.n_layer, 24)}, model.d_model={shown(shape.d_model, 24)}, "
+            f"model.vocab_size={shown(shape.vocab_size, 24)} has {count} parameters, at least {gib} GiB per rank "
+            f"for the 16-bit weights alone, more than {what}"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
