@@ -20,6 +20,7 @@ import sys
 from typing import NoReturn
 
 from phi1.cli import UserError, launched_rank, run_cli
+from phi1.parallel.launcher import die_with_launcher
 
 PROG = "phi1-train"
 EXIT_NON_FINITE = 3
@@ -97,6 +98,7 @@ def run(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> NoReturn:
     """Console-script entry: `run`, then exit with its status, or 2 with one line per problem for a user error."""
+    die_with_launcher()  # a rank whose torchrun / mpirun is killed stops too (phi1/parallel/launcher.py)
     run_cli(run, prog=PROG, argv=argv)
 
 
