@@ -145,6 +145,7 @@ def test_the_valid_base_config_passes(data) -> None:
     (["checkpoint.exit_at_iteration=99"], "checkpoint.exit_at_iteration"),
     (["schedule.train_steps=1000000000", "batch.global_batch_size=1000000"], "schedule.train_steps"),
     (["finetune.prompt_key="], "finetune.prompt_key"),
+    (["activation_checkpointing=maybe"], "activation_checkpointing"),
 ])
 def test_contradictions_are_named(data, overrides: list[str], option: str) -> None:
     lines = problems_of(nano(data) + overrides)
@@ -354,7 +355,6 @@ def test_every_shipped_config_loads(tmp_path) -> None:
     ("optim.lr=1e-3=2", "optim.lr"),
     ("model.n_layer=1e999", "model.n_layer"),
     ("optim.lr=-inf", "optim.lr"),
-    ("activation_checkpointing=maybe", "activation_checkpointing"),
     ("model.overrides.n_layer=2", "model.overrides"),
 ])
 def test_bad_overrides_are_named(override: str, option: str) -> None:

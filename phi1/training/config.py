@@ -1058,7 +1058,8 @@ def validate_config(config: TrainConfig, world_size: int, *, check_files: bool =
 
         parse_split(data.split)
     except (ValueError, TypeError) as error:
-        problems.append(str(error) if str(error).startswith("data.split") else f"data.split: {error}")
+        message = str(error).removeprefix("data.split").removeprefix(":").strip()
+        problems.append(f"data.split: {message}")
     problems.extend(_tokenizer_problems(data, check_files))
 
     # -- optimizer and schedule ------------------------------------------------------------------------------------
@@ -1153,7 +1154,8 @@ def validate_config(config: TrainConfig, world_size: int, *, check_files: bool =
             problems.append(f"checkpoint.load: {ckpt.load}: no such directory")
 
     # -- memory: needs a valid model, layout and batch -------------------------------------------------------------
-    layout_ok = tp_ok and zero_ok and micro_ok and global_ok and seq_ok and config.precision in PRECISIONS
+    layout_ok = (tp_ok and zero_ok and micro_ok and global_ok and seq_ok and config.precision in PRECISIONS
+                 and config.activation_checkpointing in CHECKPOINTING_MODES)
     if check_memory and model_config is not None and layout_ok:
         why = _memory_problem(config, model_config, world_size, device)
         if why is not None:
