@@ -195,3 +195,22 @@ def test_sigkill_of_mpirun_ends_its_ranks(tmp_path) -> None:
         for pid in ranks:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+class Installed(Exception):
+    """Raised by the stand-in for die_with_launcher: it was the first thing main did."""
+
+
+@pytest.mark.parametrize("module", ["phi1.train", "phi1.eval.__main__"])
+def test_entry_points_install_it_first(monkeypatch, module) -> None:
+    """phi1.train's and phi1.eval's main call die_with_launcher before anything else (even --help)."""
+    import importlib
+
+    entry = importlib.import_module(module)
+
+    def installed() -> None:
+        raise Installed
+
+    monkeypatch.setattr(entry, "die_with_launcher", installed)
+    with pytest.raises(Installed):
+        entry.main(["--help"])
