@@ -92,13 +92,22 @@ def _eval_loss(model: PhiForCausalLM) -> float:
                for m in range(accum)) / accum
 
 
-def _pipeline_worker(rank: int, world_size: int, tp: int, pp: int, schedule: str, virtual: int, sp: bool) -> dict:
+def _pipeline_worker(rank: int, world_size: int, tp: int, pp: int, schedule: str, virtual: int, sp: bool,
+                     zero1: bool) -> dict:
     torch.manual_seed(0)
     groups = build_pipeline_groups(tp, pp)
     chunks = build_stages(
         CONFIG, groups.pp_rank, pp, virtual, tp_group=groups.tp_group if tp > 1 else None, sequence_parallel=sp
     )
-    optimizer = torch.optim.AdamW(param_groups(nn.ModuleList(chunks), WEIGHT_DECAY), lr=LR)
+    groups_of_params = param_groups(nn.ModuleList(chunks), WEIGHT_DECAY)
+    if zero1:  # ZeRO-1: AdamW states sharded over each stage's DP group (torch's ZeroRedundancyOptimizer)
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        optimizer = ZeroRedundancyOptimizer(groups_of_params[0]["params"], torch.optim.AdamW,
+                                            process_group=groups.dp_group, lr=LR, weight_decay=WEIGHT_DECAY)
+        optimizer.add_param_group({"params": groups_of_params[1]["params"], "weight_decay": 0.0})
+    else:
+        optimizer = torch.optim.AdamW(groups_of_params, lr=LR)
     rows = GLOBAL // groups.dp_size
     runner = PipelineRunner(
         chunks, groups, stage_loss_fn(chunks), n_microbatches=rows // MICRO, micro_batch_size=MICRO, seq_len=SEQ,
@@ -164,12 +173,13 @@ def one_process() -> tuple[list[float], dict[str, torch.Tensor], float]:
 
 
 LAYOUTS = {
-    "pp2-1f1b": dict(world=2, tp=1, pp=2, schedule="1f1b", virtual=1, sp=False),
-    "pp2-interleaved-v2": dict(world=2, tp=1, pp=2, schedule="interleaved", virtual=2, sp=False),
-    "pp2-tp2-sp": dict(world=4, tp=2, pp=2, schedule="1f1b", virtual=1, sp=True),
-    "pp2-dp2": dict(world=4, tp=1, pp=2, schedule="1f1b", virtual=1, sp=False),
-    "pp4-1f1b": dict(world=4, tp=1, pp=4, schedule="1f1b", virtual=1, sp=False),
-    "pp2-gpipe": dict(world=2, tp=1, pp=2, schedule="gpipe", virtual=1, sp=False),
+    "pp2-1f1b": dict(world=2, tp=1, pp=2, schedule="1f1b", virtual=1, sp=False, zero1=False),
+    "pp2-interleaved-v2": dict(world=2, tp=1, pp=2, schedule="interleaved", virtual=2, sp=False, zero1=False),
+    "pp2-tp2-sp": dict(world=4, tp=2, pp=2, schedule="1f1b", virtual=1, sp=True, zero1=False),
+    "pp2-dp2": dict(world=4, tp=1, pp=2, schedule="1f1b", virtual=1, sp=False, zero1=False),
+    "pp4-1f1b": dict(world=4, tp=1, pp=4, schedule="1f1b", virtual=1, sp=False, zero1=False),
+    "pp2-gpipe": dict(world=2, tp=1, pp=2, schedule="gpipe", virtual=1, sp=False, zero1=False),
+    "pp2-dp2-zero1": dict(world=4, tp=1, pp=2, schedule="1f1b", virtual=1, sp=False, zero1=True),
 }
 
 
@@ -181,7 +191,7 @@ def test_pipeline_matches_one_process(layout, one_process):
     case = LAYOUTS[layout]
     results = run_on_gloo(
         _pipeline_worker, case["world"], case["tp"], case["pp"], case["schedule"], case["virtual"], case["sp"],
-        timeout_s=600,
+        case["zero1"], timeout_s=600,
     )
     rows = GLOBAL // (case["world"] // (case["tp"] * case["pp"]))
     for result in results:  # the last stage's loss reaches every rank
