@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from phi1.core.activation_checkpointing import activation_checkpointing_mode
 from phi1.core.config import ModelConfig
 
 GIB = 2**30
@@ -115,6 +116,11 @@ class Layout:
     precision: str = "bf16"
     """'fp32', 'bf16' or 'fp16' (16-bit: autocast under DDP, 16-bit weights under ZeRO)."""
     activation_checkpointing: bool = False
+    checkpoint_mode: str = "full"
+    """With activation_checkpointing: 'full' (blocks keep their input) or 'selective' (matmul and attention
+    outputs kept, the cheap ops recomputed; phi1.core.activation_checkpointing)."""
+    checkpoint_every: int = 1
+    """Under 'full': blocks 0, k, 2k, ... are checkpointed, the others keep their activations."""
     sequence_parallel: bool = False
     loss_chunk_size: int = 0
     """Tokens per chunk of the fused lm_head + loss (0: the whole micro-batch's logits; TP = 1 only)."""
@@ -222,6 +228,21 @@ def _logits_bytes(config: ModelConfig, layout: Layout) -> tuple[float, float]:
     return cells * (8 + (6 if half else 0)), cells * (12 + (2 if half else 0))
 
 
+def selective_saved_bytes_per_layer(config: ModelConfig, layout: Layout) -> float:
+    """Bytes one block keeps under selective checkpointing: its input (the fp32 residual) and the outputs the
+    policy saves, the matmuls (qkv 3h/t and fc1 f/t; dense and fc2 give full-width partial sums per TP rank)
+    and attention (output h/t and log-sum-exp; the 'math' backend's two fp32 bmm outputs instead)."""
+    s, b, h, f, t = layout.seq_len, layout.micro_batch_size, config.d_model, config.d_mlp, layout.tensor_parallel
+    sp = layout.sequence_parallel and t > 1
+    c = _compute_bytes(layout.precision)
+    kept = 4 * s * b * h / (t if sp else 1) + c * s * b * ((3 * h + f) / t + 2 * h)
+    if layout.fused_attention:
+        kept += c * s * b * h / t + 4 * b * (config.n_head / t) * s
+    else:
+        kept += 4 * b * (config.n_head / t) * s * s + 4 * s * b * h / t
+    return kept
+
+
 def _layer_backward_working_set(config: ModelConfig, layout: Layout) -> float:
     """Gradient tensors alive while one block runs its backward: d(output), d(input) being summed, and the
     two MLP-width gradients (of the fc2 input and of the fc1 output) at once. fp32 on the DDP path's
@@ -264,13 +285,18 @@ def estimate_memory(config: ModelConfig, layout: Layout) -> MemoryEstimate:
     per_layer = saved_bytes_per_layer(config, layout)
     block_input = 4 * s * b * h / (t if sp else 1)
     final_norm = 4 * s * b * h / (t if sp else 1) + (4 if layout.precision == "fp32" else 2) * s * b * h
-    if layout.activation_checkpointing:
-        kept_per_layer = block_input
-        recompute = per_layer  # one block's activations exist again while its backward runs
+    # Per block: what it keeps until its backward, and what its recomputation adds while that backward runs.
+    if layout.activation_checkpointing and layout.checkpoint_mode == "selective":
+        sac_kept = min(per_layer, selective_saved_bytes_per_layer(config, layout))
+        kept = [sac_kept] * L
+        recomputed = [per_layer - sac_kept] * L
+    elif layout.activation_checkpointing:
+        every = max(1, layout.checkpoint_every)
+        kept = [block_input if i % every == 0 else per_layer for i in range(L)]
+        recomputed = [per_layer if i % every == 0 else 0.0 for i in range(L)]  # the block's activations again
     else:
-        kept_per_layer = per_layer
-        recompute = 0.0
-    activations = L * kept_per_layer + final_norm
+        kept, recomputed = [per_layer] * L, [0.0] * L
+    activations = sum(kept) + final_norm
     logits_forward, logits_backward = _logits_bytes(config, layout)
     working = _layer_backward_working_set(config, layout)
 
@@ -301,9 +327,9 @@ def estimate_memory(config: ModelConfig, layout: Layout) -> MemoryEstimate:
     start = activations + logits_backward + static_grads + grad_head + autocast_copies
     moments["start of backward"] = start
     for i in range(L - 1, -1, -1):
-        below = i * kept_per_layer
+        below = sum(kept[:i])
         done = (L - 1 - i) * grad_per_layer
-        here = kept_per_layer + recompute + working + grad_per_layer
+        here = kept[i] + recomputed[i] + working + grad_per_layer
         moments[f"backward of layer {i}"] = (below + here + done + static_grads + grad_head
                                              + copies_per_layer * (i + 1))
     step_temporaries = 0.0 if layout.gpu else 4.0 * counts.decay  # foreach AdamW's sqrt(v) list (CPU)
@@ -321,14 +347,16 @@ def estimate_memory(config: ModelConfig, layout: Layout) -> MemoryEstimate:
 
 def make_layout(config: ModelConfig, *, tensor_parallel: int, data_parallel: int, zero_stage: int,
                 micro_batch_size: int, gradient_accumulation: int, seq_len: int, precision: str,
-                activation_checkpointing: bool, sequence_parallel: bool, loss_chunk_size: int, gpu: bool = True,
-                runtime_overhead_bytes: float = 0.0) -> Layout:
+                activation_checkpointing: bool | str, sequence_parallel: bool, loss_chunk_size: int, gpu: bool = True,
+                runtime_overhead_bytes: float = 0.0, activation_checkpointing_every: int = 1) -> Layout:
     """The Layout of one training setup, with what the model decides filled from `config`: whether attention
     keeps s x s scores (`attention_backend == 'math'`) and the dropout masks (`attn_dropout`, `resid_dropout`).
 
     The one constructor of layouts: `python -m phi1.train --dry-run` (through phi1.training.plan) and the
     layout search of tools/plan.py both build theirs here, so the same setup gets the same estimate.
+    `activation_checkpointing` is a mode ('none', 'full', 'selective') or a bool (full / none).
     """
+    mode = activation_checkpointing_mode(activation_checkpointing)
     return Layout(
         tensor_parallel=tensor_parallel,
         data_parallel=data_parallel,
@@ -337,7 +365,9 @@ def make_layout(config: ModelConfig, *, tensor_parallel: int, data_parallel: int
         gradient_accumulation=max(1, gradient_accumulation),
         seq_len=seq_len,
         precision=precision,
-        activation_checkpointing=activation_checkpointing,
+        activation_checkpointing=mode != "none",
+        checkpoint_mode="selective" if mode == "selective" else "full",
+        checkpoint_every=activation_checkpointing_every if mode == "full" else 1,
         sequence_parallel=sequence_parallel,
         loss_chunk_size=loss_chunk_size,
         fused_attention=config.attention_backend != "math",
@@ -369,6 +399,10 @@ def assumptions(layout: Layout, per_layout: bool = True) -> str:
                   "AdamW states partitioned as the stage does, ")
     if not per_layout:
         checkpointing = "AC: activation checkpointing of every block; "
+    elif layout.activation_checkpointing and layout.checkpoint_mode == "selective":
+        checkpointing = "selective activation checkpointing (matmul and attention outputs kept); "
+    elif layout.activation_checkpointing and layout.checkpoint_every > 1:
+        checkpointing = f"activation checkpointing of every {layout.checkpoint_every}th block; "
     elif layout.activation_checkpointing:
         checkpointing = "activation checkpointing of every block; "
     else:
@@ -390,4 +424,5 @@ __all__ = [
     "model_state_bytes",
     "parameter_counts",
     "saved_bytes_per_layer",
+    "selective_saved_bytes_per_layer",
 ]

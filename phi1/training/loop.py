@@ -203,11 +203,16 @@ class Trainer:
         model = PhiForCausalLM(model_config, tp_group=state.tp_group, sequence_parallel=config.parallel.sequence_parallel,
                                init_seed=config.seed)
         model.activation_checkpointing = config.activation_checkpointing
+        model.activation_checkpointing_every = config.activation_checkpointing_every
         model.loss_chunk_size = config.loss_chunk_size
+        if config.data.document_mask:
+            model.document_eod_token_id = self.tokenizer.eod
         model.to(self.device)
         # Built (or found cached) here, before any data is read: a failed build is a warning now, not a crash
         # mid-run ('on' makes it an error).
         model.fused_ops = prepare_fused_ops(self.device, config.fused_ops)
+        if config.compile:
+            model.compile_blocks()  # compiled at the first step, whose time is logged as compile time
         self.model = model
         self.guard = NonFiniteGuard(config.guard.max_consecutive_nonfinite)
         if ((config.faults.inject_nan_at or config.faults.inject_nan_weights_at)
@@ -531,6 +536,7 @@ class Trainer:
         g, seq = config.batch.global_batch_size, config.data.seq_len
         interval_losses: list[torch.Tensor] = []
         interval_time, interval_steps, interval_skipped = 0.0, 0, 0
+        compile_pending = config.compile
         while rs.iteration < steps:
             start = time.perf_counter()
             if self.profiler is not None:
@@ -541,8 +547,16 @@ class Trainer:
             self.last_lr = out["lr"]
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            interval_time += time.perf_counter() - start
-            interval_steps += 1
+            if compile_pending:
+                # The first step compiles the blocks: its time is compile time, not step time.
+                compile_pending = False
+                compile_seconds = time.perf_counter() - start
+                self.sink.write({"iteration": rs.iteration + 1, "compile_time_s": compile_seconds},
+                                console=f"compile warm-up: the first step took {compile_seconds:.1f} s (torch.compile "
+                                        "of the blocks); not counted in step time")
+            else:
+                interval_time += time.perf_counter() - start
+                interval_steps += 1
             interval_skipped += int(out["skipped"])
             interval_losses.append(out["loss"])
             rs.iteration += 1
@@ -551,14 +565,15 @@ class Trainer:
 
             if rs.iteration % config.logging.interval == 0 or rs.iteration == steps:
                 losses = [float(v) for v in interval_losses]
-                tokens_per_second = interval_steps * g * seq / interval_time
+                tokens_per_second = interval_steps * g * seq / interval_time if interval_steps else 0.0
                 record = {
                     "iteration": rs.iteration, "consumed_samples": rs.consumed_samples,
                     "loss": sum(losses) / len(losses), "step_losses": losses, "lr": out["lr"],
                     "grad_norm": out["grad_norm"], "loss_scale": out["loss_scale"],
                     "skipped_steps": self.scaler.skipped_steps, "skipped_in_interval": interval_skipped,
                     "nonfinite_steps": self.guard.total,
-                    "step_time_s": interval_time / interval_steps, "tokens_per_second": tokens_per_second,
+                    "step_time_s": interval_time / interval_steps if interval_steps else None,
+                    "tokens_per_second": tokens_per_second,
                     "tflops_per_device": model_flops_per_second(self.flops_per_token, tokens_per_second, self.world_size) / 1e12,
                     "mfu": mfu(self.flops_per_token, tokens_per_second, self.world_size, self.peak),
                     **memory_stats(self.device),

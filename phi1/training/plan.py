@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from phi1.core.activation_checkpointing import activation_checkpointing_mode
 from phi1.core.config import ModelConfig
 from phi1.planning.hardware import DEFAULT_RUNTIME_OVERHEAD_GIB
 from phi1.planning.memory import GIB, Layout, assumptions, estimate_memory, make_layout
@@ -42,6 +43,7 @@ def memory_layout(config: TrainConfig, model_config: ModelConfig, world_size: in
         seq_len=config.data.seq_len,
         precision=config.precision,
         activation_checkpointing=config.activation_checkpointing,
+        activation_checkpointing_every=config.activation_checkpointing_every,
         sequence_parallel=config.parallel.sequence_parallel,
         loss_chunk_size=config.loss_chunk_size,
         gpu=gpu,
@@ -58,6 +60,17 @@ def memory_estimate(config: TrainConfig, model_config: ModelConfig, world_size: 
         layout = dataclasses.replace(layout, fused_attention=False)
     estimate = estimate_memory(model_config, layout)
     return {k: v for k, v in estimate.as_dict().items() if isinstance(v, float)}
+
+
+def checkpointing_text(config: TrainConfig) -> str:
+    """'; activation checkpointing ...' for the layout line, or '' without it."""
+    mode = activation_checkpointing_mode(config.activation_checkpointing)
+    if mode == "selective":
+        return "; selective activation checkpointing"
+    if mode == "full":
+        every = config.activation_checkpointing_every
+        return "; activation checkpointing" + (f" of every {every}th block" if every > 1 else "")
+    return ""
 
 
 def dry_run_report(config: TrainConfig, model_config: ModelConfig, world_size: int) -> str:
@@ -78,7 +91,7 @@ def dry_run_report(config: TrainConfig, model_config: ModelConfig, world_size: i
         f"vocab {model_config.vocab_size}",
         f"layout      {world_size} processes = tensor parallel {tp} x data parallel {dp}; {parallel}"
         + (", sequence parallel" if config.parallel.sequence_parallel else "")
-        + f"; precision {config.precision}" + ("; activation checkpointing" if config.activation_checkpointing else ""),
+        + f"; precision {config.precision}" + checkpointing_text(config),
         f"batch       global {g} sequences = micro {config.batch.micro_batch_size} x data parallel {dp} x "
         f"gradient accumulation {accum}; {g * seq:,} tokens per step of seq_len {seq}",
         f"run         {steps:,} steps = {steps * g:,} sequences = {steps * g * seq:,} tokens; warmup "
