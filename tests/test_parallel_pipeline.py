@@ -446,3 +446,21 @@ def test_p2p_bytes_per_step():
     interleaved = p2p_bytes_per_step(config, layout, pipeline_parallel=4, micro_batches=8, virtual_stages=2)
     assert interleaved.total == 2 * 7 * 8 * message * 4  # V = 2 doubles the boundaries (7 instead of 3)
     assert p2p_bytes_per_step(config, layout, 1, 8).total == 0
+
+
+def test_stage_activation_checkpointing_gives_the_same_gradients():
+    """Blocks recomputed in the backward (dropout on) give the gradients of a stage that keeps its activations."""
+    from phi1.parallel.random import seed_everything
+
+    config = CONFIG.replace(embd_dropout=0.1, attn_dropout=0.1, resid_dropout=0.1)
+    input_ids, labels = _batches()[0]
+    grads = []
+    for checkpointing in (False, True):
+        stage = PhiPipelineStage(config, 0, 1, range(config.n_layer))
+        stage.train()
+        stage.activation_checkpointing = checkpointing
+        seed_everything(3)
+        stage.loss(stage(input_ids), labels).backward()
+        grads.append({name: p.grad for name, p in stage.named_parameters()})
+    for name, grad in grads[0].items():
+        assert torch.allclose(grads[1][name], grad, rtol=0, atol=1e-6), name
