@@ -372,3 +372,42 @@ def test_eval_and_convert_accept_every_kind_of_path(bases, tmp_path) -> None:
         assert all(torch.equal(state[k], v) for k, v in bases["state"].items()), name
         assert (out / "tokenizer.json").is_file(), name
 
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what a hostile ZeRO file would carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_zero_files_that_would_run_code_are_refused(tmp_path) -> None:
+    """DeepSpeed loads ZeRO files with weights_only=False: a pickle naming any callable beyond the classes
+    DeepSpeed writes is refused before DeepSpeed sees it, and nothing runs; DeepSpeed's own classes pass."""
+    deepspeed = pytest.importorskip("deepspeed")
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from phi1.training.checkpointing import check_zero_files
+
+    checkpoint = tmp_path / "iter_0000002"
+    (checkpoint / "zero").mkdir(parents=True)
+    honest = checkpoint / "zero" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.optimizer_states,
+                                         "state": {0: torch.zeros(3)}}, "ds_version": deepspeed.__version__}, honest)
+    check_zero_files(checkpoint)
+    marker = tmp_path / "PAYLOAD_RAN"
+    torch.save({"optimizer_state_dict": _Payload(marker)}, checkpoint / "zero" / "mp_rank_00_model_states.pt")
+    with pytest.raises(ValueError, match=r"mp_rank_00_model_states\.pt: its pickle names \['posix\.system'\]"):
+        check_zero_files(checkpoint)
+    os.remove(checkpoint / "zero" / "mp_rank_00_model_states.pt")
+    (checkpoint / "zero" / "mp_rank_00_model_states.pt").symlink_to(honest)
+    check_zero_files(checkpoint)  # a symlink inside the checkpoint is fine
+    (checkpoint / "zero" / "mp_rank_00_model_states.pt").unlink()
+    (checkpoint / "zero" / "mp_rank_00_model_states.pt").symlink_to(tmp_path)
+    with pytest.raises(ValueError, match="symlink pointing out"):
+        check_zero_files(checkpoint)
+    assert not marker.exists()

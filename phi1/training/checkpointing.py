@@ -325,6 +325,42 @@ def load_model_weights(model, checkpoint_dir: str | os.PathLike) -> None:
     load_resharded(model, checkpoint_dir)
 
 
+# The only classes DeepSpeed's ZeRO files pickle (deepspeed 0.19: stages 1 to 3), besides what torch's
+# weights_only loader allows anyway.
+ZERO_PICKLE_GLOBALS = frozenset({
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+})
+
+
+def check_zero_files(checkpoint_dir: str | os.PathLike) -> None:
+    """Refuse ZeRO files that could run code: DeepSpeed loads them with `torch.load(weights_only=False)`, so
+    before it does, every file under `zero/` must be a regular file inside the checkpoint whose pickle names no
+    callable beyond torch's weights-only allowlist and ZERO_PICKLE_GLOBALS (read from the pickle's opcodes:
+    no tensor data is loaded, nothing is executed).
+
+    Raises:
+        ValueError: naming the file and the first foreign global, or a file that leaves the directory.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    zero = inside(checkpoint_dir, "zero", "directory")
+    for path in sorted(zero.rglob("*")):
+        shown = checkpoint_dir / path.relative_to(zero.parent)
+        inside(checkpoint_dir, path.relative_to(zero.parent), "ZeRO file")
+        if path.is_dir():
+            continue
+        regular_file(path, shown)
+        try:
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception as e:  # not a zip, a damaged archive, a malformed pickle
+            raise ValueError(f"{shown}: damaged or not a torch file ({type(e).__name__})") from None
+        foreign = sorted(set(found) - ZERO_PICKLE_GLOBALS)
+        if foreign:
+            raise ValueError(f"{shown}: its pickle names {foreign[:3]}, which DeepSpeed's ZeRO files never hold; refused "
+                             "(DeepSpeed would load it with weights_only=False and run that code)")
+
+
 def load_optimizer_state(optimizer, engine, checkpoint_dir: str | os.PathLike, state: ParallelState) -> None:
     """Restore the optimizer of the DDP path (or DeepSpeed's under ZeRO).
 
@@ -343,7 +379,7 @@ def load_optimizer_state(optimizer, engine, checkpoint_dir: str | os.PathLike, s
     if engine is not None:
         if not (checkpoint_dir / "zero").is_dir():
             raise ValueError(f"{checkpoint_dir}: no ZeRO optimizer state (written with parallel.zero_stage=0)")
-        # DeepSpeed reads its own partition files (with weights_only=False); they were written by phi1 itself.
+        check_zero_files(checkpoint_dir)
         engine.load_checkpoint(str(checkpoint_dir), tag="zero", load_optimizer_states=True,
                                load_lr_scheduler_states=False, load_module_only=False)
         return
