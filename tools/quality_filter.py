@@ -1,5 +1,11 @@
-"""The paper's quality filter: a random forest on code embeddings from a phi1 checkpoint.
+"""The paper's quality filter: LLM annotation, then a random forest on code embeddings from a phi1 checkpoint.
 
+    # the paper's labels: ask any OpenAI-compatible endpoint for each file's educational value (0..10), resumable
+    python tools/quality_filter.py annotate --input data/raw/*.jsonl --output data/quality/annotated.jsonl \
+        --base-url http://127.0.0.1:8000/v1 --model gpt-4 [--prompt-file my_prompt.txt] [--concurrency 8] \
+        [--requests-per-minute 500] [--label-threshold 0.5]
+    # ... then `train --labelled data/quality/annotated.jsonl --label-key score` (regression on the 0..1 score)
+    # or `--label-key label` (1 when score >= --label-threshold)
     # an honest labelled set computable offline: documented stdlib functions (1) vs docstring removed (0)
     python tools/quality_filter.py make-labels --output data/quality/labels.jsonl --count 1000
     # a small embedder trained briefly on stdlib code (CPU, about a minute), when no real checkpoint is at hand
@@ -74,13 +80,92 @@ def demo_embedder(args: argparse.Namespace) -> None:
 
 
 def read_labelled(path: str, text_key: str, label_key: str) -> tuple[list[str], np.ndarray, LineStats]:
-    """Texts and labels of a labelled jsonl; bad lines are counted (and printed by the caller)."""
+    """Texts and labels of a labelled jsonl; bad lines are counted (and printed by the caller).
+
+    Lines `annotate` wrote as status "unparsed" (no score could be read) are skipped and counted apart.
+    """
     stats = LineStats()
     texts, labels = [], []
-    for _, record in iter_records(path, {text_key: str, label_key: (int, float)}, stats):
+    unparsed = 0
+    for line_number, record in iter_records(path, {text_key: str}, stats):
+        if record.get("status") == "unparsed":
+            unparsed += 1
+            continue
+        label = record.get(label_key)
+        if isinstance(label, bool) or not isinstance(label, (int, float)):
+            stats.good -= 1
+            stats.note("missing_key" if label_key not in record else "wrong_type", path, line_number,
+                       f"{label_key!r} is {type(label).__name__ if label_key in record else 'missing'}, expected a number")
+            continue
         texts.append(record[text_key])
-        labels.append(float(record[label_key]))
+        labels.append(float(label))
+    if unparsed:
+        print(f"{path}: {unparsed} annotations without a score (status unparsed) skipped", file=sys.stderr)
     return texts, np.array(labels), stats
+
+
+def annotate(args: argparse.Namespace) -> dict:
+    import asyncio
+
+    import openai
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from generate_synthetic import list_models, refused
+
+    from phi1.quality.annotate import DEFAULT_PROMPT, AnnotateConfig, Annotator, read_prompt
+    from phi1.quality.endpoint import EndpointConfig, EndpointUnavailable
+
+    if not args.base_url:
+        raise UserError("--base-url (or OPENAI_BASE_URL) is needed, e.g. http://127.0.0.1:8000/v1")
+    for name, value, low in (("--scale", args.scale, 1e-9), ("--max-attempts", args.max_attempts, 1),
+                             ("--concurrency", args.concurrency, 1), ("--max-tokens", args.max_tokens, 1),
+                             ("--max-chars", args.max_chars, 1)):
+        if value < low:
+            raise UserError(f"{name} {value}: must be at least {low:g}")
+    if not 0 <= args.label_threshold <= 1:
+        raise UserError(f"--label-threshold {args.label_threshold}: must be in [0, 1] (scores are scaled to 0..1)")
+    for path in args.input:
+        if not os.path.isfile(path):
+            raise UserError(f"--input {path}: no such file")
+    prompt = read_prompt(args.prompt_file) if args.prompt_file else DEFAULT_PROMPT
+    if args.model is None:
+        models = list_models(args)
+        if not models:
+            raise UserError(f"{args.base_url}: /models lists no model; pass --model")
+        args.model = models[0].id
+    endpoint = EndpointConfig(model=args.model, api=args.api, max_tokens=args.max_tokens, temperature=args.temperature,
+                              concurrency=args.concurrency, requests_per_minute=args.requests_per_minute,
+                              max_retries=args.max_retries, backoff_s=args.backoff, max_backoff_s=args.max_backoff)
+    config = AnnotateConfig(endpoint=endpoint, prompt=prompt, scale=args.scale, label_threshold=args.label_threshold,
+                            max_attempts=args.max_attempts, text_key=args.text_key, id_key=args.id_key,
+                            max_chars=args.max_chars, seed=args.seed)
+    # Retries are ours (backoff with jitter, counted); the client's own would hide failures.
+    client = openai.AsyncOpenAI(base_url=args.base_url, api_key=args.api_key or "unused", max_retries=0,
+                                timeout=args.request_timeout)
+    annotator = Annotator(client, config, args.input, args.output)
+    stopped = None
+    try:
+        asyncio.run(annotator.run(progress=not args.no_progress))
+    except EndpointUnavailable as error:
+        stopped = error
+    except openai.APIStatusError as error:
+        problem = refused(error, args.base_url, args.max_tokens)
+        if problem is None:
+            raise
+        raise problem from None
+    counts = {**annotator.counts.to_dict(), "finished": len(annotator.finished)}
+    print(json.dumps({k: v for k, v in counts.items() if k != "input_lines"}), file=sys.stderr)
+    if annotator.counts.input.bad:
+        print(f"input lines: {annotator.counts.input.summary()}", file=sys.stderr)
+    if args.counts:
+        with open(args.counts, "w", encoding="utf-8") as handle:
+            json.dump(counts, handle, indent=2)
+    if stopped is not None:
+        print(f"{args.base_url}: endpoint unavailable after {args.max_retries} retries ({stopped}); "
+              f"{len(annotator.finished)} files are finished in {args.output}. Run the same command again to resume.",
+              file=sys.stderr)
+        raise SystemExit(3)
+    return counts
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -184,6 +269,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     demo.add_argument("--documents", type=int, default=1500)
     demo.add_argument("--seed", type=int, default=0)
 
+    ask = commands.add_parser("annotate", help="LLM scores of educational value (the paper's GPT-4 labels)")
+    ask.add_argument("--input", nargs="+", required=True, help="jsonl files with text (and optionally id)")
+    ask.add_argument("--output", required=True, help="jsonl, appended; rerun to resume")
+    ask.add_argument("--base-url", default=os.environ.get("OPENAI_BASE_URL"))
+    ask.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
+    ask.add_argument("--model", help="model name (default: the first one the endpoint's /v1/models lists)")
+    ask.add_argument("--api", choices=("chat", "completions"), default="chat")
+    ask.add_argument("--prompt-file", help="prompt template with {text} (and optionally {scale}); default: the "
+                     "paper's question")
+    ask.add_argument("--scale", type=float, default=10.0, help="answers are 0..scale; stored divided by it")
+    ask.add_argument("--label-threshold", type=float, default=0.5, help="label = score/scale >= this")
+    ask.add_argument("--text-key", default="text")
+    ask.add_argument("--id-key", default="id", help="records without it are keyed by their text's sha256")
+    ask.add_argument("--max-chars", type=int, default=6000, help="files are cut to this many characters")
+    ask.add_argument("--max-tokens", type=int, default=32)
+    ask.add_argument("--temperature", type=float, default=0.0)
+    ask.add_argument("--seed", type=int, default=0)
+    ask.add_argument("--concurrency", type=int, default=4)
+    ask.add_argument("--requests-per-minute", type=float, default=0.0, help="0: no limit")
+    ask.add_argument("--max-retries", type=int, default=8)
+    ask.add_argument("--backoff", type=float, default=1.0, help="first retry delay (s), doubled each time")
+    ask.add_argument("--max-backoff", type=float, default=30.0)
+    ask.add_argument("--request-timeout", type=float, default=120.0)
+    ask.add_argument("--max-attempts", type=int, default=3, help="answers asked per file before it is unparsed")
+    ask.add_argument("--counts", help="write the run's counts as JSON here")
+    ask.add_argument("--no-progress", action="store_true")
+
     for name in ("train", "filter"):
         sub = commands.add_parser(name)
         sub.add_argument("--embedding-model", required=name == "train", help="phi1 model directory")
@@ -217,7 +329,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None):
     args = parse_args(argv)
-    command = {"make-labels": make_labels, "demo-embedder": demo_embedder, "train": train, "filter": filter_shards}
+    command = {"make-labels": make_labels, "demo-embedder": demo_embedder, "annotate": annotate, "train": train,
+               "filter": filter_shards}
     return command[args.command](args)
 
 

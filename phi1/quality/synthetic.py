@@ -27,11 +27,11 @@ import json
 import os
 import random
 import sys
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from phi1.quality.dedup import NearDuplicateIndex, exact_key
+from phi1.quality.endpoint import CompletionEndpoint, EndpointConfig, EndpointUnavailable, TokenBucket  # noqa: F401
 from phi1.quality.jsonl import LineStats, append_line, check_record
 
 KINDS = ("textbook", "exercise")
@@ -169,44 +169,6 @@ def check_exercise(code: str, name: str) -> tuple[list[str], bool]:
     return reasons, _has_tests(tree, function)
 
 
-class TokenBucket:
-    """At most `per_minute` acquisitions per minute on average, bursts up to `burst` (asyncio)."""
-
-    def __init__(self, per_minute: float, burst: int = 1) -> None:
-        self.rate = per_minute / 60.0
-        self.capacity = float(burst)
-        self.tokens = float(burst)
-        self.updated = time.monotonic()
-        self.lock = asyncio.Lock()
-
-    async def acquire(self) -> None:
-        if self.rate <= 0:
-            return
-        async with self.lock:
-            while True:
-                now = time.monotonic()
-                self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
-                self.updated = now
-                if self.tokens >= 1.0:
-                    self.tokens -= 1.0
-                    return
-                await asyncio.sleep((1.0 - self.tokens) / self.rate)
-
-
-class EndpointUnavailable(RuntimeError):
-    """The endpoint kept failing after every retry; the run stops and can be resumed."""
-
-
-def _retryable(error: BaseException) -> bool:
-    import openai
-
-    if isinstance(error, (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError,
-                          openai.InternalServerError)):
-        return True
-    return isinstance(error, openai.APIStatusError) and error.status_code in (408, 409, 429) or \
-        isinstance(error, (ConnectionError, asyncio.TimeoutError))
-
-
 @dataclass
 class RunCounts:
     written: Counter = field(default_factory=Counter)
@@ -239,7 +201,11 @@ class SyntheticGenerator:
         self.exact: set[str] = set()
         self.near = NearDuplicateIndex(threshold=config.near_duplicate_threshold)
         self.finished: set[str] = set()
-        self.bucket = TokenBucket(config.requests_per_minute, burst=max(1, config.concurrency))
+        self.endpoint = CompletionEndpoint(client, EndpointConfig(
+            model=config.model, api=config.api, max_tokens=config.max_tokens, temperature=config.temperature,
+            concurrency=config.concurrency, requests_per_minute=config.requests_per_minute,
+            max_retries=config.max_retries, backoff_s=config.backoff_s, max_backoff_s=config.max_backoff_s),
+            on_retry=self._count_retry)
         self.read_stats = LineStats()
 
     # -- resuming ---------------------------------------------------------------------------------------------
@@ -290,29 +256,11 @@ class SyntheticGenerator:
 
     # -- one request ------------------------------------------------------------------------------------------
 
+    def _count_retry(self, error: BaseException) -> None:
+        self.counts.retries += 1
+
     async def _request(self, prompt: str, sample_seed: int) -> str:
-        config = self.config
-        for attempt in range(config.max_retries + 1):
-            await self.bucket.acquire()
-            try:
-                if config.api == "chat":
-                    response = await self.client.chat.completions.create(
-                        model=config.model, messages=[{"role": "user", "content": prompt}],
-                        max_tokens=config.max_tokens, temperature=config.temperature, seed=sample_seed)
-                    return response.choices[0].message.content or ""
-                response = await self.client.completions.create(
-                    model=config.model, prompt=prompt, max_tokens=config.max_tokens,
-                    temperature=config.temperature, seed=sample_seed)
-                return response.choices[0].text or ""
-            except Exception as error:  # noqa: BLE001 - sorted into retryable or not just below
-                if not _retryable(error):
-                    raise
-                if attempt == config.max_retries:
-                    raise EndpointUnavailable(f"{type(error).__name__}: {error}") from error
-                self.counts.retries += 1
-                delay = min(config.max_backoff_s, config.backoff_s * 2 ** attempt) * (0.5 + random.random() / 2)
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
+        return await self.endpoint.complete(prompt, sample_seed)
 
     # -- one id -----------------------------------------------------------------------------------------------
 

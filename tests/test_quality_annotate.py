@@ -1,0 +1,223 @@
+"""LLM annotation (`quality_filter.py annotate`): scores parsed from many answer styles, bad answers re-asked and
+counted, endpoint failures retried, resume after SIGKILL loses and repeats nothing; against a scripted HTTP
+endpoint on 127.0.0.1 and against phi1-serve on a tiny model, whose annotations then train a classifier."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from phi1.quality.annotate import REMINDER, parse_score
+from phi1.testing.hostile import assert_clear_error, python, run_bounded
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+TOOL = str(ROOT / "tools" / "quality_filter.py")
+
+
+class ScriptedEndpoint:
+    """An OpenAI-compatible chat endpoint on 127.0.0.1 answering from a script keyed by a FILE-n marker in the
+    prompt (the marker's answers are given in order; the last repeats). `fail_first` markers get one 503 first.
+    Every request is logged as (marker, prompt)."""
+
+    def __init__(self, script: dict[str, list[str]], default: str = "5", delay_s: float = 0.0,
+                 fail_first: set[str] | None = None) -> None:
+        self.script = {k: list(v) for k, v in script.items()}
+        self.default = default
+        self.delay_s = delay_s
+        self.fail_first = set(fail_first or ())
+        self.requests: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                return
+
+            def _send(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                self._send(200, {"object": "list", "data": [{"id": "scripted", "object": "model", "owned_by": "t"}]})
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = body["messages"][0]["content"]
+                marker = (re.findall(r"FILE-\d+", prompt) or ["?"])[0]
+                with endpoint.lock:
+                    if marker in endpoint.fail_first:
+                        endpoint.fail_first.discard(marker)
+                        self._send(503, {"error": {"message": "overloaded"}})
+                        return
+                    endpoint.requests.append((marker, prompt))
+                    answers = endpoint.script.get(marker, [endpoint.default])
+                    answer = answers.pop(0) if len(answers) > 1 else answers[0]
+                time.sleep(endpoint.delay_s)
+                self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                                 "choices": [{"index": 0, "finish_reason": "stop",
+                                              "message": {"role": "assistant", "content": answer}}]})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> ScriptedEndpoint:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _files(path: Path, count: int, with_ids: bool = True) -> list[str]:
+    texts = [f"# FILE-{i}\ndef f{i}(x):\n    return x + {i}\n" for i in range(count)]
+    path.write_text("".join(json.dumps({**({"id": f"f{i}"} if with_ids else {}), "text": t}) + "\n"
+                            for i, t in enumerate(texts)))
+    return texts
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("7", 0.7), ("Score: 8/10", 0.8), ('{"score": 3}', 0.3), ('```json\n{"rating": "9"}\n```', 0.9),
+    ("high", 1.0), ("No.", 0.0), ("Educational value: moderate", 0.5),
+    ("I would rate this a 6 because it shows loops.", 0.6), ("It deserves 4 points.", 0.4), ("8 out of 10", 0.8),
+    ("15", None), ("Score: 11", None), ("between 3 and 5", None), ("I cannot judge this.", None), ("", None),
+    ("not high", None), ("no idea", None), ("Yes, it teaches loops.", 1.0),
+])
+def test_parse_score(answer, expected) -> None:
+    assert parse_score(answer, 10) == expected
+
+
+def test_annotate_scripted_endpoint_styles_reasks_and_retries(tmp_path) -> None:
+    from tools.quality_filter import main, read_labelled
+
+    inputs = tmp_path / "files.jsonl"
+    _files(inputs, 7)
+    script = {"FILE-0": ["7"], "FILE-1": ["Score: 8/10"], "FILE-2": ['{"score": 3}'], "FILE-3": ["high"],
+              "FILE-4": ["I would rate this a 6 because it shows a loop."],
+              "FILE-5": ["I cannot judge this.", "maybe", "no idea at all"],  # never readable: unparsed
+              "FILE-6": ["Hmm, between 3 and 5", "4"]}  # readable when asked again
+    output = tmp_path / "annotated.jsonl"
+    with ScriptedEndpoint(script, fail_first={"FILE-0"}) as endpoint:
+        counts = main(["annotate", "--input", str(inputs), "--output", str(output), "--base-url", endpoint.url,
+                       "--concurrency", "2", "--backoff", "0.01", "--no-progress", "--counts",
+                       str(tmp_path / "counts.json")])
+    records = {r["id"]: r for r in map(json.loads, output.read_text().splitlines())}
+    assert {k: r.get("score") for k, r in records.items()} == {
+        "f0": 0.7, "f1": 0.8, "f2": 0.3, "f3": 1.0, "f4": 0.6, "f5": None, "f6": 0.4}
+    assert {k: r.get("label") for k, r in records.items()} == {
+        "f0": 1, "f1": 1, "f2": 0, "f3": 1, "f4": 1, "f5": None, "f6": 0}
+    assert records["f5"]["status"] == "unparsed" and records["f5"]["attempts"] == 3
+    assert records["f5"]["raw_answer"] == "no idea at all"
+    assert records["f5"]["earlier_answers"] == ["I cannot judge this.", "maybe"]
+    assert records["f6"]["attempts"] == 2 and records["f6"]["raw_answer"] == "4"
+    assert all(r["model"] == "scripted" and "educational value for a student" in r["prompt_template"]
+               for r in records.values())
+    assert counts["bad_answers"] == 4 and counts["retries"] == 1
+    assert counts["written"] == {"ok": 6, "unparsed": 1}
+    assert json.loads((tmp_path / "counts.json").read_text())["bad_answers"] == 4
+    asked = [p for m, p in endpoint.requests if m == "FILE-6"]
+    assert len(asked) == 2 and not asked[0].endswith(REMINDER.format(scale=10)) and \
+        asked[1].endswith(REMINDER.format(scale=10))
+    texts, labels, stats = read_labelled(str(output), "text", "score")  # what `train` reads
+    assert len(texts) == 6 and sorted(labels.tolist()) == [0.3, 0.4, 0.6, 0.7, 0.8, 1.0] and stats.bad == 0
+
+
+def test_annotate_prompt_file_and_ids_from_text(tmp_path) -> None:
+    from tools.quality_filter import main
+
+    inputs = tmp_path / "files.jsonl"
+    _files(inputs, 3, with_ids=False)
+    with open(inputs, "a") as handle:  # the same text again: annotated once
+        handle.write(inputs.read_text().splitlines()[0] + "\n")
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Rate from 0 to {scale} how well this teaches: {text}\nJSON please.")
+    with ScriptedEndpoint({}, default='{"score": 2}') as endpoint:
+        counts = main(["annotate", "--input", str(inputs), "--output", str(tmp_path / "out.jsonl"), "--base-url",
+                       endpoint.url, "--prompt-file", str(prompt), "--scale", "4", "--no-progress"])
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and counts["duplicate_ids"] == 1
+    assert all(r["id"].startswith("sha256:") and r["score"] == 0.5 and r["label"] == 1 for r in records)
+    assert endpoint.requests[0][1].startswith("Rate from 0 to 4 how well this teaches: # FILE-0")
+
+
+def _lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def test_annotate_resume_after_kill_loses_and_repeats_nothing(tmp_path) -> None:
+    inputs = tmp_path / "files.jsonl"
+    n = 40
+    _files(inputs, n)
+    output = tmp_path / "annotated.jsonl"
+    with ScriptedEndpoint({}, default="Score: 6/10", delay_s=0.05) as endpoint:
+        command = python(TOOL, "annotate", "--input", str(inputs), "--output", str(output), "--base-url",
+                         endpoint.url, "--concurrency", "2", "--no-progress")
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        tool = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.time() + 120
+            while _lines(output) < 6 and tool.poll() is None and time.time() < deadline:
+                time.sleep(0.02)
+            tool.send_signal(signal.SIGKILL)
+            tool.wait(timeout=30)
+        finally:
+            if tool.poll() is None:
+                tool.kill()
+                tool.wait()
+        first = [json.loads(line)["id"] for line in output.read_text().splitlines()]
+        assert 0 < len(first) < n, "the tool should have been killed mid-run"
+        with open(output, "a") as handle:  # as if killed in the middle of writing a line
+            handle.write('{"id": "f39", "status": "ok", "sco')
+        before = len(endpoint.requests)
+        resumed = run_bounded(command, timeout_s=180)
+        assert resumed.returncode == 0, resumed.describe()
+        second = {f"f{m.split('-')[1]}" for m, _ in endpoint.requests[before:]}
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    ids = [r["id"] for r in records]
+    assert sorted(ids) == sorted(f"f{i}" for i in range(n))  # nothing lost, nothing twice
+    assert second.isdisjoint(first)  # nothing finished was asked again
+    assert second == {f"f{i}" for i in range(n)} - set(first)
+    assert all(r["score"] == 0.6 and r["status"] == "ok" for r in records)
+    assert "cut a torn last line" in resumed.stderr
+
+
+@pytest.mark.parametrize("case", ["missing_input", "prompt_without_text", "threshold", "other_model", "no_url"])
+def test_annotate_bad_input_is_one_clear_line(tmp_path, case) -> None:
+    inputs = tmp_path / "files.jsonl"
+    _files(inputs, 2)
+    output = tmp_path / "out.jsonl"
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Rate this file from 0 to 10.")
+    with ScriptedEndpoint({}) as endpoint:
+        base = ["annotate", "--input", str(inputs), "--output", str(output), "--base-url", endpoint.url,
+                "--no-progress"]
+        if case == "other_model":
+            done = run_bounded(python(TOOL, *base, "--model", "a"), timeout_s=120)
+            assert done.returncode == 0, done.describe()
+        argv, names = {
+            "missing_input": (["annotate", "--input", str(tmp_path / "nope.jsonl"), "--output", str(output),
+                               "--base-url", endpoint.url], "nope.jsonl"),
+            "prompt_without_text": ([*base, "--prompt-file", str(prompt)], str(prompt)),
+            "threshold": ([*base, "--label-threshold", "7"], "--label-threshold"),
+            "other_model": ([*base, "--model", "b"], "manifest.json"),
+            "no_url": (["annotate", "--input", str(inputs), "--output", str(output)], "--base-url"),
+        }[case]
+        outcome = run_bounded(python(TOOL, *argv), timeout_s=120, env={"OPENAI_BASE_URL": ""})
+    assert_clear_error(outcome, names=names)
