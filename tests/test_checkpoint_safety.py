@@ -180,6 +180,19 @@ def _missing_tensor(header, data):
     return header, data[:begin] + data[end:]
 
 
+def _extra_tensor(header, data):
+    """A tensor the model does not have, with honest offsets."""
+    header["not_a_phi_tensor.weight"] = {"dtype": "F32", "shape": [2], "data_offsets": [len(data), len(data) + 8]}
+    return header, data + bytes(8)
+
+
+def _absurd_metadata_config(header, data):
+    config = json.loads(header["__metadata__"]["model_config"])
+    config["n_layer"] = 10**9
+    header["__metadata__"]["model_config"] = json.dumps(config)
+    return header, data
+
+
 def _huge_header(file: Path) -> None:
     with open(file, "wb") as handle:
         handle.write(struct.pack("<Q", 100 << 20))
@@ -259,7 +272,8 @@ def case_table(outside: Path) -> dict[str, tuple[str, Callable[[Path], tuple[Pat
     # Safetensors headers that lie, in every kind of weights file.
     lies = {"offsets_out_of_range": _offsets_out_of_range, "offsets_overlap": _offsets_overlap,
             "unknown_dtype": _unknown_dtype, "shape_overflow": _shape_overflow, "shape_disagrees": _shape_disagrees,
-            "wrong_dtype": _wrong_dtype, "wrong_shape": _wrong_shape, "missing_tensor": _missing_tensor}
+            "wrong_dtype": _wrong_dtype, "wrong_shape": _wrong_shape, "missing_tensor": _missing_tensor,
+            "extra_tensor": _extra_tensor}
     # Checkpoints get a manifest rewritten to match (a hostile file can come with its own manifest), so the header
     # checks themselves are what catches them.
     for lie, edit in lies.items():
@@ -274,6 +288,9 @@ def case_table(outside: Path) -> dict[str, tuple[str, Callable[[Path], tuple[Pat
         add(f"truncated_{kind}", kind, lambda d, kind=kind, file_kind=file_kind: (
             _truncate(_weights(file_kind, _in_checkpoint(kind, d))), _remanifest(kind, d),
             (d, _weights(file_kind, d).name))[2])
+
+    add("shard_metadata_absurd_layers", "run", lambda d: (
+        _edit_header(d / "iter_0000002" / SHARD, _absurd_metadata_config), _remanifest("run", d), (d, "n_layer"))[2])
 
     # config.json values that are not finite or absurd.
     add("config_nan_eps_phi1", "phi1", lambda d: (_set_config(d, ("model", "layer_norm_eps"), float("nan")),
@@ -308,8 +325,10 @@ def command(which: str, kind: str, target: Path, scratch: Path, bases: dict) -> 
 # Convert reads weights through the same loader as eval: every lie is tried on each kind of file through eval,
 # and through convert on one kind each (rotating), besides every path case.
 CONVERT_LIES = {"offsets_out_of_range_phi1", "offsets_overlap_hf", "unknown_dtype_checkpoint", "shape_overflow_phi1",
-                "shape_disagrees_hf", "wrong_dtype_checkpoint", "wrong_shape_phi1", "missing_tensor_hf"}
-_LIE_PREFIXES = ("offsets_", "unknown_dtype_", "shape_", "wrong_", "missing_tensor_")
+                "shape_disagrees_hf", "wrong_dtype_checkpoint", "wrong_shape_phi1", "missing_tensor_hf",
+                "extra_tensor_checkpoint"}
+_LIE_PREFIXES = ("offsets_", "unknown_dtype_", "shape_overflow_", "shape_disagrees_", "wrong_", "missing_tensor_",
+                 "extra_tensor_")
 
 
 def _runs(name: str, which: str) -> bool:
@@ -411,3 +430,14 @@ def test_zero_files_that_would_run_code_are_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="symlink pointing out"):
         check_zero_files(checkpoint)
     assert not marker.exists()
+
+
+def test_serve_loads_a_training_run_directory(bases) -> None:
+    """`phi1-serve --model RUN` builds its service from the run's checkpoint and the tokenizer copied into it."""
+    from phi1.serve import build_service, parse_args
+
+    service = build_service(parse_args(["--model", str(bases["run"]), "--device", "cpu"]))
+    assert service.served_model == "run" and service.context == 128
+    assert service.tokenizer.encode("w3 w4") == [5, 6]  # the run's word-level tokenizer, from its checkpoint
+    model_state = service.model.state_dict()
+    assert all(torch.equal(model_state[k], v) for k, v in bases["state"].items())
