@@ -388,3 +388,27 @@ def test_harness_parses_and_shrinks() -> None:
     assert shrunk[3].mode == "not-run"
     assert shrunk[4].mode == "server"
     assert shrunk[5].harnessed.endswith("--limit 2")
+
+
+@pytest.mark.slow
+def test_quickstart_artefacts_exist(runner: Runner) -> None:
+    """Every path the quickstart lists under "Artefacts:" exists (TensorBoard folders included), and it ends with
+    the next commands to run: eval on the run directory, serve it, and the full recipe."""
+    indices = [i for i, c in enumerate(runner.commands) if "quickstart.sh" in c.harnessed and c.mode == "run"]
+    if not indices:
+        pytest.skip("no documented command runs the quickstart")
+    outcome = runner.outcome(indices[0])
+    check(outcome)
+    lines = outcome.detail.splitlines()
+    listed = lines[next(i for i, line in enumerate(lines) if line.rstrip().endswith("Artefacts:")) + 1:lines.index("Next:")]
+    paths = [word for line in listed for word in re.findall(r"(?:runs|data)/[^\s(),;]+", line)]
+    assert len(paths) >= 10, listed
+    for path in paths:
+        targets = [path] if not path.endswith(".bin/.idx") else [path[:-4], path[:-8] + ".idx"]
+        for target in targets:
+            assert (runner.scratch / target).exists(), f"the quickstart lists {target} but did not make it"
+    assert any(p.endswith("pretrain/tensorboard") for p in paths) and any(p.endswith("finetune/tensorboard") for p in paths)
+    assert any(list((runner.scratch / p).glob("events.out.tfevents.*")) for p in paths if p.endswith("tensorboard"))
+    following = [line.strip() for line in lines[lines.index("Next:") + 1:] if line.startswith("  ") and not line.startswith("     ")]
+    assert [line.split()[0] for line in following[:2]] == ["phi1-eval", "phi1-serve"], following
+    assert "examples/pretrain_phi1.sh" in following[2], following
