@@ -6,6 +6,12 @@ indices. Megatron-LM reads what we write and we read what it writes.
 
 Everything that can exceed 2^31 (pointers, token counts, document indices) is int64 here; only the per-sequence
 size is int32, because the format fixes it.
+
+Opening checks the header before anything is mapped: counts that the `.bin` cannot hold (2^40 documents in a
+sparse `.idx` of the "right" size) are refused with a message, never met as `OSError: Cannot allocate memory`;
+FIFOs and devices given as dataset files are refused without being opened. `check_token_range` finds ids beyond
+a tokenizer's vocabulary in bounded time. Beside `PREFIX.bin/.idx` phi1 writes a tokenizer sidecar `PREFIX.json`
+(phi1.data.sidecar); the `.bin`/`.idx` bytes stay exactly Megatron's.
 """
 
 from __future__ import annotations
