@@ -128,7 +128,19 @@ def _device(name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m phi1.eval` and `phi1-eval`; returns the exit status."""
+    """Entry point of `phi1-eval` and `python -m phi1.eval`.
+
+    Called with `argv` (tests, other Python code) it returns the exit status and raises ValueError/UserError for
+    bad input. Called without (the console script), it runs through phi1.cli.run_cli: a user error prints one
+    line and exits with status 2.
+    """
+    if argv is None:
+        run_cli(run, prog="phi1-eval")
+    return run(argv)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Parse `argv` (None: sys.argv), evaluate, write the reports; returns the exit status."""
     die_with_launcher()  # a rank whose torchrun is killed stops too (phi1/parallel/launcher.py)
     args = parse_args(argv)
     problems = load_task(args.task, args.data, args.mbpp_split)
@@ -195,10 +207,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cli() -> None:
-    """Console entry point: user errors print one line and exit with status 2 (phi1.cli.run_cli)."""
-    run_cli(main, prog="phi1-eval")
-
-
 if __name__ == "__main__":
-    cli()
+    run_cli(run, prog="phi1-eval")
