@@ -146,12 +146,21 @@ def find_verified_checkpoint(run_dir: str | os.PathLike, fallback: bool) -> Path
     """The checkpoint to resume from (as `find_checkpoint`), verified against its manifest.
 
     With `fallback`, a checkpoint that fails verification is logged with its damaged files and the next older
-    complete checkpoint is tried. None when there is no checkpoint at all.
+    complete checkpoint is tried, and a `latest` that cannot be followed (not an iteration number, a symlink or
+    an entry pointing out) is logged and passed over for the newest complete checkpoint. None when there is no
+    checkpoint at all.
 
     Raises:
         CheckpointCorruptError: the checkpoint is damaged and `fallback` is off, or every one is damaged.
     """
-    first = find_checkpoint(run_dir)
+    try:
+        first = find_checkpoint(run_dir)
+    except ValueError as e:  # `latest` (or the entry it names) is not to be followed
+        if not fallback:
+            raise
+        logger.error("%s; checkpoint.fallback: taking the newest complete checkpoint instead", e)
+        iterations = complete_iterations(run_dir)
+        first = iteration_dir(run_dir, iterations[-1]) if iterations else None
     if first is None:
         return None
     candidates = [first]
