@@ -221,3 +221,76 @@ def test_annotate_bad_input_is_one_clear_line(tmp_path, case) -> None:
         }[case]
         outcome = run_bounded(python(TOOL, *argv), timeout_s=120, env={"OPENAI_BASE_URL": ""})
     assert_clear_error(outcome, names=names)
+
+
+@pytest.mark.slow
+def test_annotate_against_phi1_serve_then_train_on_annotations(tmp_path, capsys) -> None:
+    import shutil
+    import socket
+
+    from phi1.core.config import get_preset
+    from phi1.core.model import PhiForCausalLM
+    from phi1.core.pretrained import save_pretrained
+    from phi1.quality.stdlib_functions import documented_labelled_set, stdlib_functions
+    from tools.quality_filter import main
+    from tools.train_tokenizer import main as train_tokenizer
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f.source}) + "\n" for f in stdlib_functions(200, seed=4)))
+    train_tokenizer(["--input", str(corpus), "--output-dir", str(tmp_path / "tok"), "--vocab-size", "512",
+                     "--threads", "1"])
+    # A random model with a 512-token context: the prompt holds the whole file.
+    config = get_preset("phi-1-tiny", vocab_size=512, n_layer=2, d_model=128, n_head=2, d_mlp=512)
+    model_dir = tmp_path / "model"
+    save_pretrained(PhiForCausalLM(config, init_seed=0).state_dict(), config, model_dir)
+    shutil.copyfile(tmp_path / "tok" / "tokenizer.model", model_dir / "tokenizer.model")
+
+    inputs = tmp_path / "files.jsonl"
+    _files(inputs, 4)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(python("-m", "phi1.serve", "--model", str(model_dir), "--port", str(port)),
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                              stderr=open(tmp_path / "serve.log", "w"))
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+                time.sleep(0.3)
+        output = tmp_path / "annotated.jsonl"
+        outcome = run_bounded(python(TOOL, "annotate", "--input", str(inputs), "--output", str(output),
+                                     "--base-url", f"http://127.0.0.1:{port}/v1", "--max-tokens", "8",
+                                     "--max-chars", "400", "--max-attempts", "2", "--no-progress", "--counts",
+                                     str(tmp_path / "counts.json")), timeout_s=300)
+    finally:
+        server.kill()
+        server.wait()
+    assert outcome.returncode == 0, outcome.describe()
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    counts = json.loads((tmp_path / "counts.json").read_text())
+    assert sorted(r["id"] for r in records) == ["f0", "f1", "f2", "f3"]
+    # A random model mostly answers noise: whatever it said is kept raw, scored only when readable.
+    for record in records:
+        assert record["model"] and isinstance(record["raw_answer"], str)
+        assert (record["status"] == "ok") == ("score" in record) == (parse_score(record["raw_answer"], 10) is not None)
+    assert counts["bad_answers"] == sum(r["attempts"] - (r["status"] == "ok") for r in records)
+
+    # Annotations feed `train`: scores from a scripted teacher that likes docstrings, regression on `score`.
+    labelled = tmp_path / "labelled.jsonl"
+    functions = documented_labelled_set(40, seed=2)
+    labelled.write_text("".join(json.dumps({"id": f"d{i}", "text": f"# FILE-{i}\n" + r["text"]}) + "\n"
+                                for i, r in enumerate(functions)))
+    script = {f"FILE-{i}": ["Score: 8/10" if r["label"] else "2"] for i, r in enumerate(functions)}
+    with ScriptedEndpoint(script) as endpoint:
+        main(["annotate", "--input", str(labelled), "--output", str(tmp_path / "scored.jsonl"), "--base-url",
+              endpoint.url, "--no-progress"])
+    main(["train", "--labelled", str(tmp_path / "scored.jsonl"), "--label-key", "score", "--embedding-model",
+          str(model_dir), "--output", str(tmp_path / "cls"), "--trees", "10", "--folds", "2"])
+    header = json.loads((tmp_path / "cls" / "classifier.json").read_text())
+    assert header["kind"] == "regression" and header["cross_validation"]["examples"] == 40
+    assert "precision" in capsys.readouterr().out
