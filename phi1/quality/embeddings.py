@@ -25,7 +25,7 @@ class CodeEmbedder:
     """Batched mean-pooled final-LayerNorm states of a phi1 (or HF phi) model directory.
 
     Args:
-        model_dir: directory readable by `phi1.core.pretrained.load_pretrained`.
+        model_dir: any model path `phi1.loading` accepts (phi1 / HF directory, training run, iter_* checkpoint).
         tokenizer_type, tokenizer_model: the tokenizer, when the directory does not hold one.
         batch_size: texts per forward pass.
         max_tokens: texts are cut to this many tokens (default: the model's max_seq_len).
