@@ -143,6 +143,8 @@ def test_detect_tokenizer_type(corpus, tmp_path) -> None:
     (tmp_path / "list.json").write_text("[1, 2]")
     (tmp_path / "empty.model").write_bytes(b"")
     os.mkfifo(tmp_path / "pipe")
+    with open(tmp_path / "huge.json", "wb") as handle:
+        handle.truncate(300 << 20)  # sparse: refused by its size, never read
     bad = {
         tmp_path / "random.model": "neither a tokenizer.json nor a SentencePiece model",
         tmp_path / "list.json": "not an object",
@@ -152,6 +154,7 @@ def test_detect_tokenizer_type(corpus, tmp_path) -> None:
         sp: "tokenizer.model",  # a SentencePiece directory: the message names the file to give instead
         Path("/dev/zero"): "device file",
         corpus: "not valid JSON",
+        tmp_path / "huge.json": "larger than any tokenizer file",
     }
     for path, words in bad.items():
         with pytest.raises(ValueError, match=words) as raised:

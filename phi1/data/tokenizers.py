@@ -83,6 +83,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.model_file = os.fspath(model_file)
         if not os.path.isfile(self.model_file):
             raise FileNotFoundError(f"{self.model_file}: no SentencePiece model; train one with tools/train_tokenizer.py")
+        _refuse_oversized(self.model_file)
         try:
             self.processor = sentencepiece.SentencePieceProcessor(model_file=self.model_file)
         except (RuntimeError, OSError) as e:
@@ -129,6 +130,7 @@ class HuggingFaceTokenizer(Tokenizer):
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{file}: no tokenizer.json (this loader reads local files only, it never downloads)")
+        _refuse_oversized(file)
         try:
             with open(file, encoding="utf-8") as handle:
                 spec = json.load(handle)
@@ -201,6 +203,7 @@ class GPT2BPETokenizer(HuggingFaceTokenizer):
         for file in (vocab_file, merge_file):
             if not os.path.isfile(file):
                 raise FileNotFoundError(f"{file}: missing (GPT2BPETokenizer needs vocab.json and merges.txt)")
+            _refuse_oversized(os.fspath(file))
         try:
             with open(vocab_file, encoding="utf-8") as handle:
                 vocab = json.load(handle)
@@ -386,6 +389,16 @@ class _TiktokenBPE:
 
 
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer")
+# The largest real tokenizer files are tens of MB (a 256k-entry tokenizer.json); parsing JSON costs ~10x its size
+# in memory, so a file beyond this is refused as "not a tokenizer" before it is read.
+_MAX_TOKENIZER_FILE_BYTES = 256 << 20
+
+
+def _refuse_oversized(path: str) -> None:
+    size = os.path.getsize(path)
+    if size > _MAX_TOKENIZER_FILE_BYTES:
+        raise ValueError(f"{path}: {size} bytes, larger than any tokenizer file ({_MAX_TOKENIZER_FILE_BYTES} bytes); "
+                         "check the path")
 
 
 def build_tokenizer(
@@ -433,9 +446,6 @@ def build_tokenizer(
     raise ValueError(f"unknown tokenizer type {tokenizer_type!r}; choose one of {TOKENIZER_TYPES} or 'auto'")
 
 
-# A SentencePiece model is one protobuf message, and protobuf refuses messages over 2 GiB; a tokenizer.json of a
-# real tokenizer is a few MB. Anything larger is not a tokenizer and is not read into memory to find that out.
-_MAX_TOKENIZER_FILE_BYTES = 2 << 30
 
 
 def _describe_directory(path: str) -> str:
@@ -512,6 +522,7 @@ def detect_tokenizer_type(path: str | os.PathLike) -> str:
     if os.path.isdir(path):
         tokenizer_json = os.path.join(path, "tokenizer.json")
         if os.path.isfile(tokenizer_json):
+            _refuse_oversized(tokenizer_json)
             problem = _is_tokenizer_json(tokenizer_json)
             if problem is not None:
                 raise ValueError(f"{tokenizer_json}: not a HuggingFace tokenizer.json: {problem}")
@@ -528,9 +539,7 @@ def detect_tokenizer_type(path: str | os.PathLike) -> str:
     size = os.path.getsize(path)
     if size == 0:
         raise ValueError(f"{path}: an empty file, not a tokenizer; train one with tools/train_tokenizer.py")
-    if size > _MAX_TOKENIZER_FILE_BYTES:
-        raise ValueError(f"{path}: {size} bytes, larger than any tokenizer file ({_MAX_TOKENIZER_FILE_BYTES} bytes); "
-                         "check the path")
+    _refuse_oversized(path)
     with open(path, "rb") as handle:
         head = handle.read(64).lstrip()
     if head.startswith(b"{") or path.endswith(".json"):
