@@ -202,7 +202,10 @@ class PhiBlock(nn.Module):
         out = self.attn(x, cos, sin, key_padding, kv_cache, documents) + self.mlp(x)
         if self.fused_tp:
             out = reduce_scatter_to_sequence(out, self.group) if self.sequence_parallel else reduce_from_tp(out, self.group)
-            out = out + (self.attn.dense.bias + self.mlp.fc2.bias)
+            # Added one after the other, not as (b1 + b2): under torch.compile (2.13) the backward of the pair's
+            # sum hands both biases one gradient tensor, and accumulating a second micro-batch into one bias
+            # then doubles it in the other.
+            out = out + self.attn.dense.bias + self.mlp.fc2.bias
         if self.training and self.resid_dropout > 0:
             # Sequence shards differ per TP rank; replicated activations must get the same mask everywhere.
             rng = get_rng_tracker().fork() if self.sequence_parallel else contextlib.nullcontext()
