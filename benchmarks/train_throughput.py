@@ -3,11 +3,16 @@
 
     python benchmarks/train_throughput.py --preset phi-1 --micro-batch 8 --seq-len 2048 --precision bf16 \
         --steps 20 --compare-hf
+    python benchmarks/train_throughput.py --activation-checkpointing selective --compile --document-mask
 
 Times N training steps (forward, backward, fused AdamW step) after warm-up. With --compare-hf it also runs
 HuggingFace `PhiForCausalLM` (SDPA attention, the same weights, batch, precision and optimizer) in the same
 process and prints both rows and the ratio. MFU counts model FLOPs as `6 N + 12 L d T` per token
 (`ModelConfig.flops_per_token`; recomputation not counted) over the device's peak, looked up by its name.
+`--activation-checkpointing none|full|selective` (with `--activation-checkpointing-every K` under full),
+`--compile` (regional: each block; the first warm-up step's time is reported as compile time, apart from the
+step time) and `--document-mask` (an end-of-document token every `--document-length` tokens, attention kept
+inside each document) measure the issue-16 levers in one run each.
 Runs on CPU too (small presets), so CI exercises it; CPU rows have no MFU (no peak is known for a CPU).
 """
 
@@ -34,6 +39,9 @@ from phi1.ops import prepare as prepare_fused_ops  # noqa: E402
 from phi1.training.metrics import device_name, mfu, peak_tflops  # noqa: E402
 from phi1.training.precision import autocast  # noqa: E402
 
+EOD_TOKEN_ID = 0
+"""The end-of-document token of --document-mask's synthetic batches."""
+
 
 @dataclass
 class Row:
@@ -42,7 +50,12 @@ class Row:
     micro_batch: int
     seq_len: int
     precision: str
-    activation_checkpointing: bool
+    activation_checkpointing: str
+    """'none', 'full', 'full/K' (every K-th block) or 'selective'."""
+    compile: bool
+    compile_s: float | None
+    """The first warm-up step's time with --compile (compiles the blocks); None without."""
+    document_mask: bool
     fused_ops: bool
     """Whether csrc/fused_ops (bias + gelu, rotary on q/k/v) ran; False for HuggingFace."""
     attention: str
@@ -94,8 +107,9 @@ def _peak(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def time_steps(model, step_fn, optimizer, batches, args, device) -> float:
-    """Seconds per step, averaged over args.steps after args.warmup untimed steps."""
+def time_steps(model, step_fn, optimizer, batches, args, device) -> tuple[float, float]:
+    """(seconds per step averaged over args.steps after args.warmup untimed steps, seconds of the first
+    warm-up step: the compile time under --compile)."""
 
     def one(tokens):
         optimizer.zero_grad(set_to_none=True)
@@ -104,8 +118,14 @@ def time_steps(model, step_fn, optimizer, batches, args, device) -> float:
         loss.backward()
         optimizer.step()
 
+    first = 0.0
     for i in range(args.warmup):
+        start = time.perf_counter()
         one(batches[i % len(batches)])
+        if i == 0:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            first = time.perf_counter() - start
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -113,7 +133,7 @@ def time_steps(model, step_fn, optimizer, batches, args, device) -> float:
         one(batches[i % len(batches)])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / args.steps
+    return (time.perf_counter() - start) / args.steps, first
 
 
 def make_optimizer(model, device):
@@ -125,24 +145,27 @@ def run_ours(config, args, device, batches) -> tuple[Row, dict]:
     _reset_peak(device)
     model = PhiForCausalLM(config, init_seed=0).to(device)
     model.activation_checkpointing = args.activation_checkpointing
+    model.activation_checkpointing_every = args.activation_checkpointing_every
     model.loss_chunk_size = args.loss_chunk_size
+    if args.document_mask:
+        model.document_eod_token_id = EOD_TOKEN_ID
     # Under torch.compile the kernels stand aside (phi1.ops.fused) and the compiler fuses the references itself.
     model.fused_ops = prepare_fused_ops(device, args.fused_ops) and not args.compile
     model.train()
     block_forward = None
     if args.compile:
-        for block in model.layers:
-            block.compile()
+        model.compile_blocks()
         block_forward = "compiled blocks"
     optimizer = make_optimizer(model, device)
 
     def step(tokens):
         return model(tokens[:, :-1], labels=tokens[:, 1:]).loss
 
-    seconds = time_steps(model, step, optimizer, batches, args, device)
+    seconds, first = time_steps(model, step, optimizer, batches, args, device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
     attention = attention_kernel_name(model, device, dtype) + (f", {block_forward}" if block_forward else "")
     row = _row("phi1", config, args, device, seconds, _peak(device), attention, model.fused_ops)
+    row.compile_s = first if args.compile else None
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return row, state
 
@@ -160,7 +183,7 @@ def run_hf(config, args, device, batches, phi1_state) -> Row:
     model.load_state_dict(state_dict_to_hf(phi1_state, config))
     del phi1_state  # with --hf-only, the last reference: our weights leave before HF's memory is measured
     model = model.to(device).train()
-    if args.activation_checkpointing:
+    if args.activation_checkpointing != "none":  # HF has whole-layer checkpointing only
         model.gradient_checkpointing_enable()
     optimizer = make_optimizer(model, device)
 
@@ -168,7 +191,7 @@ def run_hf(config, args, device, batches, phi1_state) -> Row:
         # HF shifts labels inside; give it the same T input positions as ours.
         return model(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
 
-    seconds = time_steps(model, step, optimizer, batches, args, device)
+    seconds, _ = time_steps(model, step, optimizer, batches, args, device)
     return _row("HF PhiForCausalLM", config, args, device, seconds, _peak(device), "sdpa (transformers)", False)
 
 
@@ -182,7 +205,12 @@ def _row(system, config, args, device, seconds, peak_gib, attention, fused_ops) 
         micro_batch=args.micro_batch,
         seq_len=args.seq_len,
         precision=args.precision,
-        activation_checkpointing=args.activation_checkpointing,
+        activation_checkpointing=(f"full/{args.activation_checkpointing_every}"
+                                  if args.activation_checkpointing == "full" and args.activation_checkpointing_every > 1
+                                  else args.activation_checkpointing),
+        compile=args.compile,
+        compile_s=None,
+        document_mask=args.document_mask,
         fused_ops=fused_ops,
         attention=attention,
         tokens_per_second=tokens_per_second,
@@ -195,13 +223,16 @@ def _row(system, config, args, device, seconds, peak_gib, attention, fused_ops) 
 
 def print_table(rows: list[Row], device: torch.device) -> None:
     print(f"device: {device_name(device)}")
-    header = f"{'system':<20} {'preset':<12} {'mb':>3} {'seq':>5} {'prec':>5} {'ckpt':>5} {'fused':>5} {'tokens/s':>11} {'TFLOP/s':>8} {'MFU':>7} {'peak GiB':>9} {'step ms':>9}  attention"
+    header = (f"{'system':<20} {'preset':<12} {'mb':>3} {'seq':>5} {'prec':>5} {'ckpt':>9} {'fused':>5} {'docs':>5} "
+              f"{'tokens/s':>11} {'TFLOP/s':>8} {'MFU':>7} {'peak GiB':>9} {'step ms':>9} {'compile s':>9}  attention")
     print(header)
     for r in rows:
         m = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "n/a"
         mem = f"{r.peak_memory_gib:.2f}" if r.peak_memory_gib is not None else "n/a"
-        print(f"{r.system:<20} {r.preset:<12} {r.micro_batch:>3} {r.seq_len:>5} {r.precision:>5} {str(r.activation_checkpointing):>5} {str(r.fused_ops):>5} "
-              f"{r.tokens_per_second:>11.1f} {r.tflops_per_second:>8.2f} {m:>7} {mem:>9} {r.step_ms:>9.1f}  {r.attention}")
+        compiled = f"{r.compile_s:.1f}" if r.compile_s is not None else "-"
+        print(f"{r.system:<20} {r.preset:<12} {r.micro_batch:>3} {r.seq_len:>5} {r.precision:>5} {r.activation_checkpointing:>9} "
+              f"{str(r.fused_ops):>5} {str(r.document_mask):>5} {r.tokens_per_second:>11.1f} {r.tflops_per_second:>8.2f} "
+              f"{m:>7} {mem:>9} {r.step_ms:>9.1f} {compiled:>9}  {r.attention}")
     if len(rows) == 2:
         print(f"ratio phi1 / HF tokens/s: {rows[0].tokens_per_second / rows[1].tokens_per_second:.2f}x")
 
@@ -217,9 +248,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--attention-backend", default="auto", choices=("auto", "flash", "sdpa", "math"))
-    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--activation-checkpointing", nargs="?", const="full", default="none",
+                        choices=("none", "full", "selective"),
+                        help="none, full (the flag alone) or selective (matmul and attention outputs kept)")
+    parser.add_argument("--activation-checkpointing-every", type=int, default=1,
+                        help="under full: checkpoint every K-th block only")
+    parser.add_argument("--document-mask", action="store_true",
+                        help="an end-of-document token every --document-length tokens; attention inside documents")
+    parser.add_argument("--document-length", type=int, default=None, help="default: a quarter of --seq-len")
     parser.add_argument("--loss-chunk-size", type=int, default=0, help="chunked lm_head + loss (0: off)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each block")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each block; the first warm-up step is reported as compile time")
     parser.add_argument("--fused-ops", choices=FUSED_OPS_MODES, default="auto",
                         help="csrc/fused_ops: auto = on CUDA when they build (see python -m phi1.ops)")
     parser.add_argument("--compare-hf", action="store_true", help="also run HuggingFace PhiForCausalLM")
@@ -236,9 +275,22 @@ def main(argv: list[str] | None = None) -> int:
     args.seq_len = args.seq_len or config.max_seq_len
     if args.seq_len > config.max_seq_len:
         parser.error(f"--seq-len {args.seq_len} exceeds the preset's max_seq_len {config.max_seq_len}")
+    if args.activation_checkpointing_every < 1:
+        parser.error(f"--activation-checkpointing-every must be at least 1, got {args.activation_checkpointing_every}")
+    if args.compile and args.activation_checkpointing == "selective":
+        parser.error("--compile with --activation-checkpointing selective is not supported (see validate_config)")
+    if args.compile and args.warmup < 1:
+        parser.error("--compile needs --warmup >= 1: the first warm-up step compiles")
     generator = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, config.vocab_size, (args.micro_batch, args.seq_len + 1), generator=generator).to(device)
+    # Ids from 1 up: 0 is the end-of-document token of --document-mask, placed only where documents end.
+    batches = [torch.randint(1, config.vocab_size, (args.micro_batch, args.seq_len + 1), generator=generator).to(device)
                for _ in range(2)]
+    if args.document_mask:
+        length = args.document_length or max(2, args.seq_len // 4)
+        if not 1 <= length <= args.seq_len:
+            parser.error(f"--document-length must be between 1 and --seq-len {args.seq_len}, got {length}")
+        for tokens in batches:
+            tokens[:, length - 1 :: length] = EOD_TOKEN_ID
 
     if args.memory_limit_gib is not None and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
