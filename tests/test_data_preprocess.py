@@ -104,3 +104,11 @@ def test_sentencepiece_workers_identical(tmp_path) -> None:
     preprocess_data.main(common + ["--output-prefix", str(tmp_path / "b"), "--workers", "2"])
     assert (tmp_path / "a_text_document.bin").read_bytes() == (tmp_path / "b_text_document.bin").read_bytes()
     assert IndexedDataset(tmp_path / "b_text_document")[0][-1] == 1  # <|endoftext|> is id 1
+
+
+def test_byte_order_mark_on_the_first_line_is_accepted(tokenizer_dir, tmp_path) -> None:
+    corpus = tmp_path / "bom.jsonl"
+    corpus.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": DOCUMENTS[0]}).encode() + b"\n"
+                       + json.dumps({"text": DOCUMENTS[2]}).encode() + b"\n")
+    summary = _run(tokenizer_dir, corpus, tmp_path / "out")
+    assert summary["documents"] == 2 and summary["skipped_lines"] == 0

@@ -176,6 +176,8 @@ class ChunkEncoder:
             if not line.strip():
                 blank += 1
                 continue
+            if number == 1 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]  # a UTF-8 byte-order mark, as some editors write, is not part of the JSON
             parsed = self._parse(line)
             if isinstance(parsed, tuple):
                 problems.append((number, *parsed))
