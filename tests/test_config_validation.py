@@ -328,6 +328,20 @@ def test_hostile_yaml_is_refused_naming_the_file(tmp_path, name: str) -> None:
     assert not (tmp_path / "PAYLOAD_RAN").exists() and not Path("PAYLOAD_RAN").exists()
 
 
+def test_a_file_of_many_bad_keys_gets_a_short_answer(tmp_path) -> None:
+    path = tmp_path / "many.yaml"
+    path.write_text("".join(f"key{i}: 1\n" for i in range(20000)))
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert len(error.value.problems) == 51 and error.value.problems[-1] == "... and 19,950 more problems like these"
+
+
+def test_world_size_is_bounded(data) -> None:
+    for world_size in (0, -1, 2**40):
+        with pytest.raises(ConfigError, match=r"world size \(--world-size"):
+            validate_config(load_config(None, nano(data)), world_size, device="cpu")
+
+
 def test_special_files_are_refused(tmp_path) -> None:
     fifo = tmp_path / "fifo.yaml"
     os.mkfifo(fifo)

@@ -59,6 +59,10 @@ MAX_CONFIG_DEPTH = 16
 """Deepest nesting of mappings and lists accepted in a config (a real one has 2 or 3 levels)."""
 MAX_WORKERS_PER_CORE = 4
 """data.num_workers may be at most this many times the machine's CPU cores."""
+MAX_LISTED_PROBLEMS = 50
+"""A ConfigError lists at most this many problems, then says how many more there are."""
+MAX_WORLD_SIZE = 2**20
+"""Processes of a run at most (a sanity bound far beyond any cluster)."""
 MAX_TRAIN_SAMPLES = 2**32
 """schedule.train_steps x batch.global_batch_size at most (the sample index of the run is built up front)."""
 
@@ -77,6 +81,9 @@ class ConfigError(ValueError):
     def __init__(self, problems: str | list[str] | tuple[str, ...]) -> None:
         # One line each, whatever a hostile value or path put in them (newlines, terminal escapes).
         self.problems = [_printable(line) for line in ([problems] if isinstance(problems, str) else problems)]
+        if len(self.problems) > MAX_LISTED_PROBLEMS:  # a file of 100,000 unknown keys gets a readable answer
+            hidden = len(self.problems) - MAX_LISTED_PROBLEMS
+            self.problems = self.problems[:MAX_LISTED_PROBLEMS] + [f"... and {hidden:,} more problems like these"]
         if len(self.problems) == 1:
             message = self.problems[0]
         else:
@@ -957,8 +964,9 @@ def validate_config(config: TrainConfig, world_size: int, *, check_files: bool =
     device = device or default_device_type()
     if device not in DEVICE_TYPES:
         raise ConfigError(f"device: must be one of {DEVICE_TYPES}, got {device!r}")
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ConfigError(f"world size: must be a positive number of processes, got {world_size!r}")
+    if not isinstance(world_size, int) or not 1 <= world_size <= MAX_WORLD_SIZE:
+        raise ConfigError(f"world size (--world-size, or the launcher's): must be a number of processes in "
+                          f"[1, {MAX_WORLD_SIZE}], got {world_size!r}")
 
     # -- parallel layout -----------------------------------------------------------------------------------------
     par = config.parallel
