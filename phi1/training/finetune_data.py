@@ -72,6 +72,8 @@ def read_exercises(path: str | os.PathLike, prompt_key: str = "prompt", solution
             except UnicodeDecodeError as e:
                 raise ValueError(f"{path}:{number}: not UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1}); "
                                  "re-encode the file as UTF-8") from None
+            if number == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark, as some editors write, is not JSON
             if not line.strip():
                 continue
             try:
