@@ -1,6 +1,6 @@
 """The pipeline bubble measured with per-stage timers, against (P-1)/(m+P-1) and (P-1)/(V m+P-1), on CPU gloo.
 
-    python benchmarks/bench_pipeline_bubble.py [--workload fixed|phi|both] [--steps 5] [--forward-ms 20]
+    python benchmarks/bench_pipeline_bubble.py [--workload fixed|phi|both] [--steps 3] [--forward-ms 50]
 
 Each pipeline rank times the forward, backward and loss of its own stages inside the schedule
 (`phi1.parallel.pipeline.StageTiming`); its bubble is the rest of the step: 1 - compute / wall, the wall clock
@@ -119,8 +119,8 @@ def _measure(rank: int, world_size: int, workload: str, steps: int, forward_ms: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workload", choices=("fixed", "phi", "both"), default="both")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per case (after one warm-up step)")
-    parser.add_argument("--forward-ms", type=float, default=20.0, help="fixed workload: forward time of a stage")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per case (after one warm-up step)")
+    parser.add_argument("--forward-ms", type=float, default=50.0, help="fixed workload: forward time of a stage")
     parser.add_argument("--pipeline-sizes", type=int, nargs="+", default=[2, 4])
     args = parser.parse_args()
     if args.steps < 1 or args.forward_ms <= 0 or min(args.pipeline_sizes) < 2:
