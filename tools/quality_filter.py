@@ -17,7 +17,9 @@
     python tools/quality_filter.py filter --classifier runs/quality/classifier --input data/shards/*.jsonl \
         --output-dir data/filtered --threshold 0.5 --workers 2
 
-Labels are 0/1 (classification) or scores (regression; the report binarises them at --threshold). Classifiers
+--embedding-model is a phi1 checkpoint or any transformers model directory: encoders (CodeBERT-style) are
+mean-pooled, decoders (CodeGen, phi) mean- or --pooling last; the classifier records the embedder (fingerprint,
+backend, pooling, max tokens) and `filter` embeds the same way. Labels are 0/1 (classification) or scores (regression; the report binarises them at --threshold). Classifiers
 are saved as arrays + JSON (no pickle) and record the checkpoint whose embeddings they read; `filter` refuses
 another checkpoint unless --allow-other-embedder. Bad lines are counted and listed by file and line.
 """
@@ -178,14 +180,15 @@ def train(args: argparse.Namespace) -> dict:
         format_report,
         is_binary,
     )
-    from phi1.quality.embeddings import CodeEmbedder, checkpoint_fingerprint
+    from phi1.quality.embeddings import checkpoint_fingerprint, load_embedder
 
     texts, labels, stats = read_labelled(args.labelled, args.text_key, args.label_key)
     print(f"{args.labelled}: {stats.summary()}", file=sys.stderr)
     if not texts:
         raise UserError(f"{args.labelled}: no usable labelled records")
-    embedder = CodeEmbedder(args.embedding_model, args.tokenizer_type, args.tokenizer_model,
-                            batch_size=args.batch_size)
+    embedder = load_embedder(args.embedding_model, args.embedder, args.pooling, args.tokenizer_type,
+                             args.tokenizer_model, batch_size=args.batch_size, max_tokens=args.max_tokens,
+                             device=args.device)
     start = time.perf_counter()
     features = embedder.embed(texts)
     print(f"embedded {len(texts)} texts in {time.perf_counter() - start:.1f}s ({features.shape[1]} features)",
@@ -198,9 +201,7 @@ def train(args: argparse.Namespace) -> dict:
         "kind": "classification" if is_binary(labels) else "regression",
         "n_features": int(features.shape[1]), "n_trees": config.trees, "threshold": args.threshold,
         "embedder": {"model_dir": os.path.abspath(args.embedding_model),
-                     "fingerprint": checkpoint_fingerprint(args.embedding_model),
-                     "pooling": "mean of final LayerNorm states over real tokens",
-                     "max_tokens": embedder.max_tokens},
+                     "fingerprint": checkpoint_fingerprint(args.embedding_model), **embedder.describe()},
         "trained_on": os.path.abspath(args.labelled), "cross_validation": report, "forest": config.__dict__,
     }
     QualityClassifier(export_forest(forest), header).save(args.output)
@@ -223,9 +224,13 @@ def filter_shards(args: argparse.Namespace) -> dict:
         raise UserError(f"{model_dir}: not the checkpoint {args.classifier} was trained on (fingerprints differ); "
                          "its scores would mean nothing. Pass --allow-other-embedder to force it")
     threshold = classifier.header.get("threshold", 0.5) if args.threshold is None else args.threshold
+    # Classifiers from before transformers embedders were phi1's, mean-pooled.
+    backend = embedder.get("backend", "phi1")
+    pooling = embedder.get("pooling") if embedder.get("pooling") in ("mean", "last") else "mean"
     config = FilterConfig(classifier_dir=args.classifier, embedding_model=model_dir, tokenizer_type=args.tokenizer_type,
                           tokenizer_model=args.tokenizer_model, threshold=threshold, text_key=args.text_key,
-                          batch_size=args.batch_size, keep_all=args.keep_all)
+                          batch_size=args.batch_size, backend=backend, pooling=pooling,
+                          max_tokens=embedder.get("max_tokens"), device=args.device, keep_all=args.keep_all)
     os.makedirs(args.output_dir, exist_ok=True)
     start = time.perf_counter()
     chunks = plan_chunks(args.input, args.chunk_bytes or default_chunk_bytes(args.input, args.workers))
@@ -298,14 +303,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     for name in ("train", "filter"):
         sub = commands.add_parser(name)
-        sub.add_argument("--embedding-model", required=name == "train", help="phi1 model directory")
-        sub.add_argument("--tokenizer-type")
+        sub.add_argument("--embedding-model", required=name == "train",
+                         help="a phi1 model directory or any transformers model directory (encoder or decoder)")
+        sub.add_argument("--tokenizer-type", help="phi1 embedders only: when the directory holds no tokenizer")
         sub.add_argument("--tokenizer-model")
+        sub.add_argument("--device", default="auto", help="auto: cuda when there is a GPU, else cpu")
         sub.add_argument("--text-key", default="text")
         sub.add_argument("--batch-size", type=int, default=32)
         if name == "train":
             sub.add_argument("--labelled", required=True, help="jsonl with text and label (0/1 or a score)")
             sub.add_argument("--label-key", default="label")
+            sub.add_argument("--embedder", choices=("auto", "phi1", "transformers"), default="auto",
+                             help="auto: phi1 for phi1/phi directories, transformers for other model types")
+            sub.add_argument("--pooling", choices=("mean", "last"), default="mean",
+                             help="last: the last real token's state (decoders only)")
+            sub.add_argument("--max-tokens", type=int, default=None, help="texts are cut to this many tokens")
             sub.add_argument("--output", required=True, help="classifier directory")
             sub.add_argument("--folds", type=int, default=5)
             sub.add_argument("--trees", type=int, default=200)

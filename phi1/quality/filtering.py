@@ -24,6 +24,11 @@ class FilterConfig:
     score_key: str = "quality_score"
     """Field added to every kept line."""
     batch_size: int = 32
+    backend: str = "phi1"
+    """'phi1' or 'transformers' (what the classifier's header says it was trained with)."""
+    pooling: str = "mean"
+    max_tokens: int | None = None
+    device: str = "auto"
     keep_all: bool = False
     """Keep every line (scored) instead of filtering."""
 
@@ -43,12 +48,13 @@ _loaded: tuple[str, object, object] | None = None
 def _models(config: FilterConfig):
     global _loaded
     from phi1.quality.classifier import QualityClassifier
-    from phi1.quality.embeddings import CodeEmbedder
+    from phi1.quality.embeddings import load_embedder
 
     key = json.dumps(config.__dict__, sort_keys=True)
     if _loaded is None or _loaded[0] != key:
-        embedder = CodeEmbedder(config.embedding_model, config.tokenizer_type, config.tokenizer_model,
-                                batch_size=config.batch_size, threads=1)
+        embedder = load_embedder(config.embedding_model, config.backend, config.pooling, config.tokenizer_type,
+                                 config.tokenizer_model, batch_size=config.batch_size, max_tokens=config.max_tokens,
+                                 device=config.device, threads=1)
         _loaded = (key, embedder, QualityClassifier.load(config.classifier_dir))
     return _loaded[1], _loaded[2]
 
