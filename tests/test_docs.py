@@ -404,7 +404,7 @@ def test_quickstart_artefacts_exist(runner: Runner) -> None:
     paths = [word for line in listed for word in re.findall(r"(?:runs|data)/[^\s(),;]+", line)]
     assert len(paths) >= 10, listed
     for path in paths:
-        targets = [path] if not path.endswith(".bin/.idx") else [path[:-4], path[:-9] + ".idx"]
+        targets = [path] if not path.endswith(".bin/.idx") else [path[:-5], path[:-9] + ".idx"]
         for target in targets:
             assert (runner.scratch / target).exists(), f"the quickstart lists {target} but did not make it"
     assert any(p.endswith("pretrain/tensorboard") for p in paths) and any(p.endswith("finetune/tensorboard") for p in paths)
