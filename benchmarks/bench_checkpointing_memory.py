@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from phi1.core.config import get_preset  # noqa: E402
 from phi1.training.measure_memory import measure_peak_memory  # noqa: E402
 from phi1.training.synthetic import write_synthetic_dataset  # noqa: E402
 
@@ -51,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         data_dir = Path(tmp) / "data"
         # Enough counting documents for steps x micro-batch samples of seq_len tokens.
         write_synthetic_dataset(data_dir, num_documents=max(400, args.seq_len * args.micro_batch * (args.steps + 2) // 40))
+        # The preset's own vocabulary (the synthetic tokenizer's few words would otherwise set it).
         base = [
-            f"model.preset={args.preset}", f"data.path={data_dir / 'counting_text_document'}",
+            f"model.preset={args.preset}", f"model.vocab_size={get_preset(args.preset).vocab_size}", f"data.path={data_dir / 'counting_text_document'}",
             f"data.tokenizer_model={data_dir / 'tokenizer.json'}", f"data.seq_len={args.seq_len}",
             "data.split=100,0,0", "eval.interval=0", "checkpoint.resume=false", "logging.jsonl=",
             "logging.tensorboard_dir=", "schedule.train_steps=20", "schedule.warmup_steps=1", "precision=fp32",
