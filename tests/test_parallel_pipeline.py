@@ -366,6 +366,7 @@ def test_launch_orders_put_pp_or_dp_across_nodes():
         (["parallel.pipeline_parallel=3"], "tensor_parallel x pipeline_parallel = 1 x 3 does not divide"),
         (["parallel.pipeline_schedule=zero-bubble"], "parallel.pipeline_schedule: must be one of"),
         (["parallel.virtual_stages=2"], "parallel.virtual_stages: 2 chunks per rank need"),
+        (["parallel.pipeline_parallel=2", "data.document_mask=true"], "data.document_mask: not with pipeline"),
     ],
 )
 def test_config_refuses_pipeline_layouts_with_the_reason(overrides, names):
@@ -454,13 +455,25 @@ def test_stage_activation_checkpointing_gives_the_same_gradients():
 
     config = CONFIG.replace(embd_dropout=0.1, attn_dropout=0.1, resid_dropout=0.1)
     input_ids, labels = _batches()[0]
-    grads = []
-    for checkpointing in (False, True):
+    grads, saved = [], []
+    for checkpointing in ("none", "full", "selective"):
         stage = PhiPipelineStage(config, 0, 1, range(config.n_layer))
         stage.train()
         stage.activation_checkpointing = checkpointing
+        stage.activation_checkpointing_every = 2
         seed_everything(3)
-        stage.loss(stage(input_ids), labels).backward()
+        count = [0]
+
+        def pack(tensor, count=count):
+            count[0] += 1
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = stage.loss(stage(input_ids), labels)
+        loss.backward()
         grads.append({name: p.grad for name, p in stage.named_parameters()})
+        saved.append(count[0])
+    assert saved[1] < saved[0] and saved[2] < saved[0], f"tensors saved for backward (none, full, selective): {saved}"
     for name, grad in grads[0].items():
-        assert torch.allclose(grads[1][name], grad, rtol=0, atol=1e-6), name
+        for mode, other in zip(("full", "selective"), grads[1:]):
+            assert torch.allclose(other[name], grad, rtol=0, atol=1e-6), f"{mode}: {name}"

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
-from torch.utils.checkpoint import checkpoint
 
+from phi1.core.activation_checkpointing import activation_checkpointing_mode, checkpointed, run_block
 from phi1.core.chunked_cross_entropy import chunked_linear_cross_entropy
 from phi1.core.config import ModelConfig
 from phi1.core.model import PhiBlock, PhiForCausalLM
@@ -39,7 +39,7 @@ from phi1.parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_cross_entro
 from phi1.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from phi1.parallel.mappings import group_size
 from phi1.parallel.pipeline import stages_of_rank
-from phi1.parallel.random import checkpoint_rng_contexts, get_rng_tracker
+from phi1.parallel.random import get_rng_tracker
 
 
 def balanced_split(n_layer: int, num_stages: int) -> list[int]:
@@ -101,7 +101,8 @@ class PhiPipelineStage(nn.Module):
     forward(x): x is input_ids (B, T) on the first stage and hidden states (B, T, d), (B, T / tp, d) under
     sequence parallelism, elsewhere. It returns hidden states, except on the last stage: logits (B, T, V / tp),
     or with `loss_chunk_size > 0` (and no TP) the final LayerNorm's output, which `loss` turns into the loss
-    through the chunked lm_head. Positions are 0 .. T-1 (packed training samples, no padding mask).
+    through the chunked lm_head. Positions are 0 .. T-1 (packed training samples, no padding mask; document
+    masking is not done here: the stages after the first never see the token ids it is computed from).
     """
 
     def __init__(
@@ -130,7 +131,9 @@ class PhiPipelineStage(nn.Module):
         self.is_last = stage_index == num_stages - 1
         self.tp_group = tp_group
         self.sequence_parallel = sequence_parallel and tp > 1
-        self.activation_checkpointing = False
+        self.activation_checkpointing = "none"
+        self.activation_checkpointing_every = 1
+        """Under 'full': checkpoint the blocks whose global index is 0, k, 2k, ... (as the whole model does)."""
         self.loss_chunk_size = 0
         """Tokens per chunk of the fused lm_head + loss on the last stage (0: plain logits; TP = 1 only)."""
         sp = self.sequence_parallel
@@ -155,6 +158,15 @@ class PhiPipelineStage(nn.Module):
         PhiForCausalLM.init_weights(self, seed)
 
     @property
+    def activation_checkpointing(self) -> str:
+        """'none', 'full' or 'selective' (see phi1.core.activation_checkpointing); True / False set full / none."""
+        return self._activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, value: str | bool) -> None:
+        self._activation_checkpointing = activation_checkpointing_mode(value)
+
+    @property
     def layer_indices(self) -> list[int]:
         """Global indices of this stage's blocks."""
         return [int(i) for i in self.layers]
@@ -172,9 +184,11 @@ class PhiPipelineStage(nn.Module):
         T = h.shape[1] * (group_size(self.tp_group) if self.sequence_parallel else 1)  # whole sequence length
         position_ids = torch.arange(T, device=h.device).unsqueeze(0).expand(B, T)
         cos, sin = rotary_angles(position_ids, self.config.rotary_dim, self.config.rotary_base)  # (B, T, rd/2)
-        for block in self.layers.values():
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, cos, sin, None, None, use_reentrant=False, context_fn=checkpoint_rng_contexts)
+        mode = self.activation_checkpointing if self.training and torch.is_grad_enabled() else "none"
+        for index, block in self.layers.items():
+            if checkpointed(mode, self.activation_checkpointing_every, int(index)):
+                # run_block replays the TP-region RNG state so recomputed dropout masks match the forward's.
+                h = run_block(block, mode, h, cos, sin, None, None)
             else:
                 h = block(h, cos, sin, None, None)
         if not self.is_last:

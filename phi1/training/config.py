@@ -1048,10 +1048,13 @@ def validate_config(config: TrainConfig, world_size: int, *, check_files: bool =
             f"batch.global_batch_size: {batch.global_batch_size} is not a multiple of batch.micro_batch_size x "
             f"data-parallel size = {batch.micro_batch_size} x {dp}; gradient accumulation must be a whole number of "
             "micro-batches")
+    data = config.data
     if pp > 1:
         problems.extend(_pipeline_problems(par, pp, virtual if virtual_ok else 1, dp, model_config,
                                            batch if micro_ok and global_ok else None))
-    data = config.data
+        if data.document_mask:
+            problems.append("data.document_mask: not with pipeline parallelism: the stages after the first never "
+                            "see the token ids the document boundaries come from; set data.document_mask=false")
     seq_ok = _check(problems, "data.seq_len", data.seq_len, integer=True, low=1, high=2**20)
     # The model's context, even when other model fields are wrong (so that this problem is listed with theirs).
     context = (ModelConfig.unvalidated(**config.model.values()).max_seq_len
