@@ -62,12 +62,14 @@ Existing phi1 checkpoints (`iter_*` directories with `model_tp*.safetensors` and
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import pickle
 import shutil
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -305,6 +307,14 @@ def read_metadata(directory: str | os.PathLike) -> Metadata:
 # Saving
 
 
+@contextlib.contextmanager
+def _single_process_warning_silenced() -> Iterator[None]:
+    """DCP warns that it 'assumes the intent' of a single process; here one process is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
@@ -407,7 +417,8 @@ def save_checkpoint(
     if asynchronous and not no_dist:
         future = dcp.async_save(state, storage_writer=writer)
         return PendingSave(future, finish)
-    dcp.save(state, storage_writer=writer, no_dist=no_dist)
+    with _single_process_warning_silenced():
+        dcp.save(state, storage_writer=writer, no_dist=no_dist)
     return PendingSave(None, finish)
 
 
@@ -550,7 +561,8 @@ def load_checkpoint(
     state = _state_dict(modules, optimizer if with_optimizer else None, mesh, for_load=True)
     _check_against_metadata(directory, {k: v for k, v in state.items()}, metadata)
     no_dist = not (dist.is_available() and dist.is_initialized())
-    dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)), no_dist=no_dist)
+    with _single_process_warning_silenced():
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)), no_dist=no_dist)
     _apply(state, modules, optimizer if with_optimizer else None)
     rank = _rank()
     saved_layout = info.get("layout", {})
@@ -598,7 +610,8 @@ def read_full_state_dict(directory: str | os.PathLike, prefix: str = MODEL_PREFI
             state[key] = torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
     if not state:
         raise ValueError(f"{directory}: holds no tensor under {prefix!r}")
-    dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)), no_dist=True)
+    with _single_process_warning_silenced():
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)), no_dist=True)
     return {key[len(prefix):]: tensor for key, tensor in state.items()}
 
 

@@ -1,0 +1,365 @@
+"""DCP checkpoints that reshard to any layout (issue 15): weights and AdamW state identical across TP x PP x DP
+layouts and one process, training continuing exactly, async equal to sync, HF export, conversion of iter_*
+checkpoints, and hostile checkpoints refused with one clear line."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from phi1.core.config import get_preset
+from phi1.core.model import PhiForCausalLM
+from phi1.core.pipeline_stage import build_stages
+from phi1.parallel import distributed_checkpoint as dck
+from phi1.parallel.layers import tensor_parallel_dims
+from phi1.parallel.spawn import run_on_gloo
+from phi1.testing.hostile import assert_clear_error, python, run_bounded
+from phi1.training.fault import CheckpointCorruptError, verify_checkpoint, write_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = get_preset("phi-1-nano")
+LR = 1e-2
+
+
+def _batch(step: int) -> torch.Tensor:
+    return torch.randint(0, CONFIG.vocab_size, (2, 16), generator=torch.Generator().manual_seed(100 + step))
+
+
+def _loss(model, tokens: torch.Tensor) -> torch.Tensor:
+    return model(tokens[:, :-1], labels=tokens[:, 1:]).loss  # vocab-parallel cross entropy under TP
+
+
+def _step(model, optimizer, step: int) -> None:
+    optimizer.zero_grad()
+    _loss(model, _batch(step)).backward()
+    optimizer.step()
+
+
+def _optimizer(model) -> torch.optim.AdamW:
+    return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+
+
+def _full_state(model, optimizer) -> dict[str, torch.Tensor]:
+    """{model.NAME / optim.NAME.KEY: tensor} of a one-process model and its optimizer."""
+    out = {}
+    for name, param in model.named_parameters():
+        out[f"model.{name}"] = param.detach().clone()
+        for key, value in optimizer.state.get(param, {}).items():
+            out[f"optim.{name}.{key}"] = value.detach().clone()
+    return out
+
+
+def _local_state(modules, optimizer, tp_rank: int, tp_size: int) -> dict:
+    """What a worker sends back: its local shards under the same keys, with each tensor's TP split dim."""
+    out, dims = {}, {}
+    for module in modules:
+        module_dims = tensor_parallel_dims(module)
+        for name, param in module.named_parameters():
+            out[f"model.{name}"] = param.detach().clone()
+            dims[f"model.{name}"] = module_dims[name]
+            for key, value in optimizer.state.get(param, {}).items() if optimizer is not None else ():
+                out[f"optim.{name}.{key}"] = value.detach().clone()
+                dims[f"optim.{name}.{key}"] = module_dims[name] if key != "step" else None
+    return {"tensors": out, "dims": dims, "tp_rank": tp_rank, "tp_size": tp_size}
+
+
+def _assert_shards_equal(result: dict, full: dict[str, torch.Tensor], where: str) -> None:
+    assert result["tensors"], where
+    for key, local in result["tensors"].items():
+        dim = result["dims"][key]
+        expected = full[key] if dim is None else full[key].chunk(result["tp_size"], dim=dim)[result["tp_rank"]]
+        assert torch.equal(local, expected), f"{where}: {key} differs"
+
+
+def _mesh(world: int, pp: int, tp: int):
+    return dck.checkpoint_mesh(torch.arange(world).reshape(world // (pp * tp), pp, tp))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Workers (run on gloo processes)
+
+
+def _two_process_worker(rank: int, world: int, one_process_ckpt: str, tp2_out: str) -> dict:
+    """At TP2: load the one-process checkpoint, save it again at TP2; at PP2: load it, stages by name."""
+    mesh = _mesh(world, pp=1, tp=2)
+    model = PhiForCausalLM(CONFIG, tp_group=mesh["tp"].get_group(), init_seed=999)
+    optimizer = _optimizer(model)
+    loaded = dck.load_checkpoint(one_process_ckpt, [model], optimizer, mesh, verify=verify_checkpoint)
+    tp2 = _local_state([model], optimizer, mesh.get_local_rank("tp"), 2)
+    dck.save_checkpoint(tp2_out, [model], optimizer, mesh, trainer_state=loaded.trainer_state,
+                        model_config=CONFIG.to_dict(), rank_state={"rank": torch.tensor(rank)},
+                        seal=write_manifest).wait()
+    # The step after loading at TP2 (compared with the one-process step within float reordering).
+    _step(model, optimizer, step=1)
+    tp2_stepped = _local_state([model], None, mesh.get_local_rank("tp"), 2)
+
+    pp_mesh = _mesh(world, pp=2, tp=1)
+    stages = build_stages(CONFIG, pp_rank=pp_mesh.get_local_rank("pp"), pp_size=2, init_seed=7)
+    stage_optimizer = torch.optim.AdamW([p for s in stages for p in s.parameters()], lr=LR)
+    dck.load_checkpoint(one_process_ckpt, stages, stage_optimizer, pp_mesh)
+    pp2 = _local_state(stages, stage_optimizer, 0, 1)
+    return {"tp2": tp2, "tp2_stepped": tp2_stepped, "pp2": pp2, "trainer_state": loaded.trainer_state,
+            "same_layout": loaded.same_layout}
+
+
+def _four_process_worker(rank: int, world: int, tp2_ckpt: str, sync_out: str, async_out: str) -> dict:
+    """At TP2 x DP2: load the TP2 checkpoint, save it synchronously and asynchronously."""
+    mesh = _mesh(world, pp=1, tp=2)
+    model = PhiForCausalLM(CONFIG, tp_group=mesh["tp"].get_group(), init_seed=3)
+    optimizer = _optimizer(model)
+    loaded = dck.load_checkpoint(tp2_ckpt, [model], optimizer, mesh, verify=verify_checkpoint)
+    local = _local_state([model], optimizer, mesh.get_local_rank("tp"), 2)
+    state = {"trainer_state": loaded.trainer_state}
+    dck.save_checkpoint(sync_out, [model], optimizer, mesh, trainer_state=state["trainer_state"],
+                        model_config=CONFIG.to_dict(), seal=write_manifest).wait()
+    pending = dck.save_checkpoint(async_out, [model], optimizer, mesh, trainer_state=state["trainer_state"],
+                                  model_config=CONFIG.to_dict(), seal=write_manifest, asynchronous=True)
+    with torch.no_grad():  # training goes on while the files are written: the save must hold the old values
+        for param in model.parameters():
+            param.add_(1.0)
+    pending.wait()
+    return {"local": local, "rank_state": loaded.rank_state, "dp_rank": mesh.get_local_rank("dp")}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tests
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory) -> dict:
+    """A one-process model after one AdamW step, saved, and the same run continued one more step."""
+    root = tmp_path_factory.mktemp("dcp")
+    model = PhiForCausalLM(CONFIG, init_seed=1)
+    optimizer = _optimizer(model)
+    _step(model, optimizer, step=0)
+    saved = _full_state(model, optimizer)
+    directory = dck.save_checkpoint(root / "one" / "iter_0000001", [model], optimizer, None,
+                                    trainer_state={"iteration": 1, "consumed_samples": 2},
+                                    model_config=CONFIG.to_dict(), seal=write_manifest).wait()
+    _step(model, optimizer, step=1)
+    return {"root": root, "ckpt": directory, "saved": saved, "continued": _full_state(model, optimizer)}
+
+
+def test_one_process_round_trip_and_exact_continuation(one_process_run):
+    model = PhiForCausalLM(CONFIG, init_seed=5)
+    optimizer = _optimizer(model)
+    loaded = dck.load_checkpoint(one_process_run["ckpt"], [model], optimizer, None, verify=verify_checkpoint)
+    assert loaded.trainer_state == {"iteration": 1, "consumed_samples": 2} and loaded.same_layout
+    state = _full_state(model, optimizer)
+    assert state.keys() == one_process_run["saved"].keys()
+    assert all(torch.equal(state[k], one_process_run["saved"][k]) for k in state)
+    _step(model, optimizer, step=1)
+    continued = _full_state(model, optimizer)
+    assert all(torch.equal(continued[k], one_process_run["continued"][k]) for k in continued)
+
+
+@pytest.mark.slow
+def test_reshard_across_layouts(one_process_run):
+    """1 process -> TP2 and PP2; TP2 -> TP2 x DP2; TP2 x DP2 -> 1 process; async == sync; exact continuation."""
+    root, saved = one_process_run["root"], one_process_run["saved"]
+    tp2_ckpt = root / "tp2" / "iter_0000001"
+    two = run_on_gloo(_two_process_worker, 2, str(one_process_run["ckpt"]), str(tp2_ckpt), timeout_s=600)
+    for rank, result in enumerate(two):
+        _assert_shards_equal(result["tp2"], saved, f"1 process -> TP2, rank {rank}")
+        _assert_shards_equal(result["pp2"], saved, f"1 process -> PP2, rank {rank}")
+        assert not result["same_layout"] and result["trainer_state"]["consumed_samples"] == 2
+        for key, local in result["tp2_stepped"]["tensors"].items():  # TP reorders float sums: not bitwise
+            dim = result["tp2_stepped"]["dims"][key]
+            full = one_process_run["continued"][key]
+            expected = full if dim is None else full.chunk(2, dim=dim)[result["tp2_stepped"]["tp_rank"]]
+            torch.testing.assert_close(local, expected, atol=2e-5, rtol=1e-5, msg=f"TP2 step after load: {key}")
+    stage_names = [{k for k in r["pp2"]["tensors"] if k.startswith("model.")} for r in two]
+    assert not stage_names[0] & stage_names[1], "a PP stage loaded another stage's parameters"
+    assert stage_names[0] | stage_names[1] == {k for k in saved if k.startswith("model.")}
+
+    sync_ckpt, async_ckpt = root / "tp2dp2" / "iter_0000001", root / "tp2dp2_async" / "iter_0000001"
+    four = run_on_gloo(_four_process_worker, 4, str(tp2_ckpt), str(sync_ckpt), str(async_ckpt), timeout_s=600)
+    for rank, result in enumerate(four):
+        _assert_shards_equal(result["local"], saved, f"TP2 -> TP2 x DP2, rank {rank}")
+        # rank states come back by global rank (ranks 2, 3 did not exist in the TP2 job)
+        assert (result["rank_state"] is None) == (rank >= 2)
+        if rank < 2:
+            assert int(result["rank_state"]["rank"]) == rank
+
+    # Asynchronous save: same file names and the same tensors as the synchronous one, despite the later update.
+    sync_files = sorted(p.name for p in sync_ckpt.iterdir() if p.is_file() and p.name != "manifest.json")
+    assert sync_files == sorted(p.name for p in async_ckpt.iterdir() if p.is_file() and p.name != "manifest.json")
+    for prefix in ("model.", "optim."):
+        a, b = dck.read_full_state_dict(sync_ckpt, prefix), dck.read_full_state_dict(async_ckpt, prefix)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    verify_checkpoint(async_ckpt)
+
+    # TP2 x DP2 -> one process: identical weights and optimizer state, and the next step equals the uninterrupted run.
+    model = PhiForCausalLM(CONFIG, init_seed=11)
+    optimizer = _optimizer(model)
+    loaded = dck.load_checkpoint(sync_ckpt, [model], optimizer, None, verify=verify_checkpoint)
+    assert loaded.saved_layout == {"dp": 2, "pp": 1, "tp": 2}
+    state = _full_state(model, optimizer)
+    assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in state)
+    _step(model, optimizer, step=1)
+    continued = _full_state(model, optimizer)
+    assert all(torch.equal(continued[k], one_process_run["continued"][k]) for k in continued)
+
+
+def test_export_hf_logits_equal(one_process_run, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "hf"
+    outcome = run_bounded(python(str(ROOT / "tools" / "export_dcp.py"), "export", str(one_process_run["ckpt"]),
+                                 str(out)), timeout_s=300, memory_mb=8192)
+    assert outcome.returncode == 0, outcome.describe()
+    hf = transformers.PhiForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    ours = PhiForCausalLM(CONFIG, init_seed=1).eval()
+    with torch.no_grad():
+        for name, param in ours.named_parameters():
+            param.copy_(one_process_run["saved"][f"model.{name}"])
+        tokens = _batch(7)
+        torch.testing.assert_close(hf(tokens).logits, ours(tokens).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_convert_iter_checkpoint(tmp_path):
+    """Today's iter_* format (TP2 shards, per-TP-rank optimizer files) converts to DCP with identical tensors."""
+    from safetensors.torch import save_file
+
+    from phi1.parallel.checkpoint import SHARD_FORMAT, shard_file_name
+    from phi1.parallel.optim import param_groups
+
+    sys.path.insert(0, str(ROOT))  # the tools/ scripts are imported as modules
+    from tools.export_dcp import convert
+
+    model = PhiForCausalLM(CONFIG, init_seed=4)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=LR)
+    _step(model, optimizer, step=0)
+    full = _full_state(model, optimizer)
+    dims = tensor_parallel_dims(model)
+    iter_dir = tmp_path / "run" / "iter_0000001"
+    iter_dir.mkdir(parents=True)
+    # Write what a TP2 run writes, by slicing the one-process state (the layout test above covers real TP).
+    names_in_order = [n for g in param_groups(model, 0.1) for n, p in model.named_parameters()
+                      if any(p is q for q in g["params"])]
+    for tp_rank in range(2):
+        def shard(tensor, name, tp_rank=tp_rank):
+            return tensor if dims[name] is None else tensor.chunk(2, dim=dims[name])[tp_rank].contiguous()
+        tensors = {n: shard(p.detach(), n) for n, p in model.named_parameters()}
+        save_file(tensors, str(iter_dir / shard_file_name(tp_rank, 2)), metadata={
+            "format": SHARD_FORMAT, "format_version": "1", "tp_size": "2", "tp_rank": str(tp_rank),
+            "partition_dims": json.dumps(dims), "model_config": json.dumps(CONFIG.to_dict())})
+        optim_state = optimizer.state_dict()
+        optim_state["state"] = {i: {k: (shard(v, names_in_order[i]) if k != "step" else v) for k, v in s.items()}
+                                for i, s in optim_state["state"].items()}
+        torch.save(optim_state, iter_dir / f"optim_tp{tp_rank:02d}.pt")
+    (iter_dir / "trainer_state.json").write_text(json.dumps({"iteration": 1, "consumed_samples": 2,
+                                                             "tensor_parallel": 2}))
+    write_manifest(iter_dir)
+
+    out = convert(iter_dir, tmp_path / "dcp")
+    verify_checkpoint(out)
+    restored = PhiForCausalLM(CONFIG, init_seed=9)
+    restored_optimizer = _optimizer(restored)
+    loaded = dck.load_checkpoint(out, [restored], restored_optimizer, None)
+    assert loaded.trainer_state["consumed_samples"] == 2
+    state = _full_state(restored, restored_optimizer)
+    assert state.keys() == full.keys() and all(torch.equal(state[k], full[k]) for k in state)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hostile checkpoints
+
+
+def _rewrite_metadata(directory: Path, change) -> None:
+    metadata = dck.read_metadata(directory)
+    change(metadata)
+    (directory / ".metadata").write_bytes(pickle.dumps(metadata))
+
+
+def _escape_dotdot(directory: Path) -> None:
+    def change(metadata):
+        for info in metadata.storage_data.values():
+            info.relative_path = "../outside.distcp"
+    (directory.parent / "outside.distcp").write_bytes((directory / "__0_0.distcp").read_bytes())
+    _rewrite_metadata(directory, change)
+
+
+def _escape_absolute(directory: Path) -> None:
+    def change(metadata):
+        for info in metadata.storage_data.values():
+            info.relative_path = str((directory / "__0_0.distcp").resolve())
+    _rewrite_metadata(directory, change)
+
+
+def _escape_symlink(directory: Path) -> None:
+    outside = directory.parent / "elsewhere.distcp"
+    shutil.move(directory / "__0_0.distcp", outside)
+    os.symlink(outside, directory / "__0_0.distcp")
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def _code_in_metadata(directory: Path) -> None:
+    buffer = io.BytesIO()
+    pickle.dump(_RunsCode(), buffer)
+    (directory / ".metadata").write_bytes(buffer.getvalue())
+
+
+def _bytes_entry(directory: Path) -> None:
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    def change(metadata):
+        metadata.state_dict_metadata["model.extra"] = BytesStorageMetadata()
+    _rewrite_metadata(directory, change)
+
+
+@pytest.mark.parametrize("damage,names", [
+    (_escape_dotdot, "leaves the checkpoint directory"),
+    (_escape_absolute, "leaves the checkpoint directory"),
+    (_escape_symlink, "symlink leaving the checkpoint directory"),
+    (_code_in_metadata, "is not part of DCP metadata"),
+    (_bytes_entry, "pickled object"),
+], ids=["dotdot", "absolute", "symlink", "pickled-code", "bytes-entry"])
+def test_hostile_checkpoint_refused(one_process_run, tmp_path, damage, names):
+    directory = tmp_path / "iter_0000001"
+    shutil.copytree(one_process_run["ckpt"], directory)
+    (directory / "manifest.json").unlink()  # a forger rewrites the manifest too: the reader must hold on its own
+    damage(directory)
+    outcome = run_bounded(python(str(ROOT / "tools" / "export_dcp.py"), "export", str(directory),
+                                 str(tmp_path / "out")), timeout_s=300)
+    assert_clear_error(outcome, names=[names])
+    assert "pwned" not in outcome.stdout
+    with pytest.raises(ValueError, match=names):
+        dck.load_checkpoint(directory, [PhiForCausalLM(CONFIG)], None, None)
+
+
+def test_damaged_file_caught_by_manifest(one_process_run, tmp_path):
+    directory = tmp_path / "iter_0000001"
+    shutil.copytree(one_process_run["ckpt"], directory)
+    data = bytearray((directory / "__0_0.distcp").read_bytes())
+    data[-100] ^= 0xFF
+    (directory / "__0_0.distcp").write_bytes(bytes(data))
+    with pytest.raises(CheckpointCorruptError, match="__0_0.distcp"):
+        dck.load_checkpoint(directory, [PhiForCausalLM(CONFIG)], None, None, verify=verify_checkpoint)
+
+
+def test_interrupted_save_leaves_old_checkpoint(one_process_run, tmp_path):
+    """A save that fails midway leaves only `.tmp`; the complete checkpoint under the real name is untouched."""
+    directory = tmp_path / "iter_0000001"
+    shutil.copytree(one_process_run["ckpt"], directory)
+    model = PhiForCausalLM(CONFIG, init_seed=3)
+
+    def crash(_tmp: Path) -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        dck.save_checkpoint(directory, [model], None, None, trainer_state={"iteration": 9}, seal=crash).wait()
+    assert (directory.with_name(directory.name + ".tmp")).exists()
+    verify_checkpoint(directory)
+    assert dck.load_checkpoint(directory, [model], None, None).trainer_state["iteration"] == 1
