@@ -354,6 +354,7 @@ def save_checkpoint(
     rank_state: dict | None = None,
     seal: Callable[[Path], object] | None = None,
     asynchronous: bool = False,
+    async_group: dist.ProcessGroup | None = None,
 ) -> PendingSave:
     """Write a checkpoint of this rank's modules and AdamW state collectively (every rank calls it).
 
@@ -367,7 +368,11 @@ def save_checkpoint(
         model_config: the ModelConfig as a dict (`config.to_dict()`), for export.
         rank_state: this rank's state (tensors and plain values, e.g. RNG states), written by every rank.
         seal: called by rank 0 on the temporary directory once every file is in place (write the manifest).
-        asynchronous: stage to CPU and write in the background (DCP `async_save`).
+        asynchronous: stage to CPU and write in the background (DCP `async_save`); in one process (no process
+            group) the save is synchronous.
+        async_group: the process group the background save coordinates over. Create one gloo group once
+            (`dist.new_group(backend="gloo")`, collectively) and pass it to every asynchronous save, so that the
+            background thread's collectives never interleave with the training step's on the default group.
     Returns:
         A `PendingSave`; call `.wait()` on every rank (a synchronous save is already written, wait() renames).
     Raises:
@@ -415,7 +420,7 @@ def save_checkpoint(
         return final
 
     if asynchronous and not no_dist:
-        future = dcp.async_save(state, storage_writer=writer)
+        future = dcp.async_save(state, storage_writer=writer, process_group=async_group)
         return PendingSave(future, finish)
     with _single_process_warning_silenced():
         dcp.save(state, storage_writer=writer, no_dist=no_dist)
