@@ -328,13 +328,38 @@ def _bytes_entry(directory: Path) -> None:
     _rewrite_metadata(directory, change)
 
 
+def _not_dcp(directory: Path) -> None:
+    (directory / "format.json").unlink()
+
+
+def _truncated_data(directory: Path) -> None:
+    data = (directory / "__0_0.distcp").read_bytes()
+    (directory / "__0_0.distcp").write_bytes(data[: len(data) // 2])
+
+
+def _chunk_outside(directory: Path) -> None:
+    def change(metadata):
+        entry = metadata.state_dict_metadata["model.lm_head.bias"]
+        entry.chunks[0].offsets = torch.Size([10 ** 9])
+    _rewrite_metadata(directory, change)
+
+
+def _huge_config(directory: Path) -> None:
+    config = json.loads((directory / "model_config.json").read_text())
+    config["vocab_size"] = 2 ** 31
+    (directory / "model_config.json").write_text(json.dumps(config))
+
+
 @pytest.mark.parametrize("damage,names", [
     (_escape_dotdot, "leaves the checkpoint directory"),
     (_escape_absolute, "leaves the checkpoint directory"),
     (_escape_symlink, "symlink leaving the checkpoint directory"),
     (_code_in_metadata, "is not part of DCP metadata"),
     (_bytes_entry, "pickled object"),
-], ids=["dotdot", "absolute", "symlink", "pickled-code", "bytes-entry"])
+    (_not_dcp, "format.json"),
+    (_truncated_data, "truncated or altered"),
+    (_chunk_outside, "outside its shape"),
+], ids=["dotdot", "absolute", "symlink", "pickled-code", "bytes-entry", "not-dcp", "truncated", "chunk-outside"])
 def test_hostile_checkpoint_refused(one_process_run, tmp_path, damage, names):
     directory = tmp_path / "iter_0000001"
     shutil.copytree(one_process_run["ckpt"], directory)
@@ -346,6 +371,16 @@ def test_hostile_checkpoint_refused(one_process_run, tmp_path, damage, names):
     assert "pwned" not in outcome.stdout
     with pytest.raises(ValueError, match=names):
         dck.load_checkpoint(directory, [PhiForCausalLM(CONFIG)], None, None)
+
+
+def test_export_refuses_config_that_does_not_fit(one_process_run, tmp_path):
+    directory = tmp_path / "iter_0000001"
+    shutil.copytree(one_process_run["ckpt"], directory)
+    (directory / "manifest.json").unlink()
+    _huge_config(directory)
+    outcome = run_bounded(python(str(ROOT / "tools" / "export_dcp.py"), "export", str(directory),
+                                 str(tmp_path / "out")), timeout_s=300)
+    assert_clear_error(outcome, names=["model_config.json", "do not fit"])
 
 
 def test_damaged_file_caught_by_manifest(one_process_run, tmp_path):

@@ -290,12 +290,36 @@ class SafeFileSystemReader(dcp.FileSystemReader):
             if isinstance(entry, BytesStorageMetadata) or not isinstance(entry, TensorStorageMetadata):
                 raise ValueError(f"{path}: entry {key!r} is a pickled object, not a tensor; phi1 never writes one, "
                                  "refused (loading it would unpickle code)")
+            _check_chunks(path, key, entry)
         for info in metadata.storage_data.values():
-            _inside(directory, getattr(info, "relative_path", None), "file named in .metadata")
+            file = _inside(directory, getattr(info, "relative_path", None), "file named in .metadata")
+            offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+            if not all(isinstance(v, int) and v >= 0 for v in (offset, length)) or \
+                    offset + length > file.stat().st_size:
+                raise ValueError(f"{path}: names bytes {offset}..{offset}+{length} of {info.relative_path}, which "
+                                 f"has {file.stat().st_size}; a truncated or altered checkpoint, refused")
+            if getattr(info, "transform_descriptors", None):
+                raise ValueError(f"{path}: {info.relative_path} is stored through transforms "
+                                 f"{info.transform_descriptors!r}; phi1 writes plain tensors only, refused")
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+def _check_chunks(path: Path, key: str, entry: TensorStorageMetadata) -> None:
+    """Every chunk of a tensor lies inside its whole shape (a forged one would make DCP slice out of bounds)."""
+    size = entry.size
+    dtype = getattr(entry.properties, "dtype", None)
+    if not isinstance(dtype, torch.dtype) or not all(isinstance(n, int) and n >= 0 for n in size):
+        raise ValueError(f"{path}: entry {key!r} has a malformed shape {tuple(size)!r} or dtype {dtype!r}; refused")
+    for chunk in entry.chunks:
+        offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
+        if len(offsets) != len(size) or len(sizes) != len(size) or any(
+                not isinstance(o, int) or not isinstance(n, int) or o < 0 or n < 0 or o + n > whole
+                for o, n, whole in zip(offsets, sizes, size)):
+            raise ValueError(f"{path}: entry {key!r} has a chunk at {offsets} of {sizes} outside its shape "
+                             f"{tuple(size)}; refused")
 
 
 def read_metadata(directory: str | os.PathLike) -> Metadata:
@@ -566,8 +590,7 @@ def load_checkpoint(
     state = _state_dict(modules, optimizer if with_optimizer else None, mesh, for_load=True)
     _check_against_metadata(directory, {k: v for k, v in state.items()}, metadata)
     no_dist = not (dist.is_available() and dist.is_initialized())
-    with _single_process_warning_silenced():
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)), no_dist=no_dist)
+    _read_tensors(directory, state, no_dist)
     _apply(state, modules, optimizer if with_optimizer else None)
     rank = _rank()
     saved_layout = info.get("layout", {})
@@ -579,6 +602,20 @@ def load_checkpoint(
         saved_layout=saved_layout,
         same_layout=saved_layout == _layout(mesh),
     )
+
+
+def _read_tensors(directory: Path, state: dict[str, torch.Tensor], no_dist: bool) -> None:
+    """DCP's load of `state` in place, with a damaged payload named instead of a traceback from DCP's insides."""
+    try:
+        with _single_process_warning_silenced():
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)), no_dist=no_dist)
+    except ValueError:
+        raise
+    except Exception as e:  # CheckpointException (every rank's failures), RuntimeError from a damaged payload
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        detail = next((line.strip() for line in reversed(lines) if "Error" in line), lines[-1] if lines else "")
+        raise ValueError(f"{directory}: its tensor files cannot be read ({type(e).__name__}: {detail[:300]}); "
+                         "the checkpoint is damaged: load an older one") from None
 
 
 def _apply(state: dict[str, torch.Tensor], modules: Sequence[nn.Module], optimizer: torch.optim.Optimizer | None) -> None:
@@ -599,9 +636,13 @@ def _apply(state: dict[str, torch.Tensor], modules: Sequence[nn.Module], optimiz
             optimizer.state[param] = slot
 
 
-def read_full_state_dict(directory: str | os.PathLike, prefix: str = MODEL_PREFIX) -> dict[str, torch.Tensor]:
+def read_full_state_dict(directory: str | os.PathLike, prefix: str = MODEL_PREFIX,
+                         expected: dict[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
     """Whole CPU tensors of every entry under `prefix` (prefix removed), from a checkpoint of any layout, in this
     process alone: no process group, no GPU (the export tool and the tests use it).
+
+    Args:
+        expected: {name: whole shape} the entries must have exactly (checked before any memory is allocated).
 
     Raises:
         ValueError: as `load_checkpoint`.
@@ -609,14 +650,16 @@ def read_full_state_dict(directory: str | os.PathLike, prefix: str = MODEL_PREFI
     directory = Path(directory)
     read_format(directory)
     metadata = read_metadata(directory)
-    state: dict[str, torch.Tensor] = {}
-    for key, entry in metadata.state_dict_metadata.items():
-        if key.startswith(prefix):
-            state[key] = torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
-    if not state:
+    shapes = {key[len(prefix):]: tuple(entry.size) for key, entry in metadata.state_dict_metadata.items()
+              if key.startswith(prefix)}
+    if not shapes:
         raise ValueError(f"{directory}: holds no tensor under {prefix!r}")
-    with _single_process_warning_silenced():
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)), no_dist=True)
+    if expected is not None and shapes != expected:  # checked before allocating what the metadata asks for
+        wrong = sorted(set(shapes) ^ set(expected)) or sorted(n for n in shapes if shapes[n] != expected[n])
+        raise ValueError(f"{directory}: its tensors do not fit the model config (first differences: {wrong[:4]})")
+    state = {prefix + name: torch.empty(shape, dtype=metadata.state_dict_metadata[prefix + name].properties.dtype)
+             for name, shape in shapes.items()}
+    _read_tensors(directory, state, no_dist=True)
     return {key[len(prefix):]: tensor for key, tensor in state.items()}
 
 
