@@ -97,8 +97,8 @@ def _mesh(world: int, pp: int, tp: int):
 # Workers (run on gloo processes)
 
 
-def _two_process_worker(rank: int, world: int, one_process_ckpt: str, tp2_out: str) -> dict:
-    """At TP2: load the one-process checkpoint, save it again at TP2; at PP2: load it, stages by name."""
+def _two_process_worker(rank: int, world: int, one_process_ckpt: str, tp2_out: str, pp2_out: str) -> dict:
+    """At TP2: load the one-process checkpoint, save it again at TP2; at PP2: load it (stages by name), save it."""
     mesh = _mesh(world, pp=1, tp=2)
     model = PhiForCausalLM(CONFIG, tp_group=mesh["tp"].get_group(), init_seed=999)
     optimizer = _optimizer(model)
@@ -115,13 +115,27 @@ def _two_process_worker(rank: int, world: int, one_process_ckpt: str, tp2_out: s
     stage_optimizer = torch.optim.AdamW([p for s in stages for p in s.parameters()], lr=LR)
     dck.load_checkpoint(one_process_ckpt, stages, stage_optimizer, pp_mesh)
     pp2 = _local_state(stages, stage_optimizer, 0, 1)
+    dck.save_checkpoint(pp2_out, stages, stage_optimizer, pp_mesh, trainer_state=loaded.trainer_state,
+                        model_config=CONFIG.to_dict(), seal=write_manifest).wait()
     return {"tp2": tp2, "losses": losses, "pp2": pp2, "trainer_state": loaded.trainer_state,
             "same_layout": loaded.same_layout}
 
 
-def _four_process_worker(rank: int, world: int, tp2_ckpt: str, sync_out: str, async_out: str) -> dict:
-    """At TP2 x DP2: load the TP2 checkpoint, save it synchronously and asynchronously."""
+def _four_process_worker(rank: int, world: int, tp2_ckpt: str, pp2_ckpt: str, sync_out: str, async_out: str) -> dict:
+    """At PP2 x DP2 and at TP2 x DP2: load the PP2 checkpoint; at TP2 x DP2: load the TP2 checkpoint and save it
+    synchronously and asynchronously."""
+    pp_mesh = _mesh(world, pp=2, tp=1)
+    stages = build_stages(CONFIG, pp_rank=pp_mesh.get_local_rank("pp"), pp_size=2, init_seed=8)
+    stage_optimizer = torch.optim.AdamW([p for s in stages for p in s.parameters()], lr=LR)
+    dck.load_checkpoint(pp2_ckpt, stages, stage_optimizer, pp_mesh, verify=verify_checkpoint)
+    pp2dp2 = _local_state(stages, stage_optimizer, 0, 1)
+
     mesh = _mesh(world, pp=1, tp=2)
+    model = PhiForCausalLM(CONFIG, tp_group=mesh["tp"].get_group(), init_seed=4)
+    optimizer = _optimizer(model)
+    dck.load_checkpoint(pp2_ckpt, [model], optimizer, mesh)
+    from_pp2 = _local_state([model], optimizer, mesh.get_local_rank("tp"), 2)
+
     model = PhiForCausalLM(CONFIG, tp_group=mesh["tp"].get_group(), init_seed=3)
     optimizer = _optimizer(model)
     loaded = dck.load_checkpoint(tp2_ckpt, [model], optimizer, mesh, verify=verify_checkpoint)
@@ -136,7 +150,7 @@ def _four_process_worker(rank: int, world: int, tp2_ckpt: str, sync_out: str, as
         for param in model.parameters():
             param.add_(1.0)
     pending.wait()
-    return {"local": local, "rank_state": loaded.rank_state, "dp_rank": mesh.get_local_rank("dp")}
+    return {"local": local, "rank_state": loaded.rank_state, "pp2dp2": pp2dp2, "from_pp2": from_pp2}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -176,8 +190,9 @@ def test_one_process_round_trip_and_exact_continuation(one_process_run):
 def test_reshard_across_layouts(one_process_run):
     """1 process -> TP2 and PP2; TP2 -> TP2 x DP2; TP2 x DP2 -> 1 process; async == sync; exact continuation."""
     root, saved = one_process_run["root"], one_process_run["saved"]
-    tp2_ckpt = root / "tp2" / "iter_0000001"
-    two = run_on_gloo(_two_process_worker, 2, str(one_process_run["ckpt"]), str(tp2_ckpt), timeout_s=600)
+    tp2_ckpt, pp2_ckpt = root / "tp2" / "iter_0000001", root / "pp2" / "iter_0000001"
+    two = run_on_gloo(_two_process_worker, 2, str(one_process_run["ckpt"]), str(tp2_ckpt), str(pp2_ckpt),
+                      timeout_s=600)
     for rank, result in enumerate(two):
         _assert_shards_equal(result["tp2"], saved, f"1 process -> TP2, rank {rank}")
         _assert_shards_equal(result["pp2"], saved, f"1 process -> PP2, rank {rank}")
@@ -190,14 +205,19 @@ def test_reshard_across_layouts(one_process_run):
     assert stage_names[0] | stage_names[1] == {k for k in saved if k.startswith("model.")}
 
     sync_ckpt, async_ckpt = root / "tp2dp2" / "iter_0000001", root / "tp2dp2_async" / "iter_0000001"
-    four = run_on_gloo(_four_process_worker, 4, str(tp2_ckpt), str(sync_ckpt), str(async_ckpt), timeout_s=600)
+    four = run_on_gloo(_four_process_worker, 4, str(tp2_ckpt), str(pp2_ckpt), str(sync_ckpt), str(async_ckpt),
+                       timeout_s=600)
     for rank, result in enumerate(four):
         _assert_shards_equal(result["local"], saved, f"TP2 -> TP2 x DP2, rank {rank}")
+        _assert_shards_equal(result["pp2dp2"], saved, f"PP2 -> PP2 x DP2, rank {rank}")
+        _assert_shards_equal(result["from_pp2"], saved, f"PP2 -> TP2 x DP2, rank {rank}")
         # rank states come back by global rank (ranks 2, 3 did not exist in the TP2 job)
         assert (result["rank_state"] is None) == (rank >= 2)
         if rank < 2:
             assert int(result["rank_state"]["rank"]) == rank
 
+    # Every rank wrote its own file, in parallel (a DP replica's copy of a shard is written by one of them).
+    assert sorted(p.name for p in sync_ckpt.glob("*.distcp")) == [f"__{r}_0.distcp" for r in range(4)]
     # Asynchronous save: same file names and the same tensors as the synchronous one, despite the later update.
     sync_files = sorted(p.name for p in sync_ckpt.iterdir() if p.is_file() and p.name != "manifest.json")
     assert sync_files == sorted(p.name for p in async_ckpt.iterdir() if p.is_file() and p.name != "manifest.json")
@@ -216,6 +236,31 @@ def test_reshard_across_layouts(one_process_run):
     assert _continue(model, optimizer) == one_process_run["losses"]
     continued = _full_state(model, optimizer)
     assert all(torch.equal(continued[k], one_process_run["continued"][k]) for k in continued)
+
+    # PP2 -> one process, exactly, optimizer state included.
+    model = PhiForCausalLM(CONFIG, init_seed=12)
+    optimizer = _optimizer(model)
+    dck.load_checkpoint(pp2_ckpt, [model], optimizer, None, verify=verify_checkpoint)
+    state = _full_state(model, optimizer)
+    assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in state)
+
+
+def test_fallback_to_previous_checkpoint(one_process_run, tmp_path):
+    """The trainer's fallback (find_verified_checkpoint) passes over a damaged DCP checkpoint to the previous one."""
+    from phi1.training.checkpointing import find_verified_checkpoint
+
+    run = tmp_path / "run"
+    model = PhiForCausalLM(CONFIG, init_seed=3)
+    for iteration in (1, 2):
+        dck.save_checkpoint(run / f"iter_{iteration:07d}", [model], None, None, trainer_state={"iteration": iteration},
+                            seal=write_manifest).wait()
+    (run / "latest").write_text("2\n")
+    (run / "iter_0000002" / "__0_0.distcp").write_bytes(b"damaged")
+    with pytest.raises(CheckpointCorruptError):
+        find_verified_checkpoint(run, fallback=False)
+    found = find_verified_checkpoint(run, fallback=True)
+    assert found == run / "iter_0000001"
+    assert dck.load_checkpoint(found, [model], None, None, verify=verify_checkpoint).trainer_state["iteration"] == 1
 
 
 def test_export_hf_logits_equal(one_process_run, tmp_path):
