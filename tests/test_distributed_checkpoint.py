@@ -8,20 +8,24 @@ import io
 import json
 import os
 import pickle
+import random
 import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from phi1.core.config import get_preset
 from phi1.core.model import PhiForCausalLM
 from phi1.core.pipeline_stage import build_stages
+from phi1.data.samplers import MicroBatchSampler
 from phi1.parallel import distributed_checkpoint as dck
 from phi1.parallel.layers import tensor_parallel_dims
 from phi1.parallel.spawn import run_on_gloo
 from phi1.testing.hostile import assert_clear_error, python, run_bounded
+from phi1.training.checkpointing import capture_rng_states, restore_rng_states
 from phi1.training.fault import CheckpointCorruptError, verify_checkpoint, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,12 +169,16 @@ def one_process_run(tmp_path_factory) -> dict:
     optimizer = _optimizer(model)
     _step(model, optimizer, step=0)
     saved = _full_state(model, optimizer)
+    rng_states = capture_rng_states()
     directory = dck.save_checkpoint(root / "one" / "iter_0000001", [model], optimizer, None,
                                     trainer_state={"iteration": 1, "consumed_samples": 2},
-                                    model_config=CONFIG.to_dict(), seal=write_manifest).wait()
+                                    model_config=CONFIG.to_dict(), rank_state={"rng": rng_states},
+                                    seal=write_manifest).wait()
+    restore_rng_states(rng_states)
+    draws = _draws()
     losses = _continue(model, optimizer)
     return {"root": root, "ckpt": directory, "saved": saved, "continued": _full_state(model, optimizer),
-            "losses": losses}
+            "losses": losses, "draws": draws}
 
 
 def test_one_process_round_trip_and_exact_continuation(one_process_run):
@@ -178,12 +186,36 @@ def test_one_process_round_trip_and_exact_continuation(one_process_run):
     optimizer = _optimizer(model)
     loaded = dck.load_checkpoint(one_process_run["ckpt"], [model], optimizer, None, verify=verify_checkpoint)
     assert loaded.trainer_state == {"iteration": 1, "consumed_samples": 2} and loaded.same_layout
+    restore_rng_states(loaded.rank_state["rng"])  # python, numpy, torch and TP-tracker generators
+    assert _draws() == one_process_run["draws"]
     state = _full_state(model, optimizer)
     assert state.keys() == one_process_run["saved"].keys()
     assert all(torch.equal(state[k], one_process_run["saved"][k]) for k in state)
     assert _continue(model, optimizer) == one_process_run["losses"]
     continued = _full_state(model, optimizer)
     assert all(torch.equal(continued[k], one_process_run["continued"][k]) for k in continued)
+
+
+def _draws() -> list[float]:
+    return [random.random(), float(np.random.rand()), float(torch.rand(()))]
+
+
+@pytest.mark.parametrize("dp_before,dp_after", [(2, 1), (2, 4), (1, 2)])
+def test_data_position_carries_over_layout_change(tmp_path, dp_before, dp_after):
+    """consumed_samples saved at one DP size and resumed at another: no sample skipped or repeated."""
+    total, global_batch = 96, 8
+    seen = []
+    samplers = [MicroBatchSampler(total, 0, global_batch // dp_before, r, dp_before) for r in range(dp_before)]
+    for batches in list(zip(*samplers))[:3]:  # three global steps
+        seen += [i for batch in batches for i in batch]
+    model = PhiForCausalLM(CONFIG, init_seed=3)
+    directory = dck.save_checkpoint(tmp_path / "iter_0000003", [model], None, None,
+                                    trainer_state={"iteration": 3, "consumed_samples": len(seen)}).wait()
+    consumed = dck.load_checkpoint(directory, [model], None, None).trainer_state["consumed_samples"]
+    samplers = [MicroBatchSampler(total, consumed, global_batch // dp_after, r, dp_after) for r in range(dp_after)]
+    for batches in zip(*samplers):
+        seen += [i for batch in batches for i in batch]
+    assert seen == list(range(total))
 
 
 @pytest.mark.slow
