@@ -58,6 +58,22 @@ Existing phi1 checkpoints (`iter_*` directories with `model_tp*.safetensors` and
 `tools/export_dcp.py convert ITER_DIR OUT_DIR`: it merges the TP shards to whole tensors (phi1.loading), maps each
 `optim_tp*.pt` entry from its optimizer index to its parameter name (the parameter groups of
 `phi1.parallel.optim.param_groups`, rebuilt on the meta device) and writes them with `save_full_checkpoint`.
+
+How a trainer uses it (every rank; `grid` from `phi1.parallel.pipeline.rank_grid`):
+
+    mesh = checkpoint_mesh(grid) if world_size > 1 else None          # once, at start-up
+    pending = save_checkpoint(run_dir / f"iter_{it:07d}", stages_or_[model], optimizer, mesh,
+                              trainer_state={...,"consumed_samples": n}, model_config=config.to_dict(),
+                              rank_state=capture_rng_states(), seal=fault.write_manifest,
+                              asynchronous=True, async_group=save_group)
+    ...                                                                # next steps run meanwhile
+    pending.wait()                                                     # then rank 0 writes `latest`
+    found = find_verified_checkpoint(run_dir, fallback)                # at resume
+    loaded = load_checkpoint(found, stages_or_[model], optimizer, mesh, verify=fault.verify_checkpoint)
+    if loaded.same_layout: restore_rng_states(loaded.rank_state)
+
+Not covered: DeepSpeed ZeRO keeps its own optimizer format, and ZeRO-3's partitioned parameters are refused (they
+are empty placeholders between gathers); parameters that already are DTensors (FSDP2) are a later extension.
 """
 
 from __future__ import annotations
@@ -127,6 +143,9 @@ def _named_parameters(modules: Sequence[nn.Module]) -> dict[str, tuple[nn.Parame
         module = getattr(module, "module", module)  # a DDP wrapper
         dims = tensor_parallel_dims(module)
         for name, param in module.named_parameters():
+            if hasattr(param, "ds_id") or isinstance(param, DTensor):
+                raise ValueError(f"parameter {name} is partitioned by ZeRO-3 or FSDP; this checkpoint format takes "
+                                 "TP / PP / DP-replicated parameters (save ZeRO-3 runs with phi1.parallel.checkpoint)")
             if name in named:
                 raise ValueError(f"parameter {name} is held by two of this rank's modules")
             named[name] = (param, dims[name])
