@@ -142,3 +142,26 @@ def test_fallback_passes_over_a_latest_that_cannot_be_followed(tmp_path) -> None
     (run / "latest").unlink()
     (run / "latest").symlink_to(Path("/dev/zero"))
     assert find_verified_checkpoint(run, fallback=True) == run / "iter_0000004"
+
+
+def test_a_dcp_checkpoint_loads_like_the_others(tmp_path) -> None:
+    """An iter_* checkpoint in the DCP format (any layout) is one more kind of path the one loader reads."""
+    from phi1.loading import write_manifest
+    from phi1.parallel.distributed_checkpoint import save_full_checkpoint
+
+    config = get_preset("phi-1-nano")
+    state = PhiForCausalLM(config, init_seed=4).state_dict()
+    run = tmp_path / "run"
+    save_full_checkpoint(run / "iter_0000003", state, trainer_state={"iteration": 3},
+                         model_config=config.to_dict(), seal=write_manifest)
+    (run / "latest").write_text("3\n")
+    source = resolve_model_path(run)
+    assert (source.kind, source.directory) == ("run", run / "iter_0000003")
+    loaded_config, loaded = load_state(run)
+    assert loaded_config == config and set(loaded) == set(state)
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in state.items())
+    wrong = config.to_dict() | {"d_mlp": 128}
+    (run / "iter_0000003" / "model_config.json").write_text(json.dumps(wrong))
+    write_manifest(run / "iter_0000003")
+    with pytest.raises(ValueError, match="do not fit the model config"):
+        load_state(run)

@@ -8,6 +8,10 @@ Every name comes from the run directory and is kept inside it (`phi1.loading.pat
 a symlink, FIFO or anything but a short integer, an `iter_*` entry that is a symlink pointing out, or a shard that
 is one, is refused with a message naming the run directory and the entry. Shard headers are checked
 (`phi1.loading.safetensors_file`) and compared with the config in their metadata before any tensor is read.
+
+A checkpoint in the `torch.distributed.checkpoint` format (`format.json` + `.metadata` + `*.distcp`, written at
+any TP x PP x DP layout by `phi1.parallel.distributed_checkpoint`) is read through that module's checked reader,
+after its metadata's names, shapes and dtypes are compared with its `model_config.json`.
 """
 
 from __future__ import annotations
@@ -235,8 +239,53 @@ def compare_tensors(header: SafetensorsHeader, expected: dict[str, tuple[int, ..
         raise ValueError(f"{header.path}: {'; '.join(problems[:4])}{more}")
 
 
+def is_dcp_checkpoint(directory: str | os.PathLike) -> bool:
+    """True for a checkpoint in the `torch.distributed.checkpoint` format (phi1.parallel.distributed_checkpoint),
+    which loads at any TP x PP x DP layout; False for one holding TP shards."""
+    from phi1.parallel.distributed_checkpoint import FORMAT_FILE
+
+    return os.path.lexists(Path(directory) / FORMAT_FILE)
+
+
+def _dcp_config(directory: Path) -> ModelConfig:
+    from phi1.parallel.distributed_checkpoint import MODEL_CONFIG_FILE, read_format
+
+    read_format(directory)
+    inside(directory, MODEL_CONFIG_FILE, "file")
+    values = read_json_object(directory / MODEL_CONFIG_FILE)
+    try:
+        return ModelConfig.from_dict(values)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{directory / MODEL_CONFIG_FILE}: {e}") from None
+
+
+def _load_dcp(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Whole tensors of a DCP checkpoint of any layout, after its metadata (names, shapes, dtypes) is compared
+    with its model config."""
+    from phi1.parallel.distributed_checkpoint import (
+        MODEL_CONFIG_FILE,
+        MODEL_PREFIX,
+        read_full_state_dict,
+        read_metadata,
+    )
+
+    config = _dcp_config(directory)
+    entries = {key[len(MODEL_PREFIX):]: entry for key, entry in read_metadata(directory).state_dict_metadata.items()
+               if key.startswith(MODEL_PREFIX)}
+    expected = expected_tensor_shapes(config, len(entries), directory / ".metadata", MODEL_CONFIG_FILE)
+    for name, entry in entries.items():
+        dtype = getattr(getattr(entry, "properties", None), "dtype", None)
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"{directory / '.metadata'}: tensor {name!r} has dtype {dtype}; model weights are "
+                             "float32, float16 or bfloat16")
+    return config, read_full_state_dict(directory, expected=expected)
+
+
 def load_shard_config(directory: str | os.PathLike) -> ModelConfig:
-    """The ModelConfig recorded in the (checked) shards of a checkpoint directory."""
+    """The ModelConfig recorded in a checkpoint directory (its TP shards' metadata, or a DCP checkpoint's
+    model_config.json)."""
+    if is_dcp_checkpoint(directory):
+        return _dcp_config(Path(directory))
     return read_shard_headers(directory)[0]
 
 
@@ -250,7 +299,10 @@ def load_model_shards(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint_state(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """(ModelConfig, whole CPU tensors) of one checkpoint directory's shards."""
+    """(ModelConfig, whole CPU tensors) of one checkpoint directory: TP shards of any TP size merged, or a DCP
+    checkpoint of any layout read in this process."""
+    if is_dcp_checkpoint(directory):
+        return _load_dcp(Path(directory))
     config, dims, headers = read_shard_headers(directory)
     shards = [load_tensors(header) for header in headers]
     merged = {}
