@@ -11,7 +11,8 @@ Accepted kinds:
     hf          config.json (model_type "phi") + model.safetensors | model.safetensors.index.json + shards
                 | pytorch_model.bin (read with weights_only=True)
     run         a training run directory: `latest` (or the newest complete iter_*), verified by its manifest
-    checkpoint  one iter_* directory: trainer_state.json + model_tpNN-of-NN.safetensors (any TP size, merged)
+    checkpoint  one iter_* directory: trainer_state.json + model_tpNN-of-NN.safetensors (any TP size, merged),
+                or a torch.distributed.checkpoint (DCP) checkpoint of any TP x PP x DP layout
 
 The tokenizer of a run or checkpoint is the copy saved inside the checkpoint. A path that is none of these gets
 one line saying what was found there and what is accepted.
@@ -44,7 +45,8 @@ from phi1.loading.safetensors_file import SafetensorsHeader, check_weight_dtypes
 KINDS = (PHI1_FORMAT, HF_FORMAT, "run", "checkpoint")
 ACCEPTED = ("accepted: a phi1 model directory (config.json with \"format\": \"phi1\" + model.safetensors), a "
             "HuggingFace phi directory (config.json + model.safetensors or model.safetensors.index.json), a training "
-            "run directory (latest + iter_*/), or one iter_* checkpoint (trainer_state.json + model_tp*.safetensors)")
+            "run directory (latest + iter_*/), or one iter_* checkpoint (trainer_state.json + model_tp*.safetensors or "
+            "DCP files)")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json")
 HF_INDEX = "model.safetensors.index.json"
