@@ -294,3 +294,16 @@ def test_annotate_against_phi1_serve_then_train_on_annotations(tmp_path, capsys)
     header = json.loads((tmp_path / "cls" / "classifier.json").read_text())
     assert header["kind"] == "regression" and header["cross_validation"]["examples"] == 40
     assert "precision" in capsys.readouterr().out
+
+
+def test_annotate_is_rate_limited(tmp_path) -> None:
+    from tools.quality_filter import main
+
+    inputs = tmp_path / "files.jsonl"
+    _files(inputs, 6)
+    with ScriptedEndpoint({}) as endpoint:
+        start = time.perf_counter()
+        main(["annotate", "--input", str(inputs), "--output", str(tmp_path / "out.jsonl"), "--base-url", endpoint.url,
+              "--model", "scripted", "--requests-per-minute", "600", "--concurrency", "1", "--no-progress"])
+        elapsed = time.perf_counter() - start
+    assert len(endpoint.requests) == 6 and elapsed >= 0.45  # 10 per second: the first at once, 5 more >= 0.5 s
