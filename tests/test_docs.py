@@ -13,10 +13,13 @@ What the harness changes, and nothing else (the table is printed with every fail
   QUICKSTART_EXERCISES=300 (examples/quickstart.sh), PHI1_SKIP_INSTALL=1 (scripts/quickstart.sh: the suite runs
   after scripts/test.sh installed the same packages), HOME in the scratch directory.
 - PREREQUISITES a user brings: `~/models/phi-1` (microsoft/phi-1 downloaded) is staged as a tiny random
-  HuggingFace phi model with the tokenizer the README's steps trained.
+  HuggingFace phi model with the tokenizer the README's steps trained; the benchmark files a user downloads
+  (`mbpp.jsonl`, `HumanEvalPlus.jsonl.gz`, `MbppPlus.jsonl.gz`) are staged as two problems each, written here in
+  the published formats (phi1 ships no benchmark data).
 - SERVERS: `phi1-serve` starts in the background on a free port; the harness waits for /health, sends one
   /v1/completions request, expects 200, then stops it.
-- NOT RUN: `bash scripts/test.sh` is this test suite (.ci/run runs it); it is reported as skipped, with why.
+- NOT RUN: `bash scripts/test.sh` is this test suite (.ci/run runs it); downloads (`curl ...`) need the network,
+  which tests do not have (their files are PREREQUISITES). Each is reported as skipped, with why.
 
 The quickstart's closing "Next:" commands (printed by examples/quickstart.sh) run too, after the quickstart.
 """
@@ -61,6 +64,7 @@ ENVIRONMENT = {"GPUS_PER_NODE": "2", "QUICKSTART_FILES": "80", "QUICKSTART_EXERC
 NOT_RUN = {
     "bash scripts/test.sh": "this is the test suite itself: .ci/run runs it, and this test runs inside it",
 }
+DOWNLOAD = re.compile(r"^(curl|wget)\b")
 # What a scratch copy shares with the repository (read-only use); everything a command writes lands beside them.
 SHARED = ("phi1", "tools", "configs", "examples", "scripts", "csrc", "benchmarks", "setup.py", "pyproject.toml",
           "README.md", "docs")
@@ -125,6 +129,10 @@ def harness(command: Command) -> Command:
     if code in NOT_RUN:
         command.mode, command.reason, command.harnessed = "not-run", NOT_RUN[code], code
         return command
+    if DOWNLOAD.match(code):
+        command.mode, command.harnessed = "not-run", code
+        command.reason = "a download: tests have no network; the file it fetches is staged as a PREREQUISITE"
+        return command
     code = re.sub(r"--nproc-per-node[ =]\d+", "--nproc-per-node 2", code)
     code = re.sub(r"--workers[ =]\d+", "--workers 2", code)
     if "tools/build_corpus.py" in code and "--max-files" not in code:
@@ -165,7 +173,56 @@ def stage_hf_phi1(scratch: Path) -> None:
         shutil.copy(tokenizer, target / "tokenizer.model")
 
 
-PREREQUISITES = {"~/models/phi-1": stage_hf_phi1}
+def _write_records(path: Path, records: list[dict]) -> None:
+    text = "".join(json.dumps(record) + "\n" for record in records)
+    if path.suffix == ".gz":
+        import gzip
+
+        path.write_bytes(gzip.compress(text.encode()))
+    else:
+        path.write_text(text)
+
+
+def stage_mbpp(scratch: Path) -> None:
+    """`mbpp.jsonl`: two problems of the test split (task ids 11-510) in google-research's format."""
+    _write_records(scratch / "mbpp.jsonl", [
+        {"text": "Write a function to add two numbers.", "code": "def add(a, b):\r\n  return a + b", "task_id": 11,
+         "test_setup_code": "", "test_list": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"],
+         "challenge_test_list": []},
+        {"text": "Write a function to reverse a string.", "code": "def rev(s):\r\n  return s[::-1]", "task_id": 12,
+         "test_setup_code": "", "test_list": ["assert rev('ab') == 'ba'"], "challenge_test_list": []},
+    ])
+
+
+def stage_humaneval_plus(scratch: Path) -> None:
+    """`HumanEvalPlus.jsonl.gz`: two problems in EvalPlus's release format (base and plus inputs)."""
+    _write_records(scratch / "HumanEvalPlus.jsonl.gz", [
+        {"task_id": "HumanEval/2", "prompt": 'def truncate_number(number: float) -> float:\n    """Decimal part."""\n',
+         "entry_point": "truncate_number", "canonical_solution": "    return number % 1.0\n",
+         "base_input": [[3.5], [1.33]], "plus_input": [[123.456]], "atol": 0, "contract": "", "test": ""},
+        {"task_id": "HumanEval/7", "prompt": 'def double(x: int) -> int:\n    """Twice x."""\n',
+         "entry_point": "double", "canonical_solution": "    return 2 * x\n",
+         "base_input": [[1], [2]], "plus_input": [[-3]], "atol": 0, "contract": "", "test": ""},
+    ])
+
+
+def stage_mbpp_plus(scratch: Path) -> None:
+    """`MbppPlus.jsonl.gz`: two problems in EvalPlus's release format."""
+    _write_records(scratch / "MbppPlus.jsonl.gz", [
+        {"task_id": "Mbpp/2", "prompt": '"""\nWrite a function to find the shared elements.\n"""\n',
+         "entry_point": "similar_elements",
+         "canonical_solution": "def similar_elements(a, b):\n    return tuple(sorted(set(a) & set(b)))\n",
+         "base_input": [[[3, 4, 5, 6], [5, 7, 4, 10]]], "plus_input": [[[], [1]]], "atol": 0, "test": "",
+         "contract": ""},
+        {"task_id": "Mbpp/3", "prompt": '"""\nWrite a function to tell non-prime numbers.\n"""\n',
+         "entry_point": "is_not_prime",
+         "canonical_solution": "def is_not_prime(n):\n    return n < 2 or any(n % i == 0 for i in range(2, n))\n",
+         "base_input": [[2], [10]], "plus_input": [[35]], "atol": 0, "test": "", "contract": ""},
+    ])
+
+
+PREREQUISITES = {"~/models/phi-1": stage_hf_phi1, "mbpp.jsonl": stage_mbpp,
+                 "HumanEvalPlus.jsonl.gz": stage_humaneval_plus, "MbppPlus.jsonl.gz": stage_mbpp_plus}
 
 
 @dataclass
@@ -201,7 +258,7 @@ class Runner:
         if command.mode == "not-run":
             return Outcome(command, "skipped", command.reason)
         for marker, stage in PREREQUISITES.items():
-            if marker in command.harnessed:
+            if marker in command.harnessed and not (self.scratch / marker).exists():
                 stage(self.scratch)
         started = time.monotonic()
         if command.mode == "server":
