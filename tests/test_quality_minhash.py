@@ -4,6 +4,7 @@ clear errors."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -66,6 +67,8 @@ def test_agreement_with_exact_jaccard_on_2000_documents(tmp_path, sample, bands,
 @pytest.mark.slow
 def test_deterministic_and_resumes_from_completion_markers(tmp_path, sample) -> None:
     write_shards(sample[:300], str(tmp_path / "in"), 2)
+    with open(tmp_path / "in" / "shard-000.jsonl", "a") as handle:  # other fields come back as they were
+        handle.write('{"id": "extra", "text": "a text of its own with seven words", "score": 0.5}\n')
     first = run_dedup(str(tmp_path / "in"), str(tmp_path / "out1"), str(tmp_path / "work1"), workers=2)
     run_dedup(str(tmp_path / "in"), str(tmp_path / "out2"), str(tmp_path / "work2"), workers=1)
 
@@ -73,6 +76,9 @@ def test_deterministic_and_resumes_from_completion_markers(tmp_path, sample) -> 
         return {n: (tmp_path / folder / n).read_bytes() for n in sorted(os.listdir(tmp_path / folder))}
 
     assert read("out1") == read("out2") and first["removed"] > 0
+    records = [json.loads(line) for line in read("out1")["00000.jsonl"].decode().splitlines()]
+    assert {"id": "extra", "text": "a text of its own with seven words", "score": 0.5} in records
+    assert all(set(r) == {"id", "text"} for r in records if r["id"] != "extra")
     # A task killed before finishing: its output and completion marker are gone; the rerun redoes only it.
     os.remove(tmp_path / "out1" / "00000.jsonl")
     os.remove(tmp_path / "work1" / "logs" / "stage4" / "completions" / "00000")

@@ -121,6 +121,19 @@ def best_bands_rows(threshold: float, hashes: int = 112) -> tuple[int, int]:
 # -- the pipeline --------------------------------------------------------------------------------------------
 
 
+class RecordAdapter:
+    """Writes a datatrove Document back as the input record: id and text under their keys, the other fields at
+    the top level (datatrove keeps them in `metadata`), without the `file_path` the reader adds."""
+
+    def __init__(self, text_key: str, id_key: str) -> None:
+        self.text_key = text_key
+        self.id_key = id_key
+
+    def __call__(self, writer, document) -> dict:
+        extra = {k: v for k, v in (document.metadata or {}).items() if k != "file_path"}
+        return {self.id_key: document.id, self.text_key: document.text, **extra}
+
+
 def _reader(input_dir: str, glob: str, text_key: str, id_key: str):
     from datatrove.pipeline.readers import JsonlReader
 
@@ -168,7 +181,8 @@ def run_dedup(input_dir: str, output_dir: str, work_dir: str, settings: MinhashS
         ([MinhashDedupBuckets(folders["signatures"], folders["buckets"], config=config)], settings.bands),
         ([MinhashDedupCluster(folders["buckets"], folders["remove"], config=config)], 1),
         ([_reader(input_dir, glob, text_key, id_key), MinhashDedupFilter(folders["remove"]),
-          JsonlWriter(output_dir, output_filename="${rank}.jsonl", compression=None)], tasks),
+          JsonlWriter(output_dir, output_filename="${rank}.jsonl", compression=None,
+                      adapter=RecordAdapter(text_key, id_key))], tasks),
     ]
     stats = []
     for number, (pipeline, stage_tasks) in enumerate(stages, 1):
