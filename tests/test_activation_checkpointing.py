@@ -129,3 +129,26 @@ def _tp_worker(rank: int, world_size: int) -> dict:
 def test_tp2_dropout_mask_replay_is_exact():
     results = run_on_gloo(_tp_worker, 2, timeout_s=300)
     assert len(results[0]) == 6 and all(v <= 1e-6 for v in results[0].values())
+
+
+def test_planner_counts_each_mode():
+    from phi1.planning.memory import estimate_memory, make_layout, selective_saved_bytes_per_layer
+
+    config = get_preset("phi-1-tiny")
+
+    def estimate(mode, every=1):
+        layout = make_layout(config, tensor_parallel=1, data_parallel=1, zero_stage=0, micro_batch_size=8,
+                             gradient_accumulation=1, seq_len=512, precision="fp32", activation_checkpointing=mode,
+                             sequence_parallel=False, loss_chunk_size=0, gpu=False, activation_checkpointing_every=every)
+        return layout, estimate_memory(config, layout)
+
+    none, full, every2, selective = (estimate("none")[1], estimate("full")[1], estimate("full", 2)[1],
+                                     estimate("selective")[1])
+    assert estimate(True)[1] == full and estimate(False)[1] == none  # the booleans of older callers
+    assert full.activations < every2.activations < selective.activations < none.activations
+    # Every 2nd of 4 blocks: half the blocks keep their input only, half everything.
+    assert every2.activations - full.activations == pytest.approx((none.activations - full.activations) / 2)
+    layout = estimate("selective")[0]
+    s, b, h, f = 512, 8, config.d_model, config.d_mlp
+    block_input, matmuls, attention = 4 * s * b * h, 4 * s * b * (3 * h + f + 2 * h), 4 * s * b * h + 4 * b * config.n_head * s
+    assert selective_saved_bytes_per_layer(config, layout) == block_input + matmuls + attention
