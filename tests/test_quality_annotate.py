@@ -307,3 +307,18 @@ def test_annotate_is_rate_limited(tmp_path) -> None:
               "--model", "scripted", "--requests-per-minute", "600", "--concurrency", "1", "--no-progress"])
         elapsed = time.perf_counter() - start
     assert len(endpoint.requests) == 6 and elapsed >= 0.45  # 10 per second: the first at once, 5 more >= 0.5 s
+
+
+def test_annotate_stops_resumably_when_the_endpoint_stays_down(tmp_path) -> None:
+    import socket
+
+    inputs = tmp_path / "files.jsonl"
+    _files(inputs, 2)
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    outcome = run_bounded(python(TOOL, "annotate", "--input", str(inputs), "--output", str(tmp_path / "out.jsonl"),
+                                 "--base-url", f"http://127.0.0.1:{port}/v1", "--model", "m", "--max-retries", "2",
+                                 "--backoff", "0.01", "--no-progress"), timeout_s=120)
+    assert outcome.returncode == 3 and "Run the same command again to resume" in outcome.stderr, outcome.describe()
+    assert "Traceback" not in outcome.stderr and (tmp_path / "out.jsonl").read_text() == ""

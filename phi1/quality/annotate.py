@@ -285,23 +285,25 @@ class Annotator:
         """Annotate every pending record with `concurrency` requests in flight; raises EndpointUnavailable
         (after writing every finished record) when the endpoint stays down."""
         self.load_existing()
-        todo = list(self.pending())
+        # Records are read as workers need them (one at a time, no await in between): the input is streamed,
+        # never held whole in memory.
+        todo = self.pending()
         bar = None
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(todo), desc="annotating", unit="file", file=self.log)
-        queue: asyncio.Queue = asyncio.Queue()
-        for item in todo:
-            queue.put_nowait(item)
+            bar = tqdm(desc="annotating", unit="file", file=self.log)
         failure: list[BaseException] = []
         with open(self.output, "a", encoding="utf-8") as sink:
 
             async def worker() -> None:
                 while not failure:
                     try:
-                        key, record = queue.get_nowait()
-                    except asyncio.QueueEmpty:
+                        key, record = next(todo)
+                    except StopIteration:
+                        return
+                    except Exception as error:  # noqa: BLE001 - an unreadable input stops every worker
+                        failure.append(error)
                         return
                     try:
                         await self.annotate_one(key, record, sink)
