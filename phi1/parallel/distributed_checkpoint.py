@@ -195,9 +195,12 @@ def _state_dict(modules: Sequence[nn.Module], optimizer: torch.optim.Optimizer |
 
 
 def _split_tensors(tree: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
+    """`tree` with every tensor replaced by {"__tensor__": key} and stored in `tensors[key]` (keys are numbered,
+    so no dict key of the tree can collide with another); `path` names the place in messages."""
     if torch.is_tensor(tree):
-        tensors[path] = tree.detach().cpu().contiguous()
-        return {"__tensor__": path}
+        key = f"tensor{len(tensors)}"
+        tensors[key] = tree.detach().cpu().contiguous()
+        return {"__tensor__": key}
     if isinstance(tree, dict):
         if not all(isinstance(k, str) for k in tree):
             raise ValueError(f"rank state {path or '(root)'}: dict keys must be strings")
