@@ -484,3 +484,19 @@ def test_interrupted_save_leaves_old_checkpoint(one_process_run, tmp_path):
     assert (directory.with_name(directory.name + ".tmp")).exists()
     verify_checkpoint(directory)
     assert dck.load_checkpoint(directory, [model], None, None).trainer_state["iteration"] == 1
+
+
+@pytest.mark.parametrize("command,names", [
+    ("export-missing", "not a directory"),
+    ("convert-missing", "not a directory"),
+    ("convert-out-exists", "already exists"),
+], ids=["export-missing", "convert-missing", "convert-out-exists"])
+def test_tool_bad_arguments(one_process_run, tmp_path, command, names):
+    tool = str(ROOT / "tools" / "export_dcp.py")
+    missing = str(tmp_path / "no_such_iter")
+    argv = {
+        "export-missing": python(tool, "export", missing, str(tmp_path / "out")),
+        "convert-missing": python(tool, "convert", missing, str(tmp_path / "out")),
+        "convert-out-exists": python(tool, "convert", str(one_process_run["ckpt"]), str(one_process_run["ckpt"])),
+    }[command]
+    assert_clear_error(run_bounded(argv, timeout_s=300), names=[names])
