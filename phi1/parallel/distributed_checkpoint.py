@@ -28,7 +28,7 @@ Loading builds the same dict for the new layout and lets DCP read, from whatever
 the slice each rank now holds.
 
 Non-tensor state never goes through DCP: DCP stores it as pickled bytes and its default load planner reads those
-with `torch.load(weights_only=False)`, which could run code from the checkpoint. `trainer_state` and
+with the unpickler's weights_only off, which could run code from the checkpoint. `trainer_state` and
 `model_config` are JSON; each rank's `rank_state` (RNG states: tensors and plain values) is split into a JSON
 tree and a safetensors file. A checkpoint whose metadata lists any bytes entry is refused before any read.
 

@@ -344,7 +344,7 @@ ZERO_PICKLE_GLOBALS = frozenset({
 
 
 def check_zero_files(checkpoint_dir: str | os.PathLike) -> None:
-    """Refuse ZeRO files that could run code: DeepSpeed loads them with `torch.load(weights_only=False)`, so
+    """Refuse ZeRO files that could run code: DeepSpeed unpickles them with weights_only off, so
     before it does, every file under `zero/` must be a regular file inside the checkpoint whose pickle names no
     callable beyond torch's weights-only allowlist and ZERO_PICKLE_GLOBALS (read from the pickle's opcodes:
     no tensor data is loaded, nothing is executed).
