@@ -154,7 +154,11 @@ def test_annotate_prompt_file_and_ids_from_text(tmp_path) -> None:
     records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert len(records) == 3 and counts["duplicate_ids"] == 1
     assert all(r["id"].startswith("sha256:") and r["score"] == 0.5 and r["label"] == 1 for r in records)
-    assert endpoint.requests[0][1].startswith("Rate from 0 to 4 how well this teaches: # FILE-0")
+    # requests run concurrently, so their order is not fixed: each file was asked once, in the user's template
+    asked = sorted(request[1] for request in endpoint.requests)
+    assert len(asked) == 3
+    assert [a.startswith(f"Rate from 0 to 4 how well this teaches: # FILE-{i}") for i, a in enumerate(asked)] == [True] * 3
+    assert all(a.endswith("\nJSON please.") for a in asked)
 
 
 def _lines(path: Path) -> int:
