@@ -108,11 +108,33 @@ def _mount(libc, source, target, fstype, flags, data, failures, what):
     return True
 
 
+def _private_tmpfs(libc, path, flags, options, keep, failures) -> None:
+    """Cover `path` with a fresh tmpfs, binding back (read-only, by the remount that follows) the directories of
+    `keep` that lie under it: a venv or a checkout in /tmp must not leave the host's /tmp visible."""
+    inside = sorted(p for p in keep if p.startswith(path + "/"))
+    if path in keep:
+        failures.append([path, "is the interpreter's own prefix; not replaced"])
+        return
+    outermost = [p for p in inside if not any(p.startswith(q + "/") for q in inside if q != p)]
+    handles = [(p, os.open(p, os.O_PATH | os.O_DIRECTORY)) for p in outermost]
+    try:
+        if _mount(libc, "tmpfs", path, "tmpfs", flags, options, failures, "tmpfs " + path):
+            for kept, handle in handles:
+                os.makedirs(kept, mode=0o755, exist_ok=True)
+                _mount(libc, f"/proc/self/fd/{handle}", kept, None, MS_BIND | MS_REC, None, failures, "bind " + kept)
+    finally:
+        for _, handle in handles:
+            os.close(handle)
+
+
 def set_up_mounts(libc, orders, failures) -> str:
     """In the new mount namespace: a private tmpfs /tmp (the quota) as working directory, empty private socket
     directories, everything else read-only. Returns the working directory."""
     uid = orders["uid"] if orders["uid"] is not None else os.getuid()
-    prefixes = {os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)}
+    # What the process still needs after the mounts: the interpreter's prefixes and this checkout (the runner's
+    # own files are loaded already, but a traceback reads them).
+    prefixes = {os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix),
+                os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))}
     # The interpreter may live under a directory only root may enter (pyenv in /root): in this namespace only,
     # cover that directory with an empty world-readable tmpfs and bind the interpreter's subtree back into it.
     covered = set()
@@ -135,18 +157,11 @@ def set_up_mounts(libc, orders, failures) -> str:
             _mount(libc, f"/proc/self/fd/{handle}", inner, None, MS_BIND | MS_REC, None, failures, "bind " + inner)
         os.close(handle)
 
-    def holds_interpreter(path):
-        return any(prefix == path or prefix.startswith(path + "/") for prefix in prefixes)
-
     for path in PRIVATE_DIRS:
-        if os.path.isdir(path) and not os.path.islink(path) and not holds_interpreter(path):
-            _mount(libc, "tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=16k", failures,
-                   "tmpfs " + path)
-    if holds_interpreter(WORKDIR):
-        failures.append([WORKDIR, "holds the interpreter; not replaced"])
-    else:
-        quota = f"size={orders['disk_kb']}k,nr_inodes=4096,mode=0700,uid={uid},gid={uid}"
-        _mount(libc, "tmpfs", WORKDIR, "tmpfs", MS_NOSUID | MS_NODEV, quota, failures, "tmpfs " + WORKDIR)
+        if os.path.isdir(path) and not os.path.islink(path):
+            _private_tmpfs(libc, path, MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=16k", prefixes, failures)
+    quota = f"size={orders['disk_kb']}k,nr_inodes=4096,mode=0700,uid={uid},gid={uid}"
+    _private_tmpfs(libc, WORKDIR, MS_NOSUID | MS_NODEV, quota, prefixes, failures)
     for line in open("/proc/self/mountinfo"):
         parts = line.split()
         point = parts[4].encode().decode("unicode_escape")
