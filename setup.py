@@ -49,7 +49,7 @@ setup(
         "quality": ["scikit-learn>=1.3"],
         "wandb": ["wandb>=0.17"],
         # corpus-scale MinHash dedup (tools/dedup.py); datatrove 0.10 hashes str, which xxhash 4 refuses
-        "data": ["datatrove>=0.10", "xxhash<4"],
+        "data": ["datatrove>=0.10", "xxhash<4", "orjson>=3"],  # orjson: datatrove's JsonlReader needs it
         "plot": ["matplotlib>=3.7"],
         "mpi": ["mpi4py>=3.1"],
         "test": [
@@ -65,6 +65,7 @@ setup(
             "httpx>=0.27",
             "datatrove>=0.10",
             "xxhash<4",
+            "orjson>=3",
             "matplotlib>=3.7",
             "ruff>=0.4",
         ],
