@@ -153,9 +153,10 @@ def run_dedup(input_dir: str, output_dir: str, work_dir: str, settings: MinhashS
         workers: processes running at once.
     Returns counts: documents read, removed and kept.
     Raises:
-        ValueError: no input file matches `glob`, or datatrove is not installed.
+        ValueError: no input file matches `glob`, or datatrove or orjson is not installed.
     """
     try:
+        import orjson  # noqa: F401  (datatrove's JsonlReader needs it and says so only inside a running task)
         from datatrove.executor import LocalPipelineExecutor
         from datatrove.pipeline.dedup.minhash import (
             MinhashDedupBuckets,
@@ -165,7 +166,7 @@ def run_dedup(input_dir: str, output_dir: str, work_dir: str, settings: MinhashS
         )
         from datatrove.pipeline.writers import JsonlWriter
     except ImportError as error:
-        raise ValueError(f"near-dedup needs datatrove (pip install datatrove): {error}") from None
+        raise ValueError(f"near-dedup needs datatrove and orjson (pip install -e '.[data]'): {error}") from None
     import fnmatch
 
     files = sorted(n for n in os.listdir(input_dir) if fnmatch.fnmatch(n, glob)) if os.path.isdir(input_dir) else []
