@@ -508,3 +508,16 @@ def test_torchrun_prints_one_error_line(data, tmp_path) -> None:
     assert not re.search(r'File "[^"]*/phi1/', outcome.stderr), outcome.describe()
     assert "exitcode  : 2" in outcome.stderr  # rank 0 exited with the user-error status
     assert "optim.lr:" in outcome.stderr and "data.seq_len:" in outcome.stderr
+
+
+@pytest.mark.parametrize("run_dir", ["/dev/null", "/etc/passwd/run"])
+def test_checkpoint_dir_that_cannot_be_a_directory_is_named(tmp_path, run_dir):
+    """A run directory that is a file (or lies under one) fails in validation, naming checkpoint.dir, before any
+    process group, model or dataset is built."""
+    from phi1.testing.hostile import assert_clear_error, python, run_bounded
+
+    outcome = run_bounded(python("-m", "phi1.train", "model.preset=phi-1-nano", f"checkpoint.dir={run_dir}",
+                                 "data.path=missing", "schedule.train_steps=2", "schedule.warmup_steps=1"),
+                          timeout_s=120)
+    assert_clear_error(outcome, names="checkpoint.dir")
+    assert "is not a directory" in outcome.stderr

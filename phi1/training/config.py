@@ -872,6 +872,19 @@ def _memory_problem(config: TrainConfig, model_config: ModelConfig, world_size: 
     return None
 
 
+def _run_directory_problems(option: str, path: str) -> list[str]:
+    """A directory the run will create or write into: it, or the nearest part of it that exists, must be a
+    directory this process can write (a file, /dev/null or a read-only place fails here, not at the first save)."""
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return [f"{option}: {path}: {existing} is not a directory; name a run directory"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"{option}: {path}: {existing} is not writable by this user; name a run directory you can write"]
+    return []
+
+
 def _check(problems: list[str], option: str, value: Any, **bounds: Any) -> bool:
     """Append `option: why` when `value` is not a number in range (see number_problem); True when it is."""
     why = number_problem(value, **bounds)
@@ -1108,6 +1121,8 @@ def validate_config(config: TrainConfig, world_size: int, *, check_files: bool =
                         f"{sched.train_steps}")
     if not str(ckpt.dir).strip():
         problems.append("checkpoint.dir: is empty; name the run directory")
+    elif check_files:
+        problems.extend(_run_directory_problems("checkpoint.dir", str(ckpt.dir)))
     log = config.logging
     _check(problems, "logging.interval", log.interval, integer=True, low=1, high=10**9)
     if log.peak_tflops is not None:
