@@ -448,15 +448,17 @@ def build_tokenizer(
 
 
 
-def _describe_directory(path: str) -> str:
+def describe_directory(path: str | os.PathLike, shown: int = 8) -> str:
+    """What a directory holds, in words, for error messages: 'an empty directory' or 'a directory holding a, b
+    and N more' (the first `shown` names, sorted)."""
     try:
         names = sorted(os.listdir(path))
     except OSError as e:
         return f"a directory that cannot be listed ({e.strerror})"
     if not names:
         return "an empty directory"
-    shown = ", ".join(names[:8]) + (f", ... ({len(names)} entries)" if len(names) > 8 else "")
-    return f"a directory holding {shown}"
+    listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+    return f"a directory holding {listed}"
 
 
 def _file_kind(path: str) -> str:
@@ -532,7 +534,7 @@ def detect_tokenizer_type(path: str | os.PathLike) -> str:
         hint = ""
         if os.path.isfile(os.path.join(path, "tokenizer.model")):
             hint = f"; for its SentencePiece model give the file {os.path.join(path, 'tokenizer.model')}"
-        raise ValueError(f"{path}: no tokenizer found: {_describe_directory(path)}; expected tokenizer.json, or "
+        raise ValueError(f"{path}: no tokenizer found: {describe_directory(path)}; expected tokenizer.json, or "
                          f"vocab.json and merges.txt{hint}")
     if not os.path.isfile(path):
         raise ValueError(f"{path}: {_file_kind(path)}, not a tokenizer file")

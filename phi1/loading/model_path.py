@@ -30,6 +30,7 @@ import torch
 from phi1.core.config import ModelConfig
 from phi1.core.hf_interop import config_from_hf, hf_expected_shapes, state_dict_from_hf
 from phi1.core.pretrained import FORMAT_VERSION, HF_FORMAT, PHI1_FORMAT, load_state_dict_into
+from phi1.data.tokenizers import describe_directory
 from phi1.loading.checkpoints import (
     compare_tensors,
     expected_tensor_shapes,
@@ -81,17 +82,6 @@ def _config_kind(directory: Path, what: str) -> tuple[str, dict]:
     raise ValueError(f"{what} {directory}: config.json has {found}; {ACCEPTED}")
 
 
-def _summary(directory: Path) -> str:
-    try:
-        names = sorted(os.listdir(directory))
-    except OSError as e:
-        return f"a directory that cannot be listed ({e.strerror})"
-    if not names:
-        return "an empty directory"
-    shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
-    return f"a directory holding {shown}"
-
-
 def resolve_model_path(path: str | os.PathLike, what: str = "--model", verify: bool = True) -> ModelSource:
     """Decide what `path` is; for a run directory, pick its checkpoint (`latest`, else the newest complete one).
 
@@ -129,7 +119,7 @@ def resolve_model_path(path: str | os.PathLike, what: str = "--model", verify: b
     if os.path.lexists(path / "latest"):
         raise ValueError(f"{what} {path}: a training run directory with no complete checkpoint (no iter_*/ holding "
                          "trainer_state.json); train until a checkpoint is saved, or pass another path")
-    raise ValueError(f"{what} {path}: found {_summary(path)}, but no config.json, latest, iter_*/ or "
+    raise ValueError(f"{what} {path}: found {describe_directory(path, shown=6)}, but no config.json, latest, iter_*/ or "
                      f"trainer_state.json; {ACCEPTED}")
 
 
