@@ -26,7 +26,7 @@ from phi1.eval.harness import GenerationConfig, generate_completions, score_samp
 from phi1.eval.loading import check_vocab, load_model, load_tokenizer
 from phi1.eval.sandbox import SandboxConfig
 from phi1.eval.tasks import load_humaneval
-from phi1.eval.toy_model import build_toy_model_dir
+from phi1.testing.toy_model import build_toy_model_dir
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from phi1.training.measure_memory import measure_peak_memory  # noqa: E402
-from phi1.training.synthetic import write_synthetic_dataset  # noqa: E402
+from phi1.testing.synthetic import write_synthetic_dataset  # noqa: E402
 
 MODEL = ["model.preset=phi-1-tiny", "model.n_layer=4", "model.d_model=512", "model.n_head=8", "model.d_mlp=2048",
          "model.vocab_size=8192", "model.max_seq_len=256"]

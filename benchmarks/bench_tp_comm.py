@@ -19,7 +19,7 @@ import torch
 from phi1.core.config import get_preset
 from phi1.core.model import PhiForCausalLM
 from phi1.parallel.mappings import COMM_BYTES, reset_comm_bytes
-from phi1.parallel.spawn import run_on_gloo
+from phi1.testing.spawn import run_on_gloo
 from phi1.parallel.state import init_distributed
 
 

@@ -35,7 +35,7 @@ def _synthetic_dataset(directory: Path) -> tuple[str, str]:
     try:
         from phi1.testing.synthetic import write_synthetic_dataset
     except ImportError:  # before the fixture moved out of the library
-        from phi1.training.synthetic import write_synthetic_dataset
+        from phi1.testing.synthetic import write_synthetic_dataset
     return write_synthetic_dataset(directory)
 
 

@@ -30,7 +30,7 @@ from phi1.training.config import (
     read_config_file,
     validate_config,
 )
-from phi1.training.synthetic import write_synthetic_dataset
+from phi1.testing.synthetic import write_synthetic_dataset
 
 NAN, INF = "nan", "inf"
 

@@ -62,7 +62,7 @@ def _dataset_digest(prefix: str) -> str:
 
 def _base_dataset(root: Path) -> dict:
     from phi1.data.indexed_dataset import HEADER_BYTES, IndexedDataset, IndexedDatasetWriter
-    from phi1.training.synthetic import counting_documents
+    from phi1.testing.synthetic import counting_documents
 
     source = str(root / "valid" / "corpus")
     Path(source).parent.mkdir(parents=True)
@@ -118,7 +118,7 @@ def _base_checkpoint(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> dict:
     """The valid dataset, tokenizer and checkpoint every case mutates a copy of."""
-    from phi1.training.synthetic import write_word_tokenizer
+    from phi1.testing.synthetic import write_word_tokenizer
 
     root = tmp_path_factory.mktemp("base")
     values = {"dataset": _base_dataset(root / "dataset")}

@@ -17,7 +17,7 @@ import pytest
 from phi1.data.indexed_dataset import HEADER_BYTES, IndexedDataset, IndexedDatasetWriter
 from phi1.data.tokenizers import build_tokenizer
 from phi1.testing.hostile import assert_clear_error, python, run_bounded
-from phi1.training.synthetic import write_synthetic_dataset, write_word_tokenizer
+from phi1.testing.synthetic import write_synthetic_dataset, write_word_tokenizer
 
 GOOD = [json.dumps({"text": "w1 w2 w3"}), json.dumps({"text": "w4 w5"})]
 # preprocess_data.py imports numpy and the tokenizer libraries, not torch: 768 MiB of address space is plenty,

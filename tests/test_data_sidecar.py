@@ -18,7 +18,7 @@ from phi1.data.gpt_dataset import build_gpt_datasets
 from phi1.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter
 from phi1.data.sidecar import read_sidecar, write_sidecar
 from phi1.data.tokenizers import build_tokenizer
-from phi1.training.synthetic import write_word_tokenizer
+from phi1.testing.synthetic import write_word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the tools/ scripts are imported as modules

@@ -112,7 +112,7 @@ def test_bad_problem_file(tmp_path, name):
 
 @pytest.mark.parametrize("device", ["gpu0", "cuda:7"])
 def test_bad_device(tmp_path, device):
-    from phi1.eval.toy_model import build_toy_model_dir
+    from phi1.testing.toy_model import build_toy_model_dir
 
     model_dir = build_toy_model_dir(tmp_path / "model", "phi-1-nano", max_seq_len=128,
                                     texts=["def f(x):\n    return x\n"] * 50)
@@ -125,7 +125,7 @@ def test_bad_device(tmp_path, device):
 def test_max_new_tokens_default_fits_the_context_and_too_many_is_refused(tmp_path):
     from phi1.eval.harness import default_max_new_tokens
     from phi1.eval.tasks import load_humaneval
-    from phi1.eval.toy_model import build_toy_model_dir
+    from phi1.testing.toy_model import build_toy_model_dir
 
     model_dir = build_toy_model_dir(tmp_path / "model", "phi-1-nano", max_seq_len=384)
     outcome = run_bounded(python("-m", "phi1.eval", "--model", str(model_dir), "--limit", "2", "--max-new-tokens",

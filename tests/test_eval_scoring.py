@@ -252,7 +252,7 @@ def test_tasks_other_than_humaneval_need_data():
 
 
 def test_cli_end_to_end_with_a_nano_model(tmp_path, capsys):
-    from phi1.eval.toy_model import build_toy_model_dir
+    from phi1.testing.toy_model import build_toy_model_dir
 
     model_dir = build_toy_model_dir(tmp_path / "model", "phi-1-nano", max_seq_len=1024)
     output = tmp_path / "out"
@@ -302,7 +302,7 @@ def test_generation_spread_over_two_data_parallel_ranks(tmp_path):
     import subprocess
     import sys
 
-    from phi1.eval.toy_model import build_toy_model_dir
+    from phi1.testing.toy_model import build_toy_model_dir
 
     model_dir = build_toy_model_dir(tmp_path / "model", "phi-1-nano", max_seq_len=1024)
     common = ["--model", str(model_dir), "--limit", "5", "--max-new-tokens", "12", "--batch-size", "2", "--quiet",

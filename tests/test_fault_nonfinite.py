@@ -31,7 +31,7 @@ from phi1.training.fault import (
 )
 from phi1.training.loop import train
 from phi1.training.metrics import read_jsonl
-from phi1.training.synthetic import write_synthetic_dataset
+from phi1.testing.synthetic import write_synthetic_dataset
 
 POISONED = "layers.1.mlp.fc2.weight"
 

@@ -220,7 +220,7 @@ def test_training_with_fused_ops_follows_the_reference_run(cpu_kernels, tmp_path
     the one without them."""
     from test_train_resume import base_args, check, step_losses, torchrun
 
-    from phi1.training.synthetic import write_synthetic_dataset
+    from phi1.testing.synthetic import write_synthetic_dataset
 
     write_synthetic_dataset(tmp_path / "data")
     runs = {}

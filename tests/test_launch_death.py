@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from phi1.parallel.launcher import die_with_launcher, launcher_kind
-from phi1.training.synthetic import write_synthetic_dataset
+from phi1.testing.synthetic import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER_VARIABLES = ("TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "RANK", "WORLD_SIZE",

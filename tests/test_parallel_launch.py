@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from phi1.parallel.spawn import free_port
+from phi1.testing.spawn import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 WORLDS = {"torchrun": 4, "openmpi": 2, "pmi": 2}

@@ -32,7 +32,7 @@ from phi1.parallel.pipeline import (
     rank_grid,
     stages_of_rank,
 )
-from phi1.parallel.spawn import run_on_gloo
+from phi1.testing.spawn import run_on_gloo
 from phi1.planning.pipeline import bubble_fraction, in_flight_chunks, p2p_bytes_per_step, stage_memory
 
 CONFIG = get_preset("phi-1-nano", n_layer=4)

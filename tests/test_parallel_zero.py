@@ -17,7 +17,7 @@ from phi1.core.model import PhiForCausalLM
 from phi1.parallel.data_parallel import wrap_data_parallel
 from phi1.parallel.grads import clip_grad_norm_
 from phi1.parallel.optim import param_groups
-from phi1.parallel.spawn import run_on_gloo
+from phi1.testing.spawn import run_on_gloo
 from phi1.parallel.state import init_distributed
 from phi1.parallel.zero import deepspeed_config
 

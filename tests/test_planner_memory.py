@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from phi1.training.measure_memory import measure_peak_memory
-from phi1.training.synthetic import write_synthetic_dataset
+from phi1.testing.synthetic import write_synthetic_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from phi1.eval.toy_model import build_toy_model_dir
+from phi1.testing.toy_model import build_toy_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "toy"

@@ -16,7 +16,7 @@ from phi1.training.checkpointing import (
     read_trainer_state,
 )
 from phi1.training.metrics import read_jsonl
-from phi1.training.synthetic import write_synthetic_dataset
+from phi1.testing.synthetic import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ from phi1.training.loop import collate, train
 from phi1.training.metrics import mfu, peak_tflops, read_jsonl
 from phi1.training.precision import DynamicLossScaler
 from phi1.training.schedule import LRSchedule
-from phi1.training.synthetic import write_synthetic_dataset, write_synthetic_exercises
+from phi1.testing.synthetic import write_synthetic_dataset, write_synthetic_exercises
 
 
 @pytest.fixture(scope="module")
