@@ -45,13 +45,38 @@ def test_model_loss_and_grads_equal_with_chunking():
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def _loss_flops(requires_grad: bool) -> int:
+    """Matmul FLOPs of one chunked loss call on (12, 16) hidden states and a (128, 16) head."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    hidden = torch.randn(12, 16, requires_grad=requires_grad)
+    weight = torch.randn(128, 16, requires_grad=requires_grad)
+    labels = torch.randint(0, 128, (12,))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss = chunked_linear_cross_entropy(hidden, weight, None, labels, chunk_size=5)
+    assert loss.requires_grad == (requires_grad and torch.is_grad_enabled())
+    return counter.get_total_flops()
+
+
 def test_no_gradient_work_under_no_grad():
+    # The chunked loss computes its gradients inside the forward pass (two extra matmuls per chunk). Under
+    # no_grad (evaluation, generation) it must run only the logits matmul: 2 x tokens x d x V FLOPs.
+    logits_only = 2 * 12 * 16 * 128
+    with torch.no_grad():
+        assert _loss_flops(requires_grad=True) == logits_only
+    assert _loss_flops(requires_grad=False) == logits_only
+    # With gradients needed the same call does three times the matmul work: the counter sees the difference.
+    assert _loss_flops(requires_grad=True) == 3 * logits_only
+
     config = get_preset("phi-1-nano")
     m = PhiForCausalLM(config).eval()
     m.loss_chunk_size = 8
     x = torch.randint(0, config.vocab_size, (1, 16))
     with torch.no_grad():
         loss = m(x, labels=x).loss
+    assert loss.grad_fn is None and not loss.requires_grad
     m.loss_chunk_size = 0
     with torch.no_grad():
         torch.testing.assert_close(loss, m(x, labels=x).loss)
