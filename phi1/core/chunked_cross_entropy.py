@@ -18,8 +18,10 @@ from phi1.parallel.cross_entropy import IGNORE_INDEX
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, ignore_index: int):
-        needs_grad = any(ctx.needs_input_grad[:3])
+    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, ignore_index: int, grad_enabled: bool):
+        # needs_input_grad says only whether inputs require grad, also under torch.no_grad(); the caller's grad
+        # mode (forward itself always runs without it) decides whether the gradient matmuls are worth doing.
+        needs_grad = grad_enabled and any(ctx.needs_input_grad[:3])
         n_tokens = hidden.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         if needs_grad:
@@ -64,6 +66,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -88,4 +91,5 @@ def chunked_linear_cross_entropy(
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    return _ChunkedLinearCrossEntropy.apply(flat_hidden, weight, bias, labels.reshape(-1), chunk_size, ignore_index)
+    return _ChunkedLinearCrossEntropy.apply(flat_hidden, weight, bias, labels.reshape(-1), chunk_size, ignore_index,
+                                            torch.is_grad_enabled())
