@@ -22,8 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from phi1.core.config import get_preset  # noqa: E402
-from phi1.training.measure_memory import measure_peak_memory  # noqa: E402
 from phi1.testing.synthetic import write_synthetic_dataset  # noqa: E402
+from phi1.training.measure_memory import measure_peak_memory  # noqa: E402
 
 MODES = {
     "none": ["activation_checkpointing=none"],

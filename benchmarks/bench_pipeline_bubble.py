@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from phi1.parallel.pipeline import PipelineRunner, build_pipeline_groups, stages_of_rank
-from phi1.testing.spawn import run_on_gloo
 from phi1.planning.pipeline import bubble_fraction, in_flight_chunks
+from phi1.testing.spawn import run_on_gloo
 
 CASES = [("1f1b", 1), ("interleaved", 2), ("gpipe", 1)]
 MICRO_BATCHES = (4, 8)

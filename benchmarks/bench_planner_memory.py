@@ -21,36 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from phi1.training.measure_memory import measure_peak_memory  # noqa: E402
 from phi1.testing.synthetic import write_synthetic_dataset  # noqa: E402
-
-MODEL = ["model.preset=phi-1-tiny", "model.n_layer=4", "model.d_model=512", "model.n_head=8", "model.d_mlp=2048",
-         "model.vocab_size=8192", "model.max_seq_len=256"]
-
-# name: (processes, overrides)
-CONFIGS: dict[str, tuple[int, list[str]]] = {
-    "mb4": (1, ["batch.micro_batch_size=4", "batch.global_batch_size=4"]),
-    "mb8": (1, ["batch.micro_batch_size=8", "batch.global_batch_size=8"]),
-    "mb8-ac": (1, ["batch.micro_batch_size=8", "batch.global_batch_size=8", "activation_checkpointing=true"]),
-    "mb8-chunked-loss": (1, ["batch.micro_batch_size=8", "batch.global_batch_size=8", "loss_chunk_size=256"]),
-    "mb4-accum2": (1, ["batch.micro_batch_size=4", "batch.global_batch_size=8"]),
-    "mb4-bf16": (1, ["batch.micro_batch_size=4", "batch.global_batch_size=4", "precision=bf16"]),
-    "tp2-mb4": (2, ["batch.micro_batch_size=4", "batch.global_batch_size=4", "parallel.tensor_parallel=2"]),
-    "dp2-mb4": (2, ["batch.micro_batch_size=4", "batch.global_batch_size=8"]),
-}
-ZERO_CONFIGS: dict[str, tuple[int, list[str]]] = {
-    "dp2-zero1-mb4": (2, ["batch.micro_batch_size=4", "batch.global_batch_size=8", "parallel.zero_stage=1"]),
-}
-
-
-def base_overrides(data_dir: Path, run_dir: Path, seq_len: int = 256) -> list[str]:
-    """TrainConfig overrides shared by every configuration: the model, the synthetic data, no logging."""
-    return MODEL + [
-        f"data.path={data_dir / 'counting_text_document'}", f"data.tokenizer_model={data_dir / 'tokenizer.json'}",
-        f"data.seq_len={seq_len}", "data.split=100,0,0", "eval.interval=0", f"checkpoint.dir={run_dir}",
-        "checkpoint.resume=false", "logging.jsonl=", "logging.tensorboard_dir=", "schedule.train_steps=20",
-        "schedule.warmup_steps=1",
-    ]
+from phi1.training.measure_memory import CONFIGS, ZERO_CONFIGS, base_overrides, measure_peak_memory  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

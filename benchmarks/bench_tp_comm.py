@@ -19,8 +19,8 @@ import torch
 from phi1.core.config import get_preset
 from phi1.core.model import PhiForCausalLM
 from phi1.parallel.mappings import COMM_BYTES, reset_comm_bytes
-from phi1.testing.spawn import run_on_gloo
 from phi1.parallel.state import init_distributed
+from phi1.testing.spawn import run_on_gloo
 
 
 def _measure(rank: int, world_size: int, preset: str, batch_size: int, seq_len: int, steps: int, sp: bool) -> dict:

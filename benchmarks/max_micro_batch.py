@@ -22,11 +22,14 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from phi1.planning.search import largest_fitting  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 THROUGHPUT = REPO / "benchmarks" / "train_throughput.py"
@@ -54,31 +57,6 @@ class Result:
     capped: bool
     """True when --max-micro-batch fitted, so the real limit may be higher."""
     trials: list[Trial]
-
-
-def largest_fitting(fits: Callable[[int], bool], upper: int) -> int:
-    """The largest m in [1, upper] with fits(m), assuming fits is monotone (true up to a point, then false).
-
-    Doubles from 1 until a failure or `upper`, then bisects the gap: O(log upper) trials. 0 if fits(1) fails.
-    """
-    if not fits(1):
-        return 0
-    good, bad = 1, None
-    while bad is None:
-        candidate = min(good * 2, upper)
-        if candidate == good:
-            return good
-        if fits(candidate):
-            good = candidate
-        else:
-            bad = candidate
-    while bad - good > 1:
-        middle = (good + bad) // 2
-        if fits(middle):
-            good = middle
-        else:
-            bad = middle
-    return good
 
 
 def run_trial(args: argparse.Namespace, system: str, checkpointing: bool, micro_batch: int) -> Trial:

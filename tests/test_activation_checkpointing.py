@@ -11,8 +11,8 @@ from phi1.core.activation_checkpointing import activation_checkpointing_mode, ch
 from phi1.core.config import get_preset
 from phi1.core.model import PhiForCausalLM
 from phi1.parallel.random import seed_everything
-from phi1.testing.spawn import run_on_gloo
 from phi1.parallel.state import init_distributed
+from phi1.testing.spawn import run_on_gloo
 
 MODES = [("full", 1), ("full", 2), ("selective", 1)]
 B, T = 2, 24

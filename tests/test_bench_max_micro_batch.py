@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from max_micro_batch import largest_fitting  # noqa: E402
+from phi1.planning.search import largest_fitting
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "max_micro_batch.py"
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from phi1.testing.synthetic import write_synthetic_dataset
 from phi1.training.config import ConfigError, load_config, validate_config
 from phi1.training.metrics import read_jsonl
-from phi1.testing.synthetic import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 10

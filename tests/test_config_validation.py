@@ -20,6 +20,7 @@ import pytest
 
 from phi1.core.config import ModelConfig, get_preset
 from phi1.testing.hostile import assert_clear_error, python, run_bounded
+from phi1.testing.synthetic import write_synthetic_dataset
 from phi1.training import precision as precision_module
 from phi1.training.config import (
     MAX_CONFIG_BYTES,
@@ -30,7 +31,6 @@ from phi1.training.config import (
     read_config_file,
     validate_config,
 )
-from phi1.testing.synthetic import write_synthetic_dataset
 
 NAN, INF = "nan", "inf"
 

@@ -23,8 +23,8 @@ from phi1.core.pipeline_stage import build_stages
 from phi1.data.samplers import MicroBatchSampler
 from phi1.parallel import distributed_checkpoint as dck
 from phi1.parallel.layers import tensor_parallel_dims
-from phi1.testing.spawn import run_on_gloo
 from phi1.testing.hostile import assert_clear_error, python, run_bounded
+from phi1.testing.spawn import run_on_gloo
 from phi1.training.checkpointing import capture_rng_states, restore_rng_states
 from phi1.training.fault import CheckpointCorruptError, verify_checkpoint, write_manifest
 

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from phi1.testing.hostile import assert_clear_error, python, run_bounded
+from phi1.testing.synthetic import write_synthetic_dataset
 from phi1.train import run as train_main
 from phi1.training.checkpointing import (
     find_checkpoint,
@@ -31,7 +32,6 @@ from phi1.training.fault import (
 )
 from phi1.training.loop import train
 from phi1.training.metrics import read_jsonl
-from phi1.testing.synthetic import write_synthetic_dataset
 
 POISONED = "layers.1.mlp.fc2.weight"
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from phi1.testing.synthetic import write_synthetic_dataset
 from phi1.training.checkpointing import (
     find_checkpoint,
     load_model_from_training_checkpoint,
     read_trainer_state,
 )
 from phi1.training.metrics import read_jsonl
-from phi1.testing.synthetic import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from phi1.testing.hostile import assert_clear_error, python, run_bounded
-from phi1.training.finetune_data import MAX_LINE_BYTES, read_exercises
 from phi1.testing.synthetic import write_word_tokenizer
+from phi1.training.finetune_data import MAX_LINE_BYTES, read_exercises
 
 GOOD = json.dumps({"prompt": "w1 w2 ", "solution": "w3 w4"})
 

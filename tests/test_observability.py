@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from phi1.testing.hostile import REPO, assert_clear_error, python, run_bounded
+from phi1.testing.synthetic import write_synthetic_dataset
 from phi1.training.config import load_config
 from phi1.training.loop import train
 from phi1.training.metrics import read_jsonl
-from phi1.testing.synthetic import write_synthetic_dataset
 
 
 @pytest.fixture(scope="module")

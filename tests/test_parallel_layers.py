@@ -16,8 +16,8 @@ from phi1.parallel.cross_entropy import vocab_parallel_cross_entropy
 from phi1.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from phi1.parallel.mappings import gather_from_tp, scatter_to_sequence
 from phi1.parallel.random import get_rng_tracker, seed_everything
-from phi1.testing.spawn import run_on_gloo
 from phi1.parallel.state import init_distributed
+from phi1.testing.spawn import run_on_gloo
 
 TOL = 1e-5
 B, T, D_IN, D_OUT, VOCAB = 2, 8, 12, 16, 64

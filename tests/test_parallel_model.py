@@ -20,8 +20,8 @@ from phi1.parallel.layers import tensor_parallel_dims
 from phi1.parallel.mappings import COMM_BYTES, reset_comm_bytes
 from phi1.parallel.optim import param_groups
 from phi1.parallel.random import seed_everything
-from phi1.testing.spawn import run_on_gloo
 from phi1.parallel.state import init_distributed, validate_layout
+from phi1.testing.spawn import run_on_gloo
 
 TOL = 1e-5
 B, T = 2, 16

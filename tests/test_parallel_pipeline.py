@@ -32,8 +32,8 @@ from phi1.parallel.pipeline import (
     rank_grid,
     stages_of_rank,
 )
-from phi1.testing.spawn import run_on_gloo
 from phi1.planning.pipeline import bubble_fraction, in_flight_chunks, p2p_bytes_per_step, stage_memory
+from phi1.testing.spawn import run_on_gloo
 
 CONFIG = get_preset("phi-1-nano", n_layer=4)
 MICRO, SEQ, GLOBAL, STEPS = 2, 16, 8, 10

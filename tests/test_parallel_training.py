@@ -23,8 +23,8 @@ from phi1.parallel.checkpoint import save_model_shard
 from phi1.parallel.data_parallel import wrap_data_parallel
 from phi1.parallel.grads import allreduce_sequence_parallel_grads, clip_grad_norm_
 from phi1.parallel.optim import param_groups
-from phi1.testing.spawn import run_on_gloo
 from phi1.parallel.state import ParallelState, init_distributed
+from phi1.testing.spawn import run_on_gloo
 
 STEPS, GLOBAL_BATCH, SEQ = 10, 4, 32
 LR, WEIGHT_DECAY, MAX_NORM = 3e-3, 0.1, 0.5

@@ -17,9 +17,9 @@ from phi1.core.model import PhiForCausalLM
 from phi1.parallel.data_parallel import wrap_data_parallel
 from phi1.parallel.grads import clip_grad_norm_
 from phi1.parallel.optim import param_groups
-from phi1.testing.spawn import run_on_gloo
 from phi1.parallel.state import init_distributed
 from phi1.parallel.zero import deepspeed_config
+from phi1.testing.spawn import run_on_gloo
 
 STEPS, MICRO_BATCH, SEQ = 10, 2, 32
 LR, BETAS, EPS, WEIGHT_DECAY, MAX_NORM = 3e-3, (0.9, 0.95), 1e-8, 0.1, 0.5

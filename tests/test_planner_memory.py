@@ -3,17 +3,12 @@ benchmarks/bench_planner_memory.py runs the full table)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-from phi1.training.measure_memory import measure_peak_memory
 from phi1.testing.synthetic import write_synthetic_dataset
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from bench_planner_memory import CONFIGS, base_overrides  # noqa: E402
+from phi1.training.measure_memory import CONFIGS, base_overrides, measure_peak_memory
 
 
 @pytest.mark.slow

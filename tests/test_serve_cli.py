@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from phi1.testing.toy_model import build_toy_model_dir
 from phi1.testing.hostile import assert_clear_error, python, run_bounded
+from phi1.testing.toy_model import build_toy_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from phi1.training.metrics import read_jsonl
 from phi1.testing.synthetic import write_synthetic_dataset, write_synthetic_exercises
+from phi1.training.metrics import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [

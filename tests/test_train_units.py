@@ -10,6 +10,7 @@ import yaml
 
 from phi1.core.config import get_preset
 from phi1.parallel.cross_entropy import IGNORE_INDEX
+from phi1.testing.synthetic import write_synthetic_dataset, write_synthetic_exercises
 from phi1.train import main as train_main
 from phi1.train import run as train_run
 from phi1.training import precision as precision_module
@@ -20,7 +21,6 @@ from phi1.training.loop import collate, train
 from phi1.training.metrics import mfu, peak_tflops, read_jsonl
 from phi1.training.precision import DynamicLossScaler
 from phi1.training.schedule import LRSchedule
-from phi1.testing.synthetic import write_synthetic_dataset, write_synthetic_exercises
 
 
 @pytest.fixture(scope="module")

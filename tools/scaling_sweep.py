@@ -44,8 +44,8 @@ from phi1.planning.collectives import RESULT_PREFIX  # noqa: E402
 from phi1.planning.hardware import Link  # noqa: E402
 from phi1.planning.memory import Layout, parameter_counts  # noqa: E402
 from phi1.planning.timing import predict_step_time, step_flops  # noqa: E402
-from phi1.training.metrics import read_jsonl  # noqa: E402
 from phi1.testing.synthetic import write_synthetic_dataset  # noqa: E402
+from phi1.training.metrics import read_jsonl  # noqa: E402
 
 MODEL = dict(n_layer=2, d_model=256, n_head=4, d_mlp=1024, vocab_size=4096, max_seq_len=128)
 

@@ -11,6 +11,7 @@ among equally fast ones (to the millisecond), the larger micro-batch, then the s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from phi1.core.config import ModelConfig
@@ -124,3 +125,28 @@ def enumerate_plans(
 
 
 __all__ = ["MICRO_BATCHES", "Plan", "enumerate_plans", "tensor_parallel_choices"]
+
+
+def largest_fitting(fits: Callable[[int], bool], upper: int) -> int:
+    """The largest m in [1, upper] with fits(m), assuming fits is monotone (true up to a point, then false).
+
+    Doubles from 1 until a failure or `upper`, then bisects the gap: O(log upper) trials. 0 if fits(1) fails.
+    """
+    if not fits(1):
+        return 0
+    good, bad = 1, None
+    while bad is None:
+        candidate = min(good * 2, upper)
+        if candidate == good:
+            return good
+        if fits(candidate):
+            good = candidate
+        else:
+            bad = candidate
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        if fits(middle):
+            good = middle
+        else:
+            bad = middle
+    return good
