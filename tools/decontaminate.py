@@ -2,13 +2,19 @@
 
     python tools/decontaminate.py --input data/train.jsonl --output data/train.clean.jsonl \
         --report runs/decontamination.jsonl [--mbpp data/mbpp.jsonl] [--ngram-n 13] [--tau 0.9] \
-        [--embedding-model runs/phi1-tiny --embedding-threshold 0.05] [--workers 2]
+        [--embedding-model runs/phi1-tiny --embedding-threshold 0.05] [--workers 2] \
+        [--index runs/decontamination_index.json]
 
 Checks: n-gram overlap (hashed, one pass over the corpus), AST match rate of every function against each
 solution (tau; the summary also counts the paper's 0.95 / 0.9 / 0.85 / 0.8), and L2 distance of mean embeddings
 from a phi1 checkpoint. The report has one line per flagged (document, problem) pair with every score; the
 output keeps the input's order. Non-JSON lines, records without the text key and code that does not parse are
 counted and listed by file and line; --strict makes them an error (exit status 2).
+
+--index also writes the contamination index: per benchmark problem, the best score of each check over the whole
+corpus (down to AST tau 0.8, whatever --tau prunes at) and the document reaching it. `phi1-eval
+--contamination-index` reads it to split pass@k into problems with and without a near match in the training
+data (phi1/eval/contamination.py).
 """
 
 from __future__ import annotations
@@ -39,10 +45,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="pruned jsonl (input order kept)")
     parser.add_argument("--report", required=True, help="jsonl of flagged (document, problem) pairs")
     parser.add_argument("--summary", help="write the summary JSON here too")
+    parser.add_argument("--index", help="write the contamination index (JSON) for phi1-eval --contamination-index")
     parser.add_argument("--humaneval", default=None, help="HumanEval jsonl(.gz) (default: the bundled one)")
     parser.add_argument("--no-humaneval", action="store_true", help="check against MBPP only")
     parser.add_argument("--mbpp", help="original mbpp.jsonl (task_id, text, code)")
-    parser.add_argument("--text-key", default="text")
+    parser.add_argument("--text-key", default="text", help="field holding the document; prompt+solution joins fields")
     parser.add_argument("--id-key", help="record field quoted as the document's id in the report")
     parser.add_argument("--ngram-n", type=int, default=13)
     parser.add_argument("--ngram-min-shared", type=int, default=1)
@@ -100,6 +107,10 @@ def main(argv: list[str] | None = None) -> dict:
         "documents_per_second": round(stats.good / elapsed, 1) if elapsed > 0 else None,
         "output": args.output, "report": args.report,
     }
+    if args.index:
+        from phi1.eval.contamination import index_from_results, write_index
+
+        summary["index"] = str(write_index(index_from_results(references, config, results, args.input), args.index))
     print(f"{stats.good} documents checked against {len(references)} problems in {elapsed:.1f}s "
           f"({summary['documents_per_second']} documents/s): pruned {summary['pruned']} "
           f"(n-gram {flagged_by['ngram']}, AST >= {args.tau} {flagged_by['ast']}, embedding {flagged_by['embedding']}), "

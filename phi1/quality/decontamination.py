@@ -63,6 +63,7 @@ class DecontaminationConfig:
     """L2 distance of unit embeddings below which a pair is flagged (calibrate on your checkpoint)."""
     embedding_batch_size: int = 32
     text_key: str = "text"
+    """Record field holding the document; 'prompt+solution' joins several (CodeExercises-shaped records)."""
     id_key: str | None = None
     """Record field quoted as the document's id in the report (default: path:line)."""
 
@@ -101,6 +102,39 @@ class ChunkResult:
     """Documents whose best AST match reaches each of report_taus."""
     output_part: str = ""
     report_part: str = ""
+    near: dict = field(default_factory=dict)
+    """{task_id: best score of each check over the chunk's documents, and the document giving it} for every
+    problem with a near match at any reported threshold (see `note_near`); what a contamination index holds."""
+
+
+def document_text(config: DecontaminationConfig, record: dict) -> str:
+    """The text the checks read: the `text_key` field, or its '+'-joined fields one after another."""
+    return "".join(record[key] for key in config.text_key.split("+"))
+
+
+# The best score of each check: the most shared n-grams, the highest AST match rate, the smallest distance.
+_BEST = (("ngram_shared", max), ("ast_similarity", max), ("embedding_distance", min))
+
+
+def note_near(near: dict, task_id: str, scores: dict, source: str) -> None:
+    """Fold one (document, problem) pair's scores into `near[task_id]`, keeping each check's best score and the
+    first document (in corpus order) reaching it, under `<check>_source`."""
+    entry = near.setdefault(task_id, {})
+    for key, better in _BEST:
+        if key in scores and (key not in entry or better(scores[key], entry[key]) != entry[key]):
+            entry[key] = scores[key]
+            entry[key.split("_")[0] + "_source"] = source
+
+
+def merge_near(parts: list[dict]) -> dict:
+    """The `near` of several chunks' results, taken in chunk order (earlier chunks win ties)."""
+    merged: dict = {}
+    for part in parts:
+        for task_id, entry in part.items():
+            for key, _ in _BEST:
+                if key in entry:
+                    note_near(merged, task_id, {key: entry[key]}, entry[key.split("_")[0] + "_source"])
+    return dict(sorted(merged.items()))
 
 
 class Decontaminator:
@@ -201,14 +235,15 @@ def decontaminate_chunk(references: list[Reference], config: DecontaminationConf
         batch: list[tuple[int, bytes, dict]] = []
 
         def flush() -> None:
-            texts = [record[config.text_key] for _, _, record in batch]
+            texts = [document_text(config, record) for _, _, record in batch]
             close = checker.embedding_checks(texts) if checker.embedder is not None else [{}] * len(batch)
             for (line_number, raw, record), near in zip(batch, close):
                 _finish(checker, config, chunk.path, line_number, raw, record, near, result, kept, report)
             batch.clear()
 
         for line_number, raw in read_chunk(chunk):
-            record = check_record(raw, {config.text_key: str}, chunk.path, line_number, result.stats)
+            record = check_record(raw, dict.fromkeys(config.text_key.split("+"), str), chunk.path, line_number,
+                                  result.stats)
             if record is None:
                 continue
             batch.append((line_number, raw, record))
@@ -221,7 +256,7 @@ def decontaminate_chunk(references: list[Reference], config: DecontaminationConf
 
 def _finish(checker: Decontaminator, config: DecontaminationConfig, path: str, line_number: int, raw: bytes,
             record: dict, near: dict[int, float], result: ChunkResult, kept, report) -> None:
-    pairs, parse_error = checker.text_checks(record[config.text_key])
+    pairs, parse_error = checker.text_checks(document_text(config, record))
     if parse_error is not None:
         result.stats.note("unparsable_code", path, line_number, f"code does not parse ({parse_error}); "
                           "checked by n-grams and embeddings only")
@@ -233,6 +268,7 @@ def _finish(checker: Decontaminator, config: DecontaminationConfig, path: str, l
             result.ast_at_tau[str(tau)] += 1
     document_checks: set[str] = set()
     for number, scores in sorted(pairs.items()):
+        note_near(result.near, checker.references[number].task_id, scores, f"{path}:{line_number}")
         checks = checker.flags(scores)
         if not checks:
             continue
