@@ -136,6 +136,7 @@ class PhiPipelineStage(nn.Module):
         """Under 'full': checkpoint the blocks whose global index is 0, k, 2k, ... (as the whole model does)."""
         self.loss_chunk_size = 0
         """Tokens per chunk of the fused lm_head + loss on the last stage (0: plain logits; TP = 1 only)."""
+        self._fused_ops = False
         sp = self.sequence_parallel
         if self.is_first:
             self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.d_model, group=tp_group, sequence_parallel=sp)
@@ -165,6 +166,22 @@ class PhiPipelineStage(nn.Module):
     @activation_checkpointing.setter
     def activation_checkpointing(self, value: str | bool) -> None:
         self._activation_checkpointing = activation_checkpointing_mode(value)
+
+    @property
+    def fused_ops(self) -> bool:
+        """Run csrc/fused_ops in this stage's blocks (as `PhiForCausalLM.fused_ops`; the trainer sets it)."""
+        return self._fused_ops
+
+    @fused_ops.setter
+    def fused_ops(self, value: bool) -> None:
+        self._fused_ops = bool(value)
+        for block in self.layers.values():
+            block.attn.fused_ops = block.mlp.fused_ops = self._fused_ops
+
+    def compile_blocks(self, **options) -> None:
+        """torch.compile each of this stage's blocks in place, as `PhiForCausalLM.compile_blocks` does."""
+        for block in self.layers.values():
+            block.compile(**options)
 
     @property
     def layer_indices(self) -> list[int]:
@@ -305,3 +322,32 @@ def stage_loss_fn(stages: Sequence[PhiPipelineStage]) -> Callable[[torch.Tensor,
         return last[0].loss(output, labels)
 
     return loss_fn
+
+
+class StageParameters(nn.Module):
+    """A rank's stage chunks seen as one module whose parameters carry the full model's names.
+
+    `nn.ModuleList(stages)` would prefix every name with the chunk's index (`0.layers.3...`) and, with virtual
+    stages, hold two `layers`; this view holds the chunks' own submodules (the embedding, one `layers` dict of
+    every block it holds, the final LayerNorm and the lm_head), so code that walks `named_parameters()` (the
+    non-finite guard, the finite-weights check, the optimizer's parameter groups, a phi1 checkpoint writer) sees
+    `layers.7.attn.qkv.weight` exactly as one process names it. It shares the chunks' parameters (no copy) and is
+    not itself run.
+    """
+
+    def __init__(self, stages: Sequence[PhiPipelineStage]) -> None:
+        super().__init__()
+        by_index = sorted(stages, key=lambda stage: stage.stage_index)
+        for stage in by_index:
+            if stage.is_first:
+                self.embed_tokens = stage.embed_tokens
+        self.layers = nn.ModuleDict({index: block for stage in by_index for index, block in stage.layers.items()})
+        for stage in by_index:
+            if stage.is_last:
+                self.final_layernorm = stage.final_layernorm
+                self.lm_head = stage.lm_head
+        self.stages = list(by_index)  # a plain list: not registered, so the parameters are named once
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("StageParameters is a view of a rank's stage parameters; run the stages through a "
+                           "pipeline schedule (phi1.parallel.pipeline.PipelineRunner)")

@@ -46,6 +46,7 @@ stage's loss is broadcast over the PP group (and averaged over DP) so every rank
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -268,6 +269,9 @@ class PipelineRunner:
         optimizer: stepped by `step`; None to drive the update yourself after `forward_backward`.
         grad_clip: clip the global gradient norm to this in `step` (0: measure only).
         timed: record `last_timing` (per-stage compute vs. idle); adds a barrier per step.
+        autocast: a factory of the context the forward runs in (mixed precision: the trainer's `autocast`);
+            entered around each schedule call, so every stage forward and the loss run inside it.
+    groups may be a `PipelineGroups` or the trainer's `phi1.parallel.state.ParallelState` (the same fields).
     Raises:
         ValueError: a schedule that cannot run this pipeline, or chunks that are not this rank's stages.
     """
@@ -286,6 +290,7 @@ class PipelineRunner:
         optimizer: torch.optim.Optimizer | None = None,
         grad_clip: float = 0.0,
         timed: bool = False,
+        autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
     ) -> None:
         from torch.distributed.pipelining import (
             PipelineStage,
@@ -310,6 +315,8 @@ class PipelineRunner:
         self.optimizer = optimizer
         self.grad_clip = grad_clip
         self.timed = timed
+        self.autocast = autocast or contextlib.nullcontext
+        self.last_stage_rank = dist.get_global_rank(groups.pp_group, groups.pp_size - 1)
         self.last_timing: StageTiming | None = None
         self._compute_s = 0.0
         self._in_flight = self._peak_in_flight = 0
@@ -391,7 +398,8 @@ class PipelineRunner:
             dist.barrier(group=self.groups.pp_group)
             self._compute_s, self._in_flight, self._peak_in_flight = 0.0, 0, 0
             start = time.perf_counter()
-        self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
+        with self.autocast():
+            self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
         if self.timed:
             # The step ends when the last rank is done: a rank that finishes early idles until then too.
             dist.barrier(group=self.groups.pp_group)
@@ -419,11 +427,28 @@ class PipelineRunner:
     @torch.no_grad()
     def eval_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> float:
         """Forward only (validation): the mean loss of the micro-batches, averaged over DP, on every rank."""
+        return self._broadcast_loss(self._eval(input_ids, labels))
+
+    @torch.no_grad()
+    def eval_losses(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Forward only: each micro-batch's mean loss, (n_microbatches,) float32, the same on every rank of this
+        pipeline (not averaged over DP: the caller may count only some micro-batches)."""
+        losses = self._eval(input_ids, labels)
+        groups = self.groups
+        if self.holds_last:
+            out = torch.stack([loss.detach().float().reshape(()) for loss in losses])
+        else:
+            out = torch.zeros(self.n_microbatches, device=groups.device)
+        dist.broadcast(out, src=self.last_stage_rank, group=groups.pp_group)
+        return out
+
+    def _eval(self, input_ids: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
         losses: list[torch.Tensor] = []
         args = (input_ids.to(self.groups.device),) if self.holds_first else ()
         target = labels.to(self.groups.device) if self.holds_last else None
-        self.schedule.eval(*args, target=target, losses=losses)
-        return self._broadcast_loss(losses)
+        with self.autocast():
+            self.schedule.eval(*args, target=target, losses=losses)
+        return losses
 
     def _broadcast_loss(self, losses: list[torch.Tensor]) -> float:
         groups = self.groups
@@ -431,7 +456,7 @@ class PipelineRunner:
             loss = torch.stack([loss.detach().float() for loss in losses]).mean().reshape(1)
         else:
             loss = torch.zeros(1, device=groups.device)
-        dist.broadcast(loss, src=groups.last_stage_rank, group=groups.pp_group)
+        dist.broadcast(loss, src=self.last_stage_rank, group=groups.pp_group)
         if groups.dp_size > 1:
             dist.all_reduce(loss, group=groups.dp_group)
             loss /= groups.dp_size
