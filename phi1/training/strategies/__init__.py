@@ -18,6 +18,7 @@ from phi1.training.strategies.base import Batch, StepResult, StepStrategy, Strat
 STRATEGIES: dict[str, str] = {
     "ddp": "phi1.training.strategies.ddp:DDPStrategy",
     "zero": "phi1.training.strategies.zero:ZeroStrategy",
+    "pipeline": "phi1.training.strategies.pipeline:PipelineStrategy",
 }
 """Registry: strategy name -> "module:Class" of its StepStrategy subclass."""
 
