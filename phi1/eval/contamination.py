@@ -208,8 +208,11 @@ def load_index(path: str | os.PathLike) -> ContaminationIndex:
     """
     given = Path(path)
     if given.is_dir():
-        path = inside(given, INDEX_NAME, "contamination index")
         shown = f"--contamination-index {given / INDEX_NAME}"
+        try:
+            path = inside(given, INDEX_NAME, "contamination index")
+        except ValueError as error:
+            raise ValueError(f"--contamination-index {error}") from None
     else:
         shown = f"--contamination-index {given}"
     if not Path(path).exists():
