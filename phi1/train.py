@@ -70,7 +70,7 @@ def run(argv: list[str] | None = None) -> int:
     if args.world_size is not None and args.world_size < 1:
         raise UserError(f"--world-size: must be >= 1, got {args.world_size}")
     from phi1.training.fault import NonFiniteTrainingError
-    from phi1.training.loop import launched_world_size, resolve_config, train
+    from phi1.training.trainer import launched_world_size, resolve_config, train
 
     load_problems: list[str] = []
     config = load_config(args.config, args.overrides, problems=load_problems)

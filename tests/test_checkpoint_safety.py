@@ -65,7 +65,7 @@ def write_safetensors(path: Path, header: dict, data: bytes) -> None:
 def bases(tmp_path_factory) -> dict:
     """Valid model paths of every kind, holding the same weights, and an outside directory."""
     from phi1.training.config import load_config
-    from phi1.training.loop import train
+    from phi1.training.trainer import train
 
     root = tmp_path_factory.mktemp("bases")
     prefix, tokenizer = _synthetic_dataset(root / "data")

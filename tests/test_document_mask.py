@@ -127,7 +127,7 @@ def test_training_with_document_mask_runs_and_records_it(tmp_path):
     from phi1.testing.synthetic import write_synthetic_dataset
     from phi1.training.checkpointing import CONFIG_FILE, find_checkpoint
     from phi1.training.config import load_config
-    from phi1.training.loop import train
+    from phi1.training.trainer import train
 
     write_synthetic_dataset(tmp_path / "data", num_documents=200)
     masked = train(load_config(None, _overrides(tmp_path / "data", tmp_path / "masked", **{"data.document_mask": "true"})))

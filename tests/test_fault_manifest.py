@@ -11,7 +11,7 @@ from phi1.testing.synthetic import write_synthetic_dataset
 from phi1.training.checkpointing import find_checkpoint, find_verified_checkpoint, read_trainer_state
 from phi1.training.config import load_config
 from phi1.training.fault import MANIFEST, CheckpointCorruptError, verify_checkpoint
-from phi1.training.loop import train
+from phi1.training.trainer import train
 
 SHARD = "model_tp00-of-01.safetensors"
 

@@ -30,8 +30,8 @@ from phi1.training.fault import (
     verify_checkpoint,
     weights_are_finite,
 )
-from phi1.training.loop import train
 from phi1.training.metrics import read_jsonl
+from phi1.training.trainer import train
 
 POISONED = "layers.1.mlp.fc2.weight"
 

@@ -13,8 +13,8 @@ import pytest
 from phi1.testing.hostile import REPO, assert_clear_error, python, run_bounded
 from phi1.testing.synthetic import write_synthetic_dataset
 from phi1.training.config import load_config
-from phi1.training.loop import train
 from phi1.training.metrics import read_jsonl
+from phi1.training.trainer import train
 
 
 @pytest.fixture(scope="module")

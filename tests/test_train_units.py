@@ -16,11 +16,12 @@ from phi1.train import run as train_run
 from phi1.training import precision as precision_module
 from phi1.training.checkpointing import CONFIG_FILE, find_checkpoint, read_trainer_state
 from phi1.training.config import ConfigError, config_from_dict, load_config, validate_config
+from phi1.training.data_loading import collate
 from phi1.training.finetune_data import build_exercise_datasets, pack_exercises
-from phi1.training.loop import collate, train
 from phi1.training.metrics import mfu, peak_tflops, read_jsonl
 from phi1.training.precision import DynamicLossScaler
 from phi1.training.schedule import LRSchedule
+from phi1.training.trainer import train
 
 
 @pytest.fixture(scope="module")

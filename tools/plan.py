@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # Training-config reading lives here, in a tool: phi1.planning never imports phi1.training.
     from phi1.training.config import load_config, validate_config
-    from phi1.training.loop import resolve_config
     from phi1.training.plan import memory_layout
+    from phi1.training.trainer import resolve_config
 
     header = ""
     if args.config is not None:

@@ -3,9 +3,9 @@
 It lives in `training`, not `planning`, because it runs the Trainer (phi1.planning never imports training).
 
 `measure_peak_memory` launches fresh processes (torchrun for more than one) that each build the real
-`phi1.training.loop.Trainer` from TrainConfig overrides, take their resident memory as the baseline, run a few
-`Trainer.train_step` calls, and report the peak resident memory above that baseline next to the planner's
-prediction for the same layout. Every process runs with `MALLOC_MMAP_THRESHOLD_=65536`, so every tensor larger
+`phi1.training.trainer.Trainer` from TrainConfig overrides, take their resident memory as the baseline, run a few
+steps of its strategy (`trainer.strategy.train_step`), and report the peak resident memory above that baseline
+next to the planner's prediction for the same layout. Every process runs with `MALLOC_MMAP_THRESHOLD_=65536`, so every tensor larger
 than 64 KiB is its own mmap returned to the kernel when freed and the resident set follows the live tensors;
 the peak is reset at the baseline by writing 5 to /proc/self/clear_refs (Linux), so the import and start-up
 transients do not count.
@@ -66,7 +66,8 @@ def worker(overrides: list[str], steps: int) -> dict:
 
     from phi1.parallel.state import destroy_distributed, init_distributed
     from phi1.training.config import load_config, validate_config
-    from phi1.training.loop import Trainer, launched_world_size, micro_batches, resolve_config
+    from phi1.training.data_loading import micro_batches
+    from phi1.training.trainer import Trainer, launched_world_size, resolve_config
 
     config = load_config(None, overrides)
     world_size = launched_world_size()
@@ -79,8 +80,8 @@ def worker(overrides: list[str], steps: int) -> dict:
         reset = _reset_peak()
         trainer = Trainer(config, model_config, state)
         data = micro_batches(trainer.train_data, config, state, 0)
-        for _ in range(steps):
-            trainer.train_step(data)
+        for step in range(steps):
+            trainer.strategy.train_step(data, step + 1)
         peak = _status_kib("VmHWM") * 1024
         trainer.close()
         from phi1.training.plan import memory_layout

@@ -1,5 +1,5 @@
-"""Throughput accounting (tokens/s, TFLOP/s, MFU), the metrics sinks (console, TensorBoard, JSONL, Weights &
-Biases) and the step-range profiler.
+"""Throughput accounting (tokens/s, TFLOP/s, MFU), the metrics processor (the records and console lines of a
+run), the metrics sinks (console, TensorBoard, JSONL, Weights & Biases) and the step-range profiler.
 
 Sinks (rank 0 only): every record goes to the console and to `metrics.jsonl`; its numbers to TensorBoard
 (`SummaryWriter`, event files under logging.tensorboard_dir) and, when `logging.wandb_project` is set, to W&B
@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import resource
 import sys
@@ -203,6 +204,111 @@ class StepProfiler:
             self._export()
 
 
+class MetricsProcessor:
+    """Builds the run's metric records and console lines from the steps' results, and hands them to the sink.
+
+    Per step the trainer calls `step_done`; at each logging interval (logging.interval, and the last step)
+    `log_interval` writes one record: the interval's mean loss and every step's loss, the last step's lr,
+    gradient norm and loss scale, skipped and non-finite step counts, step time, tokens/s, TFLOP/s per device,
+    MFU and peak memory. The first step of a compiled run is compile time: it is logged on its own and not
+    counted in step time. `log_validation` writes the validation record.
+    """
+
+    def __init__(self, sink: MetricsSink, *, train_steps: int, global_batch_size: int, seq_len: int,
+                 flops_per_token: int, world_size: int, peak: float | None, device: torch.device,
+                 log_interval: int, compile_first_step: bool) -> None:
+        """
+        Args:
+            sink: where records go (does nothing on non-logging ranks).
+            train_steps: schedule.train_steps (the console shows iteration N/train_steps; the last step logs).
+            global_batch_size, seq_len: tokens per step = global_batch_size x seq_len.
+            flops_per_token: model FLOPs per token (ModelConfig.flops_per_token).
+            world_size: devices the FLOP/s are divided over.
+            peak: the device's peak TFLOP/s at the run's precision, or None (no MFU).
+            device: whose peak memory is reported.
+            log_interval: logging.interval.
+            compile_first_step: the first step compiles (config.compile): its time is compile time.
+        """
+        self.sink = sink
+        self.train_steps, self.global_batch_size, self.seq_len = train_steps, global_batch_size, seq_len
+        self.flops_per_token, self.world_size, self.peak, self.device = flops_per_token, world_size, peak, device
+        self.interval = log_interval
+        """logging.interval: a record every this many steps."""
+        self.compile_pending = compile_first_step
+        self._losses: list[torch.Tensor] = []
+        self._time, self._steps, self._skipped = 0.0, 0, 0
+
+    def step_done(self, iteration: int, loss: torch.Tensor, skipped: bool, seconds: float) -> None:
+        """Account for step `iteration` (its DP-mean loss tensor, whether it was skipped, its wall time)."""
+        if self.compile_pending:
+            # The first step compiles the blocks: its time is compile time, not step time.
+            self.compile_pending = False
+            self.sink.write({"iteration": iteration, "compile_time_s": seconds},
+                            console=f"compile warm-up: the first step took {seconds:.1f} s (torch.compile "
+                                    "of the blocks); not counted in step time")
+        else:
+            self._time += seconds
+            self._steps += 1
+        self._skipped += int(skipped)
+        self._losses.append(loss)
+
+    def due(self, iteration: int) -> bool:
+        """True when step `iteration` ends a logging interval."""
+        return iteration % self.interval == 0 or iteration == self.train_steps
+
+    def log_interval(self, iteration: int, consumed_samples: int, lr: float, grad_norm: float, loss_scale: float,
+                     skipped_steps: int, nonfinite_steps: int) -> list[float]:
+        """Write the interval's record (lr, norm and scale of its last step; run-wide skipped and non-finite
+        counts) and start the next interval; return the interval's step losses."""
+        losses = [float(v) for v in self._losses]
+        record = self.interval_record(iteration, consumed_samples, losses, lr, grad_norm, loss_scale, skipped_steps,
+                                      self._skipped, nonfinite_steps, self._time, self._steps,
+                                      memory_stats(self.device))
+        self.sink.write(record, console=self.console_line(record, self.train_steps))
+        self._losses, self._time, self._steps, self._skipped = [], 0.0, 0, 0
+        return losses
+
+    def interval_record(self, iteration: int, consumed_samples: int, losses: list[float], lr: float,
+                        grad_norm: float, loss_scale: float, skipped_steps: int, skipped_in_interval: int,
+                        nonfinite_steps: int, interval_time: float, interval_steps: int,
+                        memory: dict[str, float]) -> dict:
+        """The record of one logging interval from its numbers (`interval_steps` timed steps in `interval_time`
+        seconds; `memory` as memory_stats gives it)."""
+        tokens_per_second = (interval_steps * self.global_batch_size * self.seq_len / interval_time
+                             if interval_steps else 0.0)
+        return {
+            "iteration": iteration, "consumed_samples": consumed_samples,
+            "loss": sum(losses) / len(losses), "step_losses": losses, "lr": lr,
+            "grad_norm": grad_norm, "loss_scale": loss_scale,
+            "skipped_steps": skipped_steps, "skipped_in_interval": skipped_in_interval,
+            "nonfinite_steps": nonfinite_steps,
+            "step_time_s": interval_time / interval_steps if interval_steps else None,
+            "tokens_per_second": tokens_per_second,
+            "tflops_per_device": model_flops_per_second(self.flops_per_token, tokens_per_second, self.world_size) / 1e12,
+            "mfu": mfu(self.flops_per_token, tokens_per_second, self.world_size, self.peak),
+            **memory,
+        }
+
+    @staticmethod
+    def console_line(record: dict, train_steps: int) -> str:
+        """The console line of an interval record."""
+        r = record
+        parts = [
+            f"iteration {r['iteration']:>7d}/{train_steps}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.3e}",
+            f"grad norm {r['grad_norm']:.3f}", f"loss scale {r['loss_scale']:g}", f"skipped {r['skipped_steps']}",
+            f"{r['tokens_per_second']:,.0f} tokens/s", f"{r['tflops_per_device']:.3f} TFLOP/s/device",
+            "MFU " + (f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"),
+        ]
+        memory = ", ".join(f"{k[4:]} {v:.2f} GiB" for k, v in r.items() if k.startswith("mem_"))
+        return " | ".join(parts + [f"memory {memory}"])
+
+    def log_validation(self, iteration: int, val_loss: float) -> None:
+        """Write the validation record of `iteration` (loss and perplexity, capped at e^50)."""
+        ppl = math.exp(min(val_loss, 50.0))
+        self.sink.write({"iteration": iteration, "val_loss": val_loss, "val_ppl": ppl},
+                        console=f"iteration {iteration:>7d} | validation loss {val_loss:.4f} | ppl {ppl:.2f}")
+
+
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.4e}"
@@ -217,6 +323,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 __all__ = [
     "PEAK_TFLOPS",
+    "MetricsProcessor",
     "MetricsSink",
     "StepProfiler",
     "device_name",

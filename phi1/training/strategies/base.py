@@ -168,6 +168,16 @@ class StepStrategy(ABC):
         return f"tensor parallel {s.tp_size} x data parallel {s.dp_size}"
 
 
+def build_model(context: StrategyContext) -> nn.Module:
+    """The whole PhiForCausalLM of this TP rank, initialised from config.seed and configured (`configure_model`)."""
+    from phi1.core.model import PhiForCausalLM
+
+    config, state = context.config, context.state
+    model = PhiForCausalLM(context.model_config, tp_group=state.tp_group,
+                           sequence_parallel=config.parallel.sequence_parallel, init_seed=config.seed)
+    return configure_model(model, context)
+
+
 def configure_model(model: nn.Module, context: StrategyContext) -> nn.Module:
     """Apply the run's model options to a freshly built PhiForCausalLM (or stage chunk) and move it to the device.
 
@@ -201,4 +211,4 @@ def dp_mean(value: torch.Tensor, state: ParallelState) -> torch.Tensor:
     return value
 
 
-__all__ = ["Batch", "StepResult", "StepStrategy", "StrategyContext", "configure_model", "dp_mean"]
+__all__ = ["Batch", "StepResult", "StepStrategy", "StrategyContext", "build_model", "configure_model", "dp_mean"]
