@@ -10,7 +10,6 @@ import os
 import pickle
 import random
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -314,11 +313,9 @@ def test_convert_iter_checkpoint(tmp_path):
     """Today's iter_* format (TP2 shards, per-TP-rank optimizer files) converts to DCP with identical tensors."""
     from safetensors.torch import save_file
 
+    from phi1.loading.convert import convert_to_dcp
     from phi1.parallel.checkpoint import SHARD_FORMAT, shard_file_name
     from phi1.parallel.optim import param_groups
-
-    sys.path.insert(0, str(ROOT))  # the tools/ scripts are imported as modules
-    from tools.export_dcp import convert
 
     model = PhiForCausalLM(CONFIG, init_seed=4)
     optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=LR)
@@ -345,7 +342,7 @@ def test_convert_iter_checkpoint(tmp_path):
                                                              "tensor_parallel": 2}))
     write_manifest(iter_dir)
 
-    out = convert(iter_dir, tmp_path / "dcp")
+    out = convert_to_dcp(iter_dir, tmp_path / "dcp")
     verify_checkpoint(out)
     restored = PhiForCausalLM(CONFIG, init_seed=9)
     restored_optimizer = _optimizer(restored)

@@ -72,8 +72,13 @@ How a trainer uses it (every rank; `grid` from `phi1.parallel.pipeline.rank_grid
     loaded = load_checkpoint(found, stages_or_[model], optimizer, mesh, verify=fault.verify_checkpoint)
     if loaded.same_layout: restore_rng_states(loaded.rank_state)
 
+FSDP2: a parameter that already is a DTensor over the dp dimension (`fully_shard`) is saved as it is without
+TP (each DP rank writes its rows), and under TP gathered over dp to its TP shard first; loading puts each DP
+rank's rows back (`_copy_into`). torch's ZeroRedundancyOptimizer (ZeRO-1 beside pipeline stages): each
+parameter's moments are saved and loaded by the DP rank that owns them.
+
 Not covered: DeepSpeed ZeRO keeps its own optimizer format, and ZeRO-3's partitioned parameters are refused (they
-are empty placeholders between gathers); parameters that already are DTensors (FSDP2) are a later extension.
+are empty placeholders between gathers).
 """
 
 from __future__ import annotations
@@ -143,50 +148,101 @@ def _named_parameters(modules: Sequence[nn.Module]) -> dict[str, tuple[nn.Parame
         module = getattr(module, "module", module)  # a DDP wrapper
         dims = tensor_parallel_dims(module)
         for name, param in module.named_parameters():
-            if hasattr(param, "ds_id") or isinstance(param, DTensor):
-                raise ValueError(f"parameter {name} is partitioned by ZeRO-3 or FSDP; this checkpoint format takes "
-                                 "TP / PP / DP-replicated parameters (save ZeRO-3 runs with phi1.parallel.checkpoint)")
+            if hasattr(param, "ds_id"):
+                raise ValueError(f"parameter {name} is partitioned by DeepSpeed ZeRO-3; this checkpoint format takes "
+                                 "TP / PP / DP-replicated and FSDP2 parameters (save ZeRO-3 runs with "
+                                 "phi1.parallel.checkpoint)")
             if name in named:
                 raise ValueError(f"parameter {name} is held by two of this rank's modules")
             named[name] = (param, dims[name])
     return named
 
 
+def _tp_size(mesh: DeviceMesh | None) -> int:
+    return 1 if mesh is None else mesh.size(mesh.mesh_dim_names.index("tp"))
+
+
 def _as_global(local: torch.Tensor, dim: int | None, mesh: DeviceMesh | None) -> torch.Tensor:
-    """This rank's shard presented as the whole tensor it is a slice of: a DTensor on the (dp, tp) submesh."""
+    """This rank's shard presented as the whole tensor it is a slice of: a DTensor on the (dp, tp) submesh.
+
+    An FSDP2 parameter (or moment) already is a DTensor over the dp dimension: without TP its global shape is
+    the whole tensor and it is saved as it is (each DP rank writes its own rows); with TP its global shape is
+    only this TP rank's shard, so it is gathered over dp to that shard and presented as TP shards like any other.
+    """
+    if isinstance(local, DTensor):
+        if _tp_size(mesh) == 1:
+            return local
+        local = local.full_tensor()
     if mesh is None:
         return local
     placement = Shard(dim) if dim is not None else Replicate()
     return DTensor.from_local(local, mesh["dp", "tp"], [Replicate(), placement], run_check=False)
 
 
+def _empty_like(tensor: torch.Tensor, mesh: DeviceMesh | None) -> torch.Tensor:
+    """A tensor to load into, shaped as `_as_global` will present `tensor` (before wrapping)."""
+    if isinstance(tensor, DTensor) and _tp_size(mesh) > 1:
+        return torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.to_local().device)
+    return torch.empty_like(tensor)
+
+
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _copy_into(target: torch.Tensor, loaded: torch.Tensor) -> None:
+    """Copy what DCP loaded into a parameter or moment. An FSDP2 DTensor takes its local rows: directly when it
+    was loaded as itself (no TP), else from the whole TP shard that was loaded (this DP rank's slice of it)."""
+    if not isinstance(target, DTensor):
+        target.copy_(_local(loaded))
+        return
+    if not (isinstance(loaded, DTensor) and loaded.device_mesh == target.device_mesh
+            and tuple(loaded.placements) == tuple(target.placements)):
+        from torch.distributed.tensor import distribute_tensor
+
+        loaded = distribute_tensor(_local(loaded).to(target.to_local().device), target.device_mesh, target.placements,
+                                   src_data_rank=None)
+    target.to_local().copy_(loaded.to_local())
+
+
+def _optimizer_holding_state(optimizer: torch.optim.Optimizer | None) -> tuple[torch.optim.Optimizer | None, set | None]:
+    """(the optimizer whose `.state` holds the AdamW moments, ids of the parameters this rank keeps state for, or
+    None for all). torch's ZeroRedundancyOptimizer (ZeRO-1 under pipeline parallelism) keeps each parameter's
+    state on one DP rank, in its local optimizer: that rank saves and loads it, the others skip it."""
+    if optimizer is None:
+        return None, None
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        inner = optimizer.optim
+        return inner, {id(p) for group in inner.param_groups for p in group["params"]}
+    return optimizer, None
 
 
 def _state_dict(modules: Sequence[nn.Module], optimizer: torch.optim.Optimizer | None, mesh: DeviceMesh | None,
                 for_load: bool) -> dict[str, torch.Tensor]:
     """The DCP state dict of this rank: parameters and AdamW state by name. For loading, fresh tensors of the
-    same local shapes (filled by DCP, then copied in by `_apply`)."""
+    same shapes (filled by DCP, then copied in by `_apply`)."""
     state: dict[str, torch.Tensor] = {}
+    holder, owned = _optimizer_holding_state(optimizer)
     for name, (param, dim) in _named_parameters(modules).items():
-        local = torch.empty_like(param.detach()) if for_load else param.detach()
+        local = _empty_like(param.detach(), mesh) if for_load else param.detach()
         state[MODEL_PREFIX + name] = _as_global(local, dim, mesh)
-        if optimizer is None:
+        if holder is None or (owned is not None and id(param) not in owned):
             continue
-        slot = optimizer.state.get(param, {})
+        slot = holder.state.get(param, {})
         if for_load:
             slot = {"step": torch.zeros((), dtype=torch.float32), **{k: param.detach() for k in ADAMW_KEYS}}
         elif not slot:
             continue  # no step taken yet: nothing to save for this parameter
         for key in ADAMW_KEYS:
             if key in slot:
-                local = torch.empty_like(slot[key]) if for_load else slot[key].detach()
+                local = _empty_like(slot[key], mesh) if for_load else slot[key].detach()
                 state[f"{OPTIM_PREFIX}{name}.{key}"] = _as_global(local, dim, mesh)
         if "step" in slot:
             step = slot["step"]
             state[f"{OPTIM_PREFIX}{name}.step"] = torch.zeros((), dtype=torch.float32) if for_load else (
-                step.detach().float().cpu() if torch.is_tensor(step) else torch.tensor(float(step)))
+                _local(step).detach().float().cpu() if torch.is_tensor(step) else torch.tensor(float(step)))
     return state
 
 
@@ -379,12 +435,17 @@ class PendingSave:
         self._finish = finish
         self._result: Path | None = None
 
+    def written(self) -> None:
+        """Block until this rank's tensor files are written (not yet renamed into place; not collective)."""
+        if self._future is not None:
+            # async_save returns a Future, or (newer torch) a response holding one
+            future = getattr(self._future, "upload_completion", self._future)
+            future.result()
+            self._future = None
+
     def wait(self) -> Path:
         if self._result is None:
-            if self._future is not None:
-                # async_save returns a Future, or (newer torch) a response holding one
-                future = getattr(self._future, "upload_completion", self._future)
-                future.result()
+            self.written()
             self._result = self._finish()
         return self._result
 
@@ -560,7 +621,14 @@ def _read_json(directory: Path, name: str, what: str) -> Any:
         raise ValueError(f"{path}: not JSON ({e})") from None
 
 
-def _read_rank_state(directory: Path, rank: int) -> dict | None:
+def read_rank_state(directory: str | os.PathLike, rank: int) -> dict | None:
+    """The state global rank `rank` saved (tensors and plain values, e.g. RNG states), or None when the saving
+    job had no such rank.
+
+    Raises:
+        ValueError: a file that leaves the directory, is not JSON, or names a tensor its safetensors file lacks.
+    """
+    directory = Path(directory)
     base = f"{RANK_STATE_DIR}/rank{rank:05d}"
     if not (directory / f"{base}.json").exists():
         return None
@@ -589,6 +657,7 @@ def load_checkpoint(
     mesh: DeviceMesh | None,
     *,
     verify: Callable[[Path], object] | None = None,
+    weights: bool = True,
 ) -> LoadedCheckpoint:
     """Load a checkpoint written at any layout into this rank's modules (and AdamW state), collectively.
 
@@ -598,6 +667,7 @@ def load_checkpoint(
             only). A checkpoint saved before any step has no optimizer state: the optimizer is left as it is.
         mesh: the new layout's mesh; None in a single process.
         verify: called first on the directory (the trainer passes `phi1.training.fault.verify_checkpoint`).
+        weights: False reads only the optimizer state (the weights were loaded before the optimizer existed).
     Raises:
         ValueError: a file that leaves the directory, an unknown format, a pickled entry, a missing tensor or a
             shape that does not fit (naming the checkpoint and the tensor).
@@ -610,9 +680,12 @@ def load_checkpoint(
     metadata = reader.read_metadata()
     with_optimizer = optimizer is not None and any(k.startswith(OPTIM_PREFIX) for k in metadata.state_dict_metadata)
     state = _state_dict(modules, optimizer if with_optimizer else None, mesh, for_load=True)
+    if not weights:
+        state = {k: v for k, v in state.items() if not k.startswith(MODEL_PREFIX)}
     _check_against_metadata(directory, {k: v for k, v in state.items()}, metadata)
     no_dist = not (dist.is_available() and dist.is_initialized())
-    _read_tensors(directory, state, no_dist)
+    if state:
+        _read_tensors(directory, state, no_dist)
     _apply(state, modules, optimizer if with_optimizer else None)
     rank = _rank()
     saved_layout = info.get("layout", {})
@@ -620,7 +693,7 @@ def load_checkpoint(
     return LoadedCheckpoint(
         trainer_state=_read_json(directory, TRAINER_STATE_FILE, "trainer state"),
         model_config=_read_json(directory, MODEL_CONFIG_FILE, "model config") if config_path.exists() else None,
-        rank_state=_read_rank_state(directory, rank),
+        rank_state=read_rank_state(directory, rank),
         saved_layout=saved_layout,
         same_layout=saved_layout == _layout(mesh),
     )
@@ -642,20 +715,47 @@ def _read_tensors(directory: Path, state: dict[str, torch.Tensor], no_dist: bool
 
 def _apply(state: dict[str, torch.Tensor], modules: Sequence[nn.Module], optimizer: torch.optim.Optimizer | None) -> None:
     """Copy the loaded shards into the parameters and rebuild the optimizer's per-parameter state."""
+    holder, owned = _optimizer_holding_state(optimizer)
     with torch.no_grad():
         for name, (param, _) in _named_parameters(modules).items():
-            param.copy_(_local(state[MODEL_PREFIX + name]))
-            if optimizer is None:
+            if MODEL_PREFIX + name in state:
+                _copy_into(param, state[MODEL_PREFIX + name])
+            if holder is None or (owned is not None and id(param) not in owned):
                 continue
             step_key = f"{OPTIM_PREFIX}{name}.step"
             if step_key not in state:
                 continue
-            slot = {key: _local(state[f"{OPTIM_PREFIX}{name}.{key}"]).to(param.device).clone() for key in ADAMW_KEYS}
-            # AdamW keeps `step` as a 0-d float32 tensor on the CPU (on the parameter's device when capturable)
-            group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
-            step = state[step_key].clone()
-            slot["step"] = step.to(param.device) if group.get("capturable") or group.get("fused") else step
-            optimizer.state[param] = slot
+            set_adamw_state(holder, param, *(state[f"{OPTIM_PREFIX}{name}.{key}"] for key in ADAMW_KEYS),
+                            state[step_key])
+
+
+def set_adamw_state(optimizer: torch.optim.Optimizer, param: nn.Parameter, exp_avg: torch.Tensor,
+                    exp_avg_sq: torch.Tensor, step: torch.Tensor) -> None:
+    """Make `optimizer` hold this AdamW state for `param` (copies shaped and placed like the parameter: on its
+    device, as a DTensor like it for FSDP2; `step` as AdamW keeps it: a 0-d float32 tensor on the CPU, on the
+    parameter's device when fused or capturable).
+
+    Raises:
+        ValueError: `param` is not one of the optimizer's parameters, or a moment's shape is not the parameter's.
+    """
+    group = next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), None)
+    if group is None:
+        raise ValueError("set_adamw_state: the parameter is not in the optimizer")
+    moments = {}
+    for key, moment in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if isinstance(param, DTensor):
+            target = torch.zeros_like(param.detach())
+            _copy_into(target, moment)
+            moments[key] = target
+            continue
+        moment = _local(moment)
+        if tuple(moment.shape) != tuple(param.shape):
+            raise ValueError(f"AdamW state of shape {tuple(moment.shape)} for a parameter of shape {tuple(param.shape)}")
+        moments[key] = moment.detach().to(param.device, param.dtype).clone()
+    step = _local(step).detach().float().reshape(()).clone().cpu()
+    device = param.to_local().device if isinstance(param, DTensor) else param.device
+    optimizer.state[param] = {"step": step.to(device) if group.get("capturable") or group.get("fused") else step,
+                              **moments}
 
 
 def read_full_state_dict(directory: str | os.PathLike, prefix: str = MODEL_PREFIX,
@@ -696,6 +796,8 @@ __all__ = [
     "read_format",
     "read_full_state_dict",
     "read_metadata",
+    "read_rank_state",
     "save_checkpoint",
     "save_full_checkpoint",
+    "set_adamw_state",
 ]

@@ -53,6 +53,7 @@ from phi1.loading.checkpoints import (
     read_trainer_state,
 )
 from phi1.loading.manifest import CheckpointCorruptError, verify_checkpoint, write_manifest
+from phi1.loading.optimizer_state import load_pt  # noqa: F401  (re-exported: the trainer's callers read .pt files with it)
 from phi1.loading.paths import inside, regular_file
 from phi1.parallel.checkpoint import save_model_shard
 from phi1.parallel.random import get_rng_tracker
@@ -117,29 +118,6 @@ def restore_rng_states(states: dict) -> None:
 
 # complete_iterations, find_checkpoint, read_trainer_state and iteration_dir live in phi1.loading.checkpoints
 # (every name read from a run directory stays inside it); imported above and re-exported for the trainer.
-
-
-def load_pt(path: str | os.PathLike, map_location=None):
-    """`torch.load(path, weights_only=True)` of a regular file inside its checkpoint directory, with a damaged
-    file or a refused pickle payload named.
-
-    Raises:
-        ValueError: the file leaves its directory (a symlink pointing out), is not a regular file, is truncated,
-            is not a torch file, or holds objects other than tensors and plain containers (weights_only refuses
-            to run their code).
-    """
-    path = Path(path)
-    regular_file(inside(path.parent, path.name, "file"), path)
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # pickle.UnpicklingError, RuntimeError from the zip reader, EOFError, ...
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        refused = "Weights only load failed" in str(e)
-        why = ("holds objects other than tensors (a pickle payload?); refused by weights_only loading"
-               if refused else f"damaged or not a torch file ({type(e).__name__}: {first_line})")
-        raise ValueError(f"{path}: {why}") from None
 
 
 def find_verified_checkpoint(run_dir: str | os.PathLike, fallback: bool) -> Path | None:
@@ -279,11 +257,18 @@ def save_checkpoint(run_dir: str | os.PathLike, request: SaveRequest, model, opt
             shutil.rmtree(old)
         else:
             os.replace(tmp, final)
-        _write_text_atomically(run_dir / "latest", f"{request.iteration}\n")
-        _update_best(run_dir, request)
-        _prune(run_dir, request)
+        publish(run_dir, request)
     _barrier(state)
     return final
+
+
+def publish(run_dir: str | os.PathLike, request: SaveRequest) -> None:
+    """Rank 0, once a checkpoint directory is complete under its final name (in either format): point `latest`
+    at it, update `best`, and delete checkpoints beyond `keep_last` (sparing the best one)."""
+    run_dir = Path(run_dir)
+    _write_text_atomically(run_dir / "latest", f"{request.iteration}\n")
+    _update_best(run_dir, request)
+    _prune(run_dir, request)
 
 
 def _update_best(run_dir: Path, request: SaveRequest) -> None:
@@ -370,27 +355,47 @@ def check_zero_files(checkpoint_dir: str | os.PathLike) -> None:
                              "(DeepSpeed would load it with weights_only=False and run that code)")
 
 
-def load_optimizer_state(optimizer, engine, checkpoint_dir: str | os.PathLike, state: ParallelState) -> None:
-    """Restore the optimizer of the DDP path (or DeepSpeed's under ZeRO).
+def load_optimizer_state(optimizer, engine, checkpoint_dir: str | os.PathLike, state: ParallelState,
+                         modules=None) -> None:
+    """Restore the optimizer of the DDP path (or DeepSpeed's under ZeRO) from a phi1-format checkpoint.
 
+    At the layout that wrote it, the optimizer's own `state_dict` is loaded as it is (bit-exact). At another
+    layout (another TP size, pipeline stages) and given `modules`, the AdamW state is merged across the saved TP
+    ranks by parameter NAME (`phi1.loading.optimizer_state`) and each of this rank's parameters takes its TP
+    slice: training continues with its optimizer.
+
+    Args:
+        modules: the plain modules this rank holds (`[model]`, or its pipeline stages with full-model names);
+            needed to reshard.
     Raises:
-        ValueError: the checkpoint was written at another TP size or with(out) ZeRO; the optimizer state is
-            sharded like the model, so it only resumes at the layout that wrote it.
+        ValueError: ZeRO state at another TP size or with(out) ZeRO (DeepSpeed's partitions only resume at
+            the layout that wrote them), or files that do not describe this model's AdamW.
     """
     checkpoint_dir = Path(checkpoint_dir)
     saved = read_trainer_state(checkpoint_dir)
-    if saved.get("tensor_parallel") != state.tp_size:
-        raise ValueError(
-            f"{checkpoint_dir}: optimizer state written at tensor_parallel={saved.get('tensor_parallel')}, this run has "
-            f"{state.tp_size}; resume with the same parallel.tensor_parallel (or start fresh from the weights with "
-            "finetune.init_from)"
-        )
+    same_tp = saved.get("tensor_parallel") == state.tp_size and getattr(state, "pp_size", 1) == 1
     if engine is not None:
+        if not same_tp:
+            raise ValueError(
+                f"{checkpoint_dir}: ZeRO optimizer state written at tensor_parallel={saved.get('tensor_parallel')}, "
+                f"this run has {state.tp_size}; DeepSpeed's partitions resume only at their own layout (resume with "
+                "the same parallel.tensor_parallel, or start fresh from the weights with finetune.init_from)")
         if not (checkpoint_dir / "zero").is_dir():
             raise ValueError(f"{checkpoint_dir}: no ZeRO optimizer state (written with parallel.zero_stage=0)")
         check_zero_files(checkpoint_dir)
         engine.load_checkpoint(str(checkpoint_dir), tag="zero", load_optimizer_states=True,
                                load_lr_scheduler_states=False, load_module_only=False)
+        return
+    if (checkpoint_dir / "zero").is_dir() and not (checkpoint_dir / f"optim_tp{0:02d}.pt").is_file():
+        raise ValueError(f"{checkpoint_dir}: its optimizer state is DeepSpeed ZeRO's (written with parallel.zero_stage"
+                         " > 0); resume with the same parallel.zero_stage")
+    if not same_tp:
+        if modules is None:
+            raise ValueError(
+                f"{checkpoint_dir}: optimizer state written at tensor_parallel={saved.get('tensor_parallel')}, this "
+                f"run has {state.tp_size}; resume with the same parallel.tensor_parallel (or start fresh from the "
+                "weights with finetune.init_from)")
+        load_optimizer_by_name(optimizer, modules, checkpoint_dir)
         return
     path = checkpoint_dir / f"optim_tp{state.tp_rank:02d}.pt"
     if not path.is_file():
@@ -405,13 +410,56 @@ def load_optimizer_state(optimizer, engine, checkpoint_dir: str | os.PathLike, s
         raise ValueError(f"{path}: does not fit this model's optimizer ({e})") from None
 
 
+def load_optimizer_by_name(optimizer, modules, checkpoint_dir: str | os.PathLike) -> int:
+    """Give each parameter of `modules` its AdamW state from a phi1-format checkpoint written at any TP size,
+    merged by name and sliced to this rank's TP shard; returns how many parameters got state (0: the checkpoint
+    was written before any update).
+
+    Raises:
+        ValueError: the optimizer files do not describe this model's AdamW (naming the checkpoint).
+    """
+    from phi1.core.pretrained import shard_for_rank
+    from phi1.loading.checkpoints import load_shard_config
+    from phi1.loading.optimizer_state import optimizer_state_by_name
+    from phi1.parallel.distributed_checkpoint import set_adamw_state
+    from phi1.parallel.layers import tensor_parallel_dims
+    from phi1.parallel.mappings import group_rank, group_size
+
+    checkpoint_dir = Path(checkpoint_dir)
+    merged = optimizer_state_by_name(checkpoint_dir, load_shard_config(checkpoint_dir))
+    if merged is None:
+        raise ValueError(f"{checkpoint_dir}: no optim_tpNN.pt files; the optimizer state is missing")
+    count = 0
+    for module in modules:
+        inner = getattr(module, "module", module)
+        group = getattr(inner, "tp_group", None)
+        tp_size, tp_rank = group_size(group), group_rank(group)
+        dims = tensor_parallel_dims(inner)
+        for name, param in inner.named_parameters():
+            slot = merged.get(name)
+            if slot is None:
+                continue
+            exp_avg, exp_avg_sq = (shard_for_rank(slot[key], dims[name], tp_size, tp_rank) for key in ("exp_avg", "exp_avg_sq"))
+            try:
+                set_adamw_state(optimizer, param, exp_avg, exp_avg_sq, slot["step"])
+            except ValueError as e:
+                raise ValueError(f"{checkpoint_dir}: AdamW state of {name}: {e}") from None
+            count += 1
+    return count
+
+
 def load_rng_states(checkpoint_dir: str | os.PathLike, state: ParallelState) -> bool:
-    """Restore this rank's RNG states; False (and a warning) when the checkpoint had another world size."""
+    """Restore this rank's RNG states; False (and a warning) when the checkpoint had another layout (world size,
+    TP or PP size): rank r's generators then belong to another place in the layout, so the run goes on with the
+    generators seeded at start-up (dropout masks differ from an uninterrupted run; with dropout off, nothing
+    else draws random numbers in a step)."""
     path = Path(checkpoint_dir) / f"rng_rank{state.rank:05d}.pt"
     saved = read_trainer_state(checkpoint_dir)
-    if saved.get("world_size") != state.world_size or not path.is_file():
-        logger.warning("%s: written by %s processes, this run has %d: RNG states not restored (resume is not "
-                       "bit-exact)", checkpoint_dir, saved.get("world_size"), state.world_size)
+    layout = (saved.get("world_size"), saved.get("tensor_parallel"), saved.get("pipeline_parallel", 1))
+    if layout != (state.world_size, state.tp_size, getattr(state, "pp_size", 1)) or not path.is_file():
+        logger.warning("%s: written by %s processes (tensor parallel %s, pipeline parallel %s), this run has %d (%d, "
+                       "%d): RNG states not restored (resume is not bit-exact with dropout on)", checkpoint_dir,
+                       *layout, state.world_size, state.tp_size, getattr(state, "pp_size", 1))
         return False
     states = load_pt(path)
     try:

@@ -250,6 +250,11 @@ class CheckpointSection:
     """Save a checkpoint and stop once this iteration is done (time-limited jobs); the schedule is unchanged."""
     fallback: bool = False
     """When the checkpoint to resume from fails its manifest check, resume from the previous complete one (else stop)."""
+    format: str = "auto"
+    """'phi1' (TP shards), 'dcp' (torch.distributed.checkpoint: loads at any TP x PP x DP layout) or 'auto' (dcp
+    under parallel.pipeline_parallel > 1 or parallel.fsdp, phi1 otherwise); resume reads either format."""
+    async_save: bool = False
+    """With the dcp format: write checkpoints in the background while the next steps run."""
 
 
 @dataclass
@@ -395,7 +400,7 @@ class TrainConfig:
     # -- derived -------------------------------------------------------------------------------------------------
 
     def data_parallel_size(self, world_size: int) -> int:
-        return world_size // self.parallel.tensor_parallel
+        return world_size // (self.parallel.tensor_parallel * self.parallel.pipeline_parallel)
 
     def grad_accum_steps(self, world_size: int) -> int:
         """Micro-batches per rank per optimizer step."""
@@ -893,9 +898,47 @@ def _check(problems: list[str], option: str, value: Any, **bounds: Any) -> bool:
     return why is None
 
 
+CHECKPOINT_FORMATS = ("auto", "phi1", "dcp")
+"""Values of `checkpoint.format`."""
+
+
+def checkpoint_format(config: TrainConfig) -> str:
+    """The checkpoint format a run writes: `checkpoint.format`, with 'auto' resolved (dcp under pipeline
+    parallelism or FSDP, whose layouts the TP-shard format cannot describe; phi1 otherwise)."""
+    fmt = config.checkpoint.format
+    if fmt != "auto":
+        return fmt
+    par = config.parallel
+    return "dcp" if par.pipeline_parallel > 1 or getattr(par, "fsdp", False) else "phi1"
+
+
+def _checkpoint_format_problems(config: TrainConfig) -> list[str]:
+    """What stops the chosen checkpoint format (and async_save) from holding this run's state."""
+    problems = []
+    fmt = checkpoint_format(config)
+    if fmt == "dcp" and isinstance(config.parallel.zero_stage, int) and config.parallel.zero_stage > 0 \
+            and config.parallel.pipeline_parallel == 1:
+        problems.append("checkpoint.format: dcp holds the model and a torch AdamW; DeepSpeed ZeRO keeps its "
+                        "optimizer in its own format: use checkpoint.format=phi1 (or auto) with parallel.zero_stage > 0")
+    if fmt == "phi1" and config.parallel.pipeline_parallel != 1:
+        problems.append("checkpoint.format: phi1 (TP shards) cannot hold pipeline stages; use checkpoint.format=dcp "
+                        "(or auto) with parallel.pipeline_parallel > 1")
+    if fmt == "phi1" and getattr(config.parallel, "fsdp", False):
+        problems.append("checkpoint.format: phi1 (TP shards) cannot hold FSDP-sharded parameters; use "
+                        "checkpoint.format=dcp (or auto) with parallel.fsdp")
+    if config.checkpoint.async_save is not False and config.checkpoint.async_save is not True:
+        problems.append(f"checkpoint.async_save: must be true or false, got {config.checkpoint.async_save!r}")
+    elif config.checkpoint.async_save and fmt != "dcp":
+        problems.append("checkpoint.async_save: only the dcp format saves in the background; set "
+                        "checkpoint.format=dcp or leave checkpoint.async_save=false")
+    return problems
+
+
 def _pipeline_problems(par: ParallelSection, pp: int, virtual: int, dp: int, model_config: ModelConfig | None,
-                       batch: BatchSection | None) -> list[str]:
-    """What stops `pp` pipeline stages of `virtual` chunks each from running this model and batch."""
+                       batch: BatchSection | None, precision: str | None = None) -> list[str]:
+    """What stops `pp` pipeline stages of `virtual` chunks each from running this model, batch and precision.
+
+    (ZeRO-2/3 with a pipeline is refused with the rest of the parallel layout, in validate_config.)"""
     problems = []
     interleaved = par.pipeline_schedule == "interleaved"
     chunks = pp * virtual
@@ -914,9 +957,9 @@ def _pipeline_problems(par: ParallelSection, pp: int, virtual: int, dp: int, mod
         elif interleaved and micro_batches % pp != 0:
             problems.append(f"batch.global_batch_size: the interleaved schedule needs the micro-batches per step "
                             f"({micro_batches}) to be a multiple of parallel.pipeline_parallel={pp}")
-    problems.append("parallel.pipeline_parallel: the trainer does not run pipeline parallelism yet (stages, "
-                    "schedules and their equivalence tests are in phi1.parallel.pipeline); use "
-                    "parallel.pipeline_parallel=1")
+    if precision == "fp16":
+        problems.append("precision: fp16 with pipeline parallelism is not supported (its dynamic loss scale would "
+                        "have to be agreed between stages before every step); use precision=bf16 or fp32")
     return problems
 
 
@@ -1064,7 +1107,7 @@ def validate_config(config: TrainConfig, world_size: int, *, check_files: bool =
     data = config.data
     if pp > 1:
         problems.extend(_pipeline_problems(par, pp, virtual if virtual_ok else 1, dp, model_config,
-                                           batch if micro_ok and global_ok else None))
+                                           batch if micro_ok and global_ok else None, config.precision))
         if data.document_mask:
             problems.append("data.document_mask: not with pipeline parallelism: the stages after the first never "
                             "see the token ids the document boundaries come from; set data.document_mask=false")
@@ -1114,6 +1157,8 @@ def validate_config(config: TrainConfig, world_size: int, *, check_files: bool =
     ckpt = config.checkpoint
     _check(problems, "checkpoint.interval", ckpt.interval, integer=True, low=0, high=10**9)
     _check(problems, "checkpoint.keep_last", ckpt.keep_last, integer=True, low=0, high=10**6)
+    if _check_choice(problems, "checkpoint.format", ckpt.format, CHECKPOINT_FORMATS):
+        problems.extend(_checkpoint_format_problems(config))
     if ckpt.exit_at_iteration is not None and _check(problems, "checkpoint.exit_at_iteration", ckpt.exit_at_iteration,
                                                      integer=True, low=1, high=10**9) \
             and steps_ok and ckpt.exit_at_iteration > sched.train_steps:

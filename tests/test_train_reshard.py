@@ -1,0 +1,221 @@
+"""Training checkpoints that reshard to any layout (issue 15): the dcp run-directory format
+(phi1.training.checkpoint_dcp) on its own, the phi1 format read at another layout (optimizer state included),
+and, through the trainer, continued losses equal to the uninterrupted run after a layout change."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from phi1.core.config import get_preset
+from phi1.core.model import PhiForCausalLM
+from phi1.core.pipeline_stage import build_stages
+from phi1.loading.checkpoints import find_checkpoint, iteration_dir, read_trainer_state
+from phi1.loading.manifest import CheckpointCorruptError, verify_checkpoint, write_manifest
+from phi1.parallel.layers import tensor_parallel_dims
+from phi1.parallel.optim import param_groups
+from phi1.parallel.state import ParallelState
+from phi1.training import checkpoint_dcp, checkpointing
+from phi1.training.checkpointing import SaveRequest
+
+CONFIG = get_preset("phi-1-nano")
+ONE = ParallelState(0, 1, 0, 1, 0, 1, 0, None, None, torch.device("cpu"))
+
+
+def _batch(step: int) -> torch.Tensor:
+    return torch.randint(0, CONFIG.vocab_size, (2, 16), generator=torch.Generator().manual_seed(300 + step))
+
+
+def _step(model, optimizer, step: int) -> float:
+    optimizer.zero_grad()
+    tokens = _batch(step)
+    loss = model(tokens[:, :-1], labels=tokens[:, 1:]).loss
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def _adamw(model) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2)
+
+
+def _full_state(modules, optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for module in modules:
+        for name, param in module.named_parameters():
+            out[f"model.{name}"] = param.detach().clone()
+            for key, value in optimizer.state.get(param, {}).items():
+                out[f"optim.{name}.{key}"] = value.detach().clone()
+    return out
+
+
+def _request(iteration: int, tokenizer: Path, val_loss: float | None = None, keep_last: int = 2,
+             kill_midway: bool = False) -> SaveRequest:
+    return SaveRequest(
+        iteration=iteration,
+        trainer_state={"iteration": iteration, "consumed_samples": 8 * iteration, "model_config": CONFIG.to_dict(),
+                       "world_size": 1, "tensor_parallel": 1, "data_parallel": 1, "val_loss": val_loss},
+        config_yaml=f"# run config at {iteration}\n", tokenizer={"tokenizer.json": tokenizer}, keep_last=keep_last,
+        keep_best=True, val_loss=val_loss, kill_midway=kill_midway)
+
+
+@pytest.fixture
+def tokenizer(tmp_path) -> Path:
+    path = tmp_path / "source_tokenizer.json"
+    path.write_text('{"model": "stand-in"}\n')
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The dcp run-directory format, one process
+
+
+def test_dcp_run_directory_rules(tmp_path, tokenizer):
+    """latest, best, keep_last pruning, manifest, tokenizer copy, config.yaml, trainer and model config."""
+    run = tmp_path / "run"
+    model = PhiForCausalLM(CONFIG, init_seed=1)
+    optimizer = _adamw(model)
+    for iteration, val in ((1, 3.0), (2, 2.0), (3, 2.5), (4, None)):
+        _step(model, optimizer, iteration)
+        path = checkpoint_dcp.save(run, _request(iteration, tokenizer, val), [model], optimizer, ONE).wait()
+        assert path == iteration_dir(run, iteration)
+    assert (run / "latest").read_text().strip() == "4"
+    assert (run / "best").read_text().split()[0] == "2"
+    # keep_last 2 keeps 3 and 4, and the best (2) is spared
+    assert sorted(p.name for p in run.glob("iter_*")) == ["iter_0000002", "iter_0000003", "iter_0000004"]
+    latest = find_checkpoint(run)
+    assert latest == run / "iter_0000004" and checkpoint_dcp.format_of(latest) == "dcp"
+    verify_checkpoint(latest)
+    assert (latest / "tokenizer.json").read_text() == tokenizer.read_text()
+    assert (latest / "config.yaml").read_text() == "# run config at 4\n"
+    assert json.loads((latest / "model_config.json").read_text()) == CONFIG.to_dict()
+    state = read_trainer_state(latest)
+    assert state["consumed_samples"] == 32 and state["pipeline_parallel"] == 1
+    assert json.loads((latest / "format.json").read_text())["layout"] == {"dp": 1, "pp": 1, "tp": 1}
+    manifest = json.loads((latest / "manifest.json").read_text())
+    assert {"config.yaml", "tokenizer.json", "trainer_state.json", ".metadata"} <= set(json.dumps(manifest).split('"'))
+
+
+def test_dcp_exact_resume_same_layout(tmp_path, tokenizer):
+    """Weights, AdamW state and every RNG state come back; the next steps are bit-identical."""
+    run = tmp_path / "run"
+    model = PhiForCausalLM(CONFIG, init_seed=2)
+    optimizer = _adamw(model)
+    _step(model, optimizer, 0)
+    checkpoint_dcp.save(run, _request(1, tokenizer), [model], optimizer, ONE).wait()
+    saved = _full_state([model], optimizer)
+    draws = [random.random(), float(np.random.rand()), float(torch.rand(()))]
+    losses = [_step(model, optimizer, s) for s in (1, 2)]
+
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)  # scrambled: the load must restore them
+    restored = PhiForCausalLM(CONFIG, init_seed=7)
+    checkpoint_dcp.load_weights(run / "iter_0000001", [restored], ONE)
+    restored_optimizer = _adamw(restored)
+    checkpoint_dcp.load_optimizer(run / "iter_0000001", [restored], restored_optimizer, None, ONE)
+    state = _full_state([restored], restored_optimizer)
+    assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
+    assert checkpoint_dcp.load_rng_states(run / "iter_0000001", ONE)
+    assert [random.random(), float(np.random.rand()), float(torch.rand(()))] == draws
+    assert [_step(restored, restored_optimizer, s) for s in (1, 2)] == losses
+
+
+def test_dcp_rng_not_restored_at_another_layout(tmp_path, tokenizer, caplog):
+    run = tmp_path / "run"
+    model = PhiForCausalLM(CONFIG, init_seed=2)
+    checkpoint_dcp.save(run, _request(1, tokenizer), [model], None, ONE).wait()
+    format_file = run / "iter_0000001" / "format.json"
+    info = json.loads(format_file.read_text())
+    info["layout"] = {"dp": 2, "pp": 1, "tp": 2}  # as a TP2 x DP2 job writes it
+    format_file.write_text(json.dumps(info))
+    torch.manual_seed(5)
+    expected = torch.rand(())
+    torch.manual_seed(5)
+    assert not checkpoint_dcp.load_rng_states(run / "iter_0000001", ONE)
+    assert "RNG states not restored" in caplog.text
+    assert torch.equal(torch.rand(()), expected)  # the generators were left alone
+
+
+def test_dcp_fallback_and_stale_temporaries(tmp_path, tokenizer):
+    """A damaged newest checkpoint falls back to the previous one; a save's leftover .tmp is cleaned."""
+    run = tmp_path / "run"
+    model = PhiForCausalLM(CONFIG, init_seed=3)
+    for iteration in (1, 2):
+        checkpoint_dcp.save(run, _request(iteration, tokenizer), [model], None, ONE).wait()
+    (run / "iter_0000002" / "__0_0.distcp").write_bytes(b"damaged")
+    with pytest.raises(CheckpointCorruptError):
+        checkpointing.find_verified_checkpoint(run, fallback=False)
+    assert checkpointing.find_verified_checkpoint(run, fallback=True) == run / "iter_0000001"
+    (run / "iter_0000003.tmp").mkdir()
+    assert checkpointing.remove_stale_temporaries(run) == [run / "iter_0000003.tmp"]
+    assert not (run / "iter_0000003.tmp").exists()
+
+
+def test_phi1_format_resumes_at_another_layout_with_its_optimizer(tmp_path):
+    """A phi1-format checkpoint written at TP2 (shards + per-TP-rank optimizer files) resumes in one process and
+    in pipeline stages: weights and AdamW state are the whole tensors of the TP2 run, found by name."""
+    from safetensors.torch import save_file
+
+    from phi1.parallel.checkpoint import SHARD_FORMAT, shard_file_name
+
+    model = PhiForCausalLM(CONFIG, init_seed=4)
+    optimizer = _adamw(model)
+    _step(model, optimizer, 0)
+    full = _full_state([model], optimizer)
+    dims = tensor_parallel_dims(model)
+    iter_dir = tmp_path / "run" / "iter_0000001"
+    iter_dir.mkdir(parents=True)
+    names_in_order = [n for g in param_groups(model, 0.1) for n, p in model.named_parameters()
+                      if any(p is q for q in g["params"])]
+    for tp_rank in range(2):  # what a TP2 run writes, sliced from the one-process state
+        def shard(tensor, name, tp_rank=tp_rank):
+            return tensor if dims[name] is None else tensor.chunk(2, dim=dims[name])[tp_rank].contiguous()
+        save_file({n: shard(p.detach(), n) for n, p in model.named_parameters()},
+                  str(iter_dir / shard_file_name(tp_rank, 2)),
+                  metadata={"format": SHARD_FORMAT, "format_version": "1", "tp_size": "2", "tp_rank": str(tp_rank),
+                            "partition_dims": json.dumps(dims), "model_config": json.dumps(CONFIG.to_dict())})
+        optim_state = optimizer.state_dict()
+        optim_state["state"] = {i: {k: (shard(v, names_in_order[i]) if k != "step" else v) for k, v in s.items()}
+                                for i, s in optim_state["state"].items()}
+        torch.save(optim_state, iter_dir / f"optim_tp{tp_rank:02d}.pt")
+    (iter_dir / "trainer_state.json").write_text(json.dumps({"iteration": 1, "consumed_samples": 8,
+                                                             "world_size": 2, "tensor_parallel": 2}))
+    write_manifest(iter_dir)
+    assert checkpoint_dcp.format_of(iter_dir) == "phi1"
+
+    restored = PhiForCausalLM(CONFIG, init_seed=9)
+    checkpoint_dcp.load_weights(iter_dir, [restored], ONE)
+    restored_optimizer = _adamw(restored)
+    checkpoint_dcp.load_optimizer(iter_dir, [restored], restored_optimizer, None, ONE)
+    state = _full_state([restored], restored_optimizer)
+    assert state.keys() == full.keys() and all(torch.equal(state[k], full[k]) for k in full)
+    assert not checkpoint_dcp.load_rng_states(iter_dir, ONE)  # another world size: not restored
+
+    # Both pipeline stages in one process: each takes its own names, weights and moments.
+    stages = [build_stages(CONFIG, pp_rank=r, pp_size=2, init_seed=5)[0] for r in range(2)]
+    checkpoint_dcp.load_weights(iter_dir, stages, ParallelState(0, 1, 0, 1, 0, 1, 0, None, None,
+                                                                torch.device("cpu"), pp_size=2))
+    stage_optimizer = torch.optim.AdamW([p for s in stages for p in s.parameters()], lr=1e-2)
+    checkpoint_dcp.load_optimizer(iter_dir, stages, stage_optimizer, None,
+                                  ParallelState(0, 1, 0, 1, 0, 1, 0, None, None, torch.device("cpu"), pp_size=2))
+    state = _full_state(stages, stage_optimizer)
+    assert state.keys() == full.keys() and all(torch.equal(state[k], full[k]) for k in full)
+
+
+def test_phi1_format_optimizer_that_does_not_fit_is_named(tmp_path):
+    """Optimizer files of another model are one clear error naming the checkpoint, not a shape crash."""
+    from phi1.loading.optimizer_state import optimizer_state_by_name
+
+    model = PhiForCausalLM(CONFIG, init_seed=4)
+    optimizer = _adamw(model)
+    _step(model, optimizer, 0)
+    state = optimizer.state_dict()
+    first = next(iter(state["state"]))
+    state["state"][first]["exp_avg"] = torch.zeros(3)
+    torch.save(state, tmp_path / "optim_tp00.pt")
+    with pytest.raises(ValueError, match="does not make the parameter's shape"):
+        optimizer_state_by_name(tmp_path, CONFIG)
