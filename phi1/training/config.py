@@ -174,6 +174,12 @@ class ParallelSection:
     """Pipeline schedule: '1f1b', 'interleaved' (Megatron's, needs virtual_stages >= 2) or 'gpipe' (reference)."""
     virtual_stages: int = 1
     """Model chunks per pipeline rank under the interleaved schedule (bubble (P-1)/(V m + P-1))."""
+    fsdp: bool = False
+    """Shard parameters, gradients and optimizer state over the data-parallel ranks with PyTorch FSDP2 (fully_shard
+    per block, then the root); composes with tensor_parallel. Not with zero_stage > 0 or pipeline_parallel > 1."""
+    fsdp_cpu_offload: bool = False
+    """Under parallel.fsdp: keep the sharded parameters, gradients and optimizer state in CPU memory (copied to the
+    device for compute; the optimizer steps on the CPU)."""
 
 
 @dataclass
@@ -315,6 +321,10 @@ class FinetuneSection:
     """JSON key of the prompt."""
     solution_key: str = "solution"
     """JSON key of the solution."""
+    select_by: str = "none"
+    """'none' or 'pass@1': at the end, score each kept checkpoint on select_problems in the sandbox and write `selected` and selection.json (phi1.training.checkpoint_selection)."""
+    select_problems: str | None = None
+    """Held-out exercises JSONL for select_by, one {"prompt", "tests"} object a line (not in the fine-tuning data)."""
 
 
 @dataclass
@@ -963,6 +973,40 @@ def _pipeline_problems(par: ParallelSection, pp: int, virtual: int, dp: int, mod
     return problems
 
 
+def _fsdp_problems(par: ParallelSection, pp: int, dp: int, world_size: int) -> list[str]:
+    """What stops parallel.fsdp (FSDP2) and parallel.fsdp_cpu_offload from running this layout."""
+    problems = []
+    fsdp_ok = _check_bool(problems, "parallel.fsdp", par.fsdp)
+    offload_ok = _check_bool(problems, "parallel.fsdp_cpu_offload", par.fsdp_cpu_offload)
+    if offload_ok and par.fsdp_cpu_offload and fsdp_ok and not par.fsdp:
+        problems.append("parallel.fsdp_cpu_offload: offloads FSDP2's shards and needs parallel.fsdp=true; set "
+                        "parallel.fsdp=true or parallel.fsdp_cpu_offload=false")
+    if not (fsdp_ok and par.fsdp):
+        return problems
+    if isinstance(par.zero_stage, int) and par.zero_stage > 0:
+        problems.append(f"parallel.fsdp: FSDP2 and DeepSpeed ZeRO-{par.zero_stage} both shard the training state "
+                        "over the data-parallel ranks, and neither can take the other's shards (DeepSpeed would "
+                        "partition FSDP2's DTensor shards again); use parallel.fsdp=true with parallel.zero_stage=0, "
+                        "or parallel.fsdp=false")
+    if pp > 1:
+        problems.append("parallel.fsdp: phi1's pipeline strategy runs DDP or ZeRO-1 beside its stages and does not "
+                        "shard stage chunks with fully_shard; use parallel.pipeline_parallel=1 with parallel.fsdp, "
+                        "or parallel.fsdp=false")
+    elif dp < 2:
+        problems.append(f"parallel.fsdp: FSDP2 shards over the data-parallel ranks, and this run has 1 ({world_size} "
+                        "processes / tensor_parallel x pipeline_parallel); launch more processes or set "
+                        "parallel.fsdp=false")
+    return problems
+
+
+def _check_bool(problems: list[str], option: str, value: object) -> bool:
+    """True when `value` is a bool; else one problem naming `option`."""
+    if isinstance(value, bool):
+        return True
+    problems.append(f"{option}: must be true or false, got {value!r}")
+    return False
+
+
 def _speed_problems(config: TrainConfig) -> list[str]:
     """activation_checkpointing (normalised in place: true / false mean full / none), its every-k, and compile."""
     problems = []
@@ -985,6 +1029,37 @@ def _speed_problems(config: TrainConfig) -> list[str]:
         problems.append("compile: not supported with ZeRO-3, whose parameter-gathering hooks run inside each block; "
                         "use parallel.zero_stage 0, 1 or 2 with compile")
     return problems
+
+
+def _selection_problems(ft: FinetuneSection, ckpt: CheckpointSection, train_steps: int | None,
+                        check_files: bool) -> list[str]:
+    """finetune.select_by needs held-out problems that parse and more than one checkpoint to choose from."""
+    from phi1.training.checkpoint_selection import SELECT_BY, load_selection_problems
+
+    found: list[str] = []
+    if ft.select_by not in SELECT_BY:
+        return [f"finetune.select_by: {str(ft.select_by)[:40]!r} is not one of {', '.join(SELECT_BY)}"]
+    if ft.select_by == "none":
+        if ft.select_problems is not None:
+            found.append("finetune.select_problems: is set but finetune.select_by is none; set finetune.select_by: "
+                         "pass@1, or leave select_problems unset")
+        return found
+    if ft.select_problems is None:
+        found.append(f"finetune.select_problems: finetune.select_by={ft.select_by} needs held-out problems: a JSONL "
+                     'of {"prompt", "tests"} exercises not in the fine-tuning data')
+    elif check_files:
+        try:
+            load_selection_problems(ft.select_problems)
+        except (ValueError, OSError) as error:
+            found.append(f"finetune.select_problems: {error}")
+    if isinstance(ckpt.keep_last, int) and ckpt.keep_last == 1:
+        found.append("checkpoint.keep_last: 1 keeps one checkpoint, leaving finetune.select_by nothing to choose "
+                     "from; set 0 (keep all) or more than 1")
+    if isinstance(ckpt.interval, int) and (ckpt.interval == 0 or train_steps is not None
+                                           and ckpt.interval >= train_steps):
+        found.append(f"checkpoint.interval: {ckpt.interval} saves only the final checkpoint, leaving "
+                     "finetune.select_by nothing to choose from; save more often than schedule.train_steps")
+    return found
 
 
 def _check_choice(problems: list[str], option: str, value: Any, choices: tuple[str, ...]) -> bool:
@@ -1057,6 +1132,7 @@ def validate_config(config: TrainConfig, world_size: int, *, check_files: bool =
     if schedule_ok and virtual_ok and par.pipeline_schedule != "interleaved" and virtual != 1:
         problems.append(f"parallel.virtual_stages: {virtual} chunks per rank need parallel.pipeline_schedule="
                         f"interleaved (got {par.pipeline_schedule!r})")
+    problems.extend(_fsdp_problems(par, pp, dp, world_size))
     if pp > 1 and zero_ok and par.zero_stage in (2, 3):
         problems.append(f"parallel.zero_stage: ZeRO-{par.zero_stage} cannot be combined with pipeline parallelism "
                         "(DeepSpeed refuses it too: 'ZeRO-2 and ZeRO-3 are incompatible with pipeline "
@@ -1204,6 +1280,7 @@ def validate_config(config: TrainConfig, world_size: int, *, check_files: bool =
     for option in ("prompt_key", "solution_key"):
         if not getattr(ft, option):
             problems.append(f"finetune.{option}: is empty; name the JSON key")
+    problems.extend(_selection_problems(ft, ckpt, sched.train_steps if steps_ok else None, check_files))
     if check_files:
         if ft.data is not None and not Path(ft.data).is_file():
             problems.append(f"finetune.data: {ft.data}: no such file; build one with tools/build_exercises.py")
