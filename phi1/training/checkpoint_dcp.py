@@ -57,16 +57,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from phi1.loading.checkpoints import (
-    is_dcp_checkpoint,
-    iteration_dir,
-    load_checkpoint_state,
-    read_trainer_state,
-)
+from phi1.loading.checkpoints import is_dcp_checkpoint, iteration_dir, read_trainer_state
 from phi1.loading.manifest import write_manifest
 from phi1.parallel import distributed_checkpoint as dck
 from phi1.parallel.state import ParallelState
 from phi1.training import checkpointing
+from phi1.training.checkpointer import CheckpointFormat
 from phi1.training.checkpointing import CONFIG_FILE, SaveRequest, capture_rng_states, restore_rng_states
 
 logger = logging.getLogger("phi1.train")
@@ -206,17 +202,7 @@ def load_weights(directory: str | os.PathLike, modules: Sequence[nn.Module], sta
     if format_of(directory) == "dcp":
         dck.load_checkpoint(directory, modules, None, mesh_of(state))
         return
-    from phi1.core.pretrained import load_state_dict_into
-
-    _, weights = load_checkpoint_state(directory)
-    for module in modules:
-        inner = getattr(module, "module", module)
-        names = {name for name, _ in inner.named_parameters()}
-        load_state_dict_into(inner, {k: v for k, v in weights.items() if k in names}, source=str(directory))
-    held = {name for module in modules for name, _ in getattr(module, "module", module).named_parameters()}
-    if getattr(state, "pp_size", 1) == 1 and held != set(weights):
-        extra = sorted(set(weights) - held)
-        raise ValueError(f"{directory}: holds tensors this model does not have: {extra[:5]}")
+    checkpointing.load_weights_into_modules(modules, directory, whole_model=getattr(state, "pp_size", 1) == 1)
 
 
 def load_optimizer(directory: str | os.PathLike, modules: Sequence[nn.Module], optimizer: torch.optim.Optimizer | None,
@@ -272,7 +258,56 @@ def read_state(directory: str | os.PathLike) -> dict:
     return read_trainer_state(directory)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The trainer's format plug-in (phi1.training.checkpointer.CHECKPOINT_FORMATS["dcp"])
+
+
+class DCPFormat(CheckpointFormat):
+    """The any-layout format for the trainer's Checkpointer. With `checkpoint.async_save` a save returns once
+    the tensors are staged in CPU memory; the files are finished (renamed, `latest` moved) by `wait()`, which
+    the next save calls first and the Checkpointer calls at the end of the run."""
+
+    name = "dcp"
+
+    def __init__(self) -> None:
+        self._pending: PendingCheckpoint | None = None
+        self._async_group: dist.ProcessGroup | None = None
+        self._async_group_made = False
+
+    @classmethod
+    def recognizes(cls, directory: Path) -> bool:
+        return is_dcp_checkpoint(directory)
+
+    def save(self, run_dir: Path, request: SaveRequest, strategy, state: ParallelState) -> Path:
+        self.wait()  # one save in flight at a time: the previous one is finished (and published) first
+        asynchronous = bool(getattr(strategy.config.checkpoint, "async_save", False))
+        if asynchronous and not self._async_group_made:
+            self._async_group, self._async_group_made = async_group_for(state), True  # collective, once
+        pending = save(run_dir, request, strategy.modules, strategy.optimizer, state,
+                       asynchronous=asynchronous, async_group=self._async_group)
+        if asynchronous and state.world_size > 1:
+            self._pending = pending
+            logger.info("writing checkpoint %s in the background", iteration_dir(run_dir, request.iteration))
+            return iteration_dir(run_dir, request.iteration)
+        return pending.wait()
+
+    def wait(self) -> Path | None:
+        """Finish the save in flight, if any (collective); returns its directory."""
+        pending, self._pending = self._pending, None
+        return pending.wait() if pending is not None else None
+
+    def load_model(self, directory: Path, strategy, state: ParallelState) -> None:
+        load_weights(directory, strategy.modules, state)
+
+    def load_optimizer(self, directory: Path, strategy, state: ParallelState) -> None:
+        load_optimizer(directory, strategy.modules, strategy.optimizer, strategy.engine, state)
+
+    def load_rng(self, directory: Path, state: ParallelState) -> bool:
+        return load_rng_states(directory, state)
+
+
 __all__ = [
+    "DCPFormat",
     "FORMATS",
     "PendingCheckpoint",
     "async_group_for",

@@ -92,6 +92,10 @@ class CheckpointFormat(ABC):
         """Restore this rank's RNG states; False (with a warning) when they cannot be (another world size)."""
         return checkpointing.load_rng_states(directory, state)
 
+    def wait(self) -> Path | None:
+        """Finish a save still in flight (a format that saves in the background; collective); else nothing."""
+        return None
+
 
 class Phi1Format(CheckpointFormat):
     """phi1's own files (phi1.training.checkpointing): resumable at the TP size and ZeRO setting that wrote them;
@@ -108,15 +112,19 @@ class Phi1Format(CheckpointFormat):
                                              strategy.engine, state)
 
     def load_model(self, directory, strategy, state):
-        for module in strategy.modules:
-            checkpointing.load_model_weights(module, directory)
+        # any TP size; under pipeline parallelism each stage takes its own names
+        checkpointing.load_weights_into_modules(strategy.modules, directory,
+                                                whole_model=getattr(state, "pp_size", 1) == 1)
 
     def load_optimizer(self, directory, strategy, state):
-        checkpointing.load_optimizer_state(strategy.optimizer, strategy.engine, directory, state)
+        # at another TP size / layout the AdamW state is merged by name and re-sliced (not under ZeRO)
+        checkpointing.load_optimizer_state(strategy.optimizer, strategy.engine, directory, state,
+                                           modules=strategy.modules)
 
 
 CHECKPOINT_FORMATS: dict[str, str] = {
     "phi1": "phi1.training.checkpointer:Phi1Format",
+    "dcp": "phi1.training.checkpoint_dcp:DCPFormat",
 }
 """Registry: checkpoint.format value -> "module:Class" of its CheckpointFormat (imported when used)."""
 
@@ -279,6 +287,8 @@ class Checkpointer:
                            iteration, self.guard.consecutive)
         elif action == "save":
             self.save(strategy, schedule, run_state)
+        if iteration == self.config.schedule.train_steps or ckpt.exit_at_iteration == iteration:
+            self.writer.wait()  # the run ends here: a background save is finished before it does
         if ckpt.exit_at_iteration == iteration:
             logger.info("checkpoint.exit_at_iteration=%d reached: stopping", iteration)
             return True

@@ -319,6 +319,30 @@ def load_model_weights(model, checkpoint_dir: str | os.PathLike) -> None:
     load_resharded(model, checkpoint_dir)
 
 
+def load_weights_into_modules(modules, checkpoint_dir: str | os.PathLike, whole_model: bool = True) -> None:
+    """Load a phi1-format checkpoint's weights (saved at any TP size) into this rank's modules: `[model]`, or
+    pipeline stages (full-model parameter names), each taking its own names and its TP shard of them.
+
+    Args:
+        whole_model: the modules together hold the whole model (no pipeline), so a tensor of the checkpoint
+            that none of them has is an error too.
+    Raises:
+        ValueError: naming the checkpoint and the tensors that are missing, unexpected or mis-shaped.
+    """
+    from phi1.core.pretrained import load_state_dict_into
+
+    _, weights = load_checkpoint_state(checkpoint_dir)
+    held = set()
+    for module in modules:
+        inner = getattr(module, "module", module)
+        names = {name for name, _ in inner.named_parameters()}
+        held |= names
+        load_state_dict_into(inner, {k: v for k, v in weights.items() if k in names}, source=str(checkpoint_dir))
+    extra = sorted(set(weights) - held)
+    if whole_model and extra:
+        raise ValueError(f"{checkpoint_dir}: does not fit the model: unexpected tensors {extra[:5]}")
+
+
 # The only classes DeepSpeed's ZeRO files pickle (deepspeed 0.19: stages 1 to 3), besides what torch's
 # weights_only loader allows anyway.
 ZERO_PICKLE_GLOBALS = frozenset({
