@@ -35,6 +35,7 @@ from phi1.data.tokenizers import build_tokenizer
 from phi1.parallel.random import seed_everything
 from phi1.parallel.state import ParallelState, _launch_env, destroy_distributed, init_distributed
 from phi1.training import checkpointing
+from phi1.training.checkpoint_selection import select_after_training
 from phi1.training.checkpointer import Checkpointer
 from phi1.training.config import ConfigError, TrainConfig, default_paths, tokenizer_type_of, validate_config
 from phi1.training.data_loading import build_datasets, micro_batches
@@ -288,6 +289,8 @@ def train(config: TrainConfig) -> RunState:
                       f"profiler trace {trainer.profiler.path}" if trainer.profiler is not None else ""]
             logger.info("done: iteration %d, %d samples; checkpoint %s%s", result.iteration, result.consumed_samples,
                         latest, "".join(f"; {extra}" for extra in extras if extra))
+            if result.iteration >= config.schedule.train_steps:  # finetune.select_by (not after exit_at_iteration)
+                select_after_training(config, str(trainer.device))
         return result
     finally:
         if trainer is not None:
