@@ -76,18 +76,10 @@ def _fsdp_train(rank: int, world_size: int, tp: int, sequence_parallel: bool, ac
     # Every parameter is a DTensor sharded over DP; its local slice is about 1 / dp of the TP-local tensor.
     sharded = all(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())
     local_numel = sum(fsdp.local(p).numel() for p in model.parameters())
-    view, view_opt = fsdp.full_tensor_view(model, optimizer)
-    weights = {k: v.detach().clone() for k, v in view.named_parameters()}
-    # The view's optimizer state round-trips into a fresh sharded model bit for bit.
-    fresh = fsdp.shard_model(PhiForCausalLM(get_preset("phi-1-nano"), tp_group=state.tp_group), state, "fp32")
-    fresh_opt = _optimizer(fresh)
-    fsdp.load_full_tensor_view(fresh, fresh_opt, view, view_opt)
-    same = all(torch.equal(fsdp.local(a), fsdp.local(b)) for a, b in zip(model.parameters(), fresh.parameters()))
-    same_opt = all(
-        torch.equal(fsdp.local(optimizer.state[a][k]), fsdp.local(fresh_opt.state[b][k]))
-        for a, b in zip(model.parameters(), fresh.parameters()) for k in ("exp_avg", "exp_avg_sq", "step"))
+    # The TP-local whole tensors (all-gathered over DP) of the final weights.
+    weights = {name: p.detach().full_tensor() for name, p in model.named_parameters()}
     return {"losses": losses, "norms": norms, "weights": weights, "sharded": sharded, "local_numel": local_numel,
-            "tp_rank": state.tp_rank, "round_trip": same and same_opt}
+            "tp_rank": state.tp_rank}
 
 
 def _relative(a: list[float], b: list[float]) -> float:
@@ -111,7 +103,7 @@ def test_fsdp_training_equals_one_process(reference, world_size, tp, sequence_pa
     results = run_on_gloo(_fsdp_train, world_size, tp, sequence_parallel, accum, timeout_s=600)
     assert ref_losses[-1] < 0.9 * ref_losses[0]  # the run learns: the comparison is not between two constants
     for r in results:
-        assert r["sharded"] and r["round_trip"]
+        assert r["sharded"]
         assert _relative(r["losses"], ref_losses) < REL_TOL, (r["losses"], ref_losses)
         assert _relative(r["norms"], ref_norms) < REL_TOL, (r["norms"], ref_norms)
         assert min(r["norms"]) > MAX_NORM  # clipping acted on every step

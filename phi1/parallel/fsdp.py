@@ -18,10 +18,10 @@ slice; gradients are DTensors sharded the same way. What is here besides the wra
   (TP-replicated ones such as LayerNorm weights are identical on every TP rank and counted once).
 - `allreduce_sequence_parallel_grads`: the sequence-parallel partial gradients summed over TP, on the local
   shards (the members of a TP group hold the same DP slice of a replicated parameter).
-- `full_tensor_view` / `load_full_tensor_view`: the TP-local whole tensors of the parameters and their AdamW
-  state as a plain module and optimizer, the shape `phi1.parallel.distributed_checkpoint` saves and loads by
-  name; so a checkpoint written under FSDP2 loads at any TP x PP x DP layout, and the reverse. (The view holds
-  one TP-local copy of the model and its optimizer state on each rank while a checkpoint is written or read.)
+
+Checkpoints: `phi1.parallel.distributed_checkpoint` takes the DTensor parameters and AdamW moments as they are
+(by name, each DP rank writing its rows; under TP gathered over DP to the TP shard first), so a checkpoint
+written under FSDP2 loads at any TP x PP x DP layout, and the reverse.
 
 Why our own norm: `torch.nn.utils.clip_grad_norm_` over DTensor gradients reduces over the DTensor's mesh only,
 and knows nothing of phi1's TP groups (plain tensors), so it would count TP shards once per TP rank and miss the
@@ -31,6 +31,7 @@ TP sum.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,7 +46,7 @@ from torch.distributed.fsdp import (
     OffloadPolicy,
     fully_shard,
 )
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from phi1.parallel.layers import tensor_parallel_dims
 from phi1.parallel.mappings import group_size
@@ -104,6 +105,10 @@ def shard_model(model: nn.Module, state: ParallelState, precision: str = "fp32",
         # all-gather (torchtitan does the same).
         fully_shard(block, reshard_after_forward=index < len(blocks) - 1, **options)
     fully_shard(model, **options)
+    # The root returns the logits, a view (F.linear over (B, T, d)); FSDP2 warns on every forward that an in-place
+    # op on a returned view would skip its pre-backward hook. The loss is computed inside the forward, out of
+    # place, and nothing writes into the returned logits, so the warning only floods the log.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     return model
 
 
@@ -168,6 +173,7 @@ def grad_norm(model: nn.Module, state: ParallelState) -> float:
         if shard.numel() == 0:
             continue
         sums[0 if dims[name] is not None else 1] += shard.detach().double().pow(2).sum()
+    sums = sums.to(state.device)  # offloaded gradients are summed on the CPU; the groups talk on the device
     if group_size(state.dp_group) > 1:
         dist.all_reduce(sums, group=state.dp_group)
     if group_size(state.tp_group) > 1:
@@ -206,159 +212,12 @@ def scale_gradients_(model: nn.Module, factor: float) -> None:
         torch._foreach_mul_(shards, factor)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# TP-local whole tensors, for the any-layout checkpoint
-
-
-def _holder_class(cls: type) -> type:
-    """A bare nn.Module class that declares the same `partition_dims` as `cls` (for `tensor_parallel_dims`)."""
-    return type(f"{cls.__name__}Tensors", (nn.Module,), {"partition_dims": dict(getattr(cls, "partition_dims", {}))})
-
-
-def _mirror(model: nn.Module, device: torch.device, dtype_of) -> tuple[nn.Module, dict[str, nn.Parameter]]:
-    """A module tree with the same parameter names and TP split dims as `model`, whose parameters are fresh,
-    uninitialised plain tensors of each parameter's TP-local whole shape (`dtype_of(param)` gives the dtype)."""
-    holders: dict[str, nn.Module] = {}
-    params: dict[str, nn.Parameter] = {}
-    root = _holder_class(type(model))()
-    holders[""] = root
-    for module_name, module in model.named_modules():
-        if module_name == "":
-            continue
-        parent_name, _, leaf = module_name.rpartition(".")
-        holder = _holder_class(type(module))()
-        holders[parent_name].add_module(leaf, holder)
-        holders[module_name] = holder
-    for module_name, module in model.named_modules():
-        for param_name, param in module.named_parameters(recurse=False):
-            shape = param.shape  # a DTensor's shape is the whole (TP-local) shape
-            tensor = nn.Parameter(torch.empty(shape, dtype=dtype_of(param), device=device), requires_grad=False)
-            holders[module_name].register_parameter(param_name, tensor)
-            params[f"{module_name}.{param_name}" if module_name else param_name] = tensor
-    return root, params
-
-
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a DTensor (all-gathered over its mesh: collective), or the tensor itself."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
-@torch.no_grad()
-def full_tensor_view(model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                     device: torch.device | str = "cpu") -> tuple[nn.Module, torch.optim.Optimizer | None]:
-    """The TP-local whole parameters of an FSDP2 model and their AdamW state, as a plain module and optimizer.
-
-    Collective over the DP group (every rank calls it, in the same order). The module has the model's parameter
-    names and TP split dims (`tensor_parallel_dims` reads them), the optimizer holds, per parameter, the whole
-    `exp_avg`, `exp_avg_sq` and `step`, and the same parameter groups: what `distributed_checkpoint.save_checkpoint`
-    takes. Pass both to `load_full_tensor_view` after they were filled by a load.
-
-    Args:
-        model: the FSDP2-wrapped model (or any model: plain parameters are copied as they are).
-        optimizer: its AdamW (state keyed by the DTensor parameters), or None.
-        device: where the view lives (CPU by default: it is a staging copy).
-    """
-    named = dict(model.named_parameters())
-    view, params = _mirror(model, torch.device(device), lambda p: p.dtype)
-    for name, param in named.items():
-        params[name].copy_(_full(param.detach()))
-    if optimizer is None:
-        return view, None
-    view_optimizer = _view_optimizer(optimizer, named, params)
-    for name, param in named.items():
-        slot = optimizer.state.get(param)
-        if not slot:
-            continue
-        view_slot = {}
-        for key, value in slot.items():
-            if torch.is_tensor(value) and value.dim() > 0:
-                view_slot[key] = _full(value.detach()).to(device).clone()
-            elif torch.is_tensor(value):
-                view_slot[key] = _full(value.detach()).cpu().clone()  # `step`: a 0-d tensor
-            else:
-                view_slot[key] = value
-        view_optimizer.state[params[name]] = view_slot
-    return view, view_optimizer
-
-
-def _view_optimizer(optimizer: torch.optim.Optimizer, named: dict[str, nn.Parameter],
-                    params: dict[str, nn.Parameter]) -> torch.optim.Optimizer:
-    """An AdamW over the view's parameters with the same groups (and group options) as `optimizer`."""
-    name_of = {id(p): n for n, p in named.items()}
-    groups = []
-    for group in optimizer.param_groups:
-        options = {k: v for k, v in group.items() if k not in ("params", "fused", "foreach", "capturable")}
-        groups.append({**options, "params": [params[name_of[id(p)]] for p in group["params"]]})
-    return torch.optim.AdamW(groups, lr=optimizer.param_groups[0]["lr"])
-
-
-def empty_full_tensor_view(model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                           device: torch.device | str = "cpu") -> tuple[nn.Module, torch.optim.Optimizer | None]:
-    """Like `full_tensor_view`, but uninitialised and without communication: the target a checkpoint is loaded
-    into (`distributed_checkpoint.load_checkpoint(dir, [view], view_optimizer, mesh)`), then copied into the
-    FSDP2 model with `load_full_tensor_view`."""
-    named = dict(model.named_parameters())
-    view, params = _mirror(model, torch.device(device), lambda p: p.dtype)
-    if optimizer is None:
-        return view, None
-    return view, _view_optimizer(optimizer, named, params)
-
-
-@torch.no_grad()
-def load_full_tensor_view(model: nn.Module, optimizer: torch.optim.Optimizer | None, view: nn.Module,
-                          view_optimizer: torch.optim.Optimizer | None) -> None:
-    """Copy TP-local whole tensors (and AdamW state, when the view's optimizer has any) into the FSDP2 model's
-    shards and its optimizer. Each rank keeps its own slice; no communication.
-
-    Raises:
-        ValueError: the view lacks one of the model's parameters or has another shape.
-    """
-    named = dict(model.named_parameters())
-    view_params = dict(view.named_parameters())
-    for name, param in named.items():
-        if name not in view_params or tuple(view_params[name].shape) != tuple(param.shape):
-            raise ValueError(f"checkpoint tensors for {name} missing or of another shape than the model's "
-                             f"{tuple(param.shape)}")
-        _copy_into(param, view_params[name])
-    if optimizer is None or view_optimizer is None:
-        return
-    for name, param in named.items():
-        saved = view_optimizer.state.get(view_params[name])
-        if not saved:
-            continue
-        slot = {}
-        for key, value in saved.items():
-            if torch.is_tensor(value) and value.dim() > 0:
-                target = torch.empty_like(param.detach())
-                _copy_into(target, value)
-                slot[key] = target
-            else:
-                step = value.clone() if torch.is_tensor(value) else torch.tensor(float(value))
-                group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
-                device = local(param).device
-                slot[key] = step.to(device) if group.get("capturable") or group.get("fused") else step
-        optimizer.state[param] = slot
-
-
-def _copy_into(target: torch.Tensor, whole: torch.Tensor) -> None:
-    """Copy this rank's slice of `whole` (a plain TP-local tensor) into `target` (a DTensor shard, or plain)."""
-    if isinstance(target, DTensor):
-        piece = distribute_tensor(whole.to(target.device, target.dtype), target.device_mesh, target.placements,
-                                  src_data_rank=None)  # every rank has `whole`: each keeps its slice, no collective
-        target.to_local().copy_(piece.to_local())
-    else:
-        target.copy_(whole.to(target.device, target.dtype))
-
-
 __all__ = [
     "allreduce_sequence_parallel_grads",
     "clip_grad_norm_",
     "dp_mesh",
-    "empty_full_tensor_view",
-    "full_tensor_view",
     "grad_norm",
     "is_sharded",
-    "load_full_tensor_view",
     "local",
     "local_gradients",
     "mixed_precision_policy",

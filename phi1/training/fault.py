@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 # Manifests are written and verified by phi1.loading.manifest (the loaders verify checkpoints too, and may not
 # import training); re-exported here for the trainer and its tests.
@@ -63,6 +64,7 @@ def nonfinite_gradients(model: nn.Module) -> list[str]:
     names = []
     for name, param in inner.named_parameters():
         grad = param.grad
+        grad = grad.to_local() if isinstance(grad, DTensor) else grad  # FSDP2: this rank's shard
         if grad is not None and not bool(torch.isfinite(grad).all()):
             names.append(name)
     return names
@@ -76,6 +78,7 @@ def _local_weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     for name, param in inner.named_parameters():
         partition = getattr(param, "ds_tensor", None)
         tensor = partition if partition is not None else param
+        tensor = tensor.to_local() if isinstance(tensor, DTensor) else tensor  # FSDP2: this rank's shard
         if tensor.numel() > 0:
             weights.append((name, tensor.detach()))
     return weights

@@ -19,6 +19,7 @@ STRATEGIES: dict[str, str] = {
     "ddp": "phi1.training.strategies.ddp:DDPStrategy",
     "zero": "phi1.training.strategies.zero:ZeroStrategy",
     "pipeline": "phi1.training.strategies.pipeline:PipelineStrategy",
+    "fsdp": "phi1.training.strategies.fsdp:FSDPStrategy",
 }
 """Registry: strategy name -> "module:Class" of its StepStrategy subclass."""
 
