@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
+import functools
 import inspect
 import math
 import os
@@ -36,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jsonargparse
 import yaml
 
 from phi1.core.activation_checkpointing import MODES as CHECKPOINTING_MODES
@@ -559,165 +562,282 @@ def read_config_file(path: str | os.PathLike) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Building from YAML and overrides
-
-
-def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+# Building from YAML and overrides: jsonargparse types every value
 
 
 def shown(value: Any, limit: int = 80) -> str:
     """`value` for a message: its repr, cut to `limit` characters (a hostile value can be megabytes long)."""
-    text = value if isinstance(value, str) and value.startswith("Exceeds") else repr(value)
+    try:
+        text = value if isinstance(value, str) and value.startswith("Exceeds") else repr(value)
+    except ValueError:  # an integer of more digits than Python prints
+        text = "an integer of thousands of digits"
     return text if len(text) <= limit else f"{text[: limit - 15]}...({len(text):,} chars)"
 
 
-def _as_integer(value: Any, key: str) -> int:
-    if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected an integer, got {shown(value)}")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        if math.isfinite(value) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {shown(value)}")
-    text = str(value).strip().replace("_", "")
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        number = float(text)  # 1e3, which YAML 1.1 reads as a string
-    except ValueError:
-        raise ConfigError(f"{key}: expected an integer, got {shown(value)}") from None
-    if math.isfinite(number) and number.is_integer():
-        return int(number)
-    raise ConfigError(f"{key}: expected an integer, got {shown(value)}")
+_VALUE_LOADER_MODE = "phi1_config"
+"""jsonargparse parser mode whose loader is ConfigLoader (registered below)."""
 
 
-def _as_float(value: Any, key: str) -> float:
-    if isinstance(value, bool) or isinstance(value, (list, dict)):
-        raise ConfigError(f"{key}: expected a number, got {shown(value)}")
-    try:
-        number = float(value) if not isinstance(value, str) else float(value.strip().replace("_", ""))
-    except (TypeError, ValueError, OverflowError):
-        raise ConfigError(f"{key}: expected a number, got {shown(value)}") from None
-    if not math.isfinite(number):
-        raise ConfigError(f"{key}: must be a finite number, got {shown(value)}")
-    return number
+def _load_value_text(text: str) -> Any:
+    """How jsonargparse reads a string given for a non-string field (`optim.lr=3e-4`): with ConfigLoader, so that
+    no text the library reads can name a Python object, expand an alias or nest without bound."""
+    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 (ConfigLoader is a SafeLoader)
 
 
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """`value` converted to the type `hint`, or ConfigError naming `key`."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        if isinstance(value, str) and value.strip().lower() in ("none", "null", "~") and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
-    if hint is Any:
-        return value
-    if origin in (list, tuple):
-        if isinstance(value, str):
-            text = value.strip()
-            value = parse_yaml(text, key) if text.startswith("[") else [v for v in text.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {shown(value)}")
-        if origin is tuple and len(args) == 2 and args[1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{key}: expected {len(args)} values, got {shown(list(value))}")
-            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
-        item = args[0] if args else Any
-        converted = [_coerce(v, item, key) for v in value]
-        return tuple(converted) if origin is tuple else converted
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {shown(value)}")
-        return dict(value)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-            return value.strip().lower() in ("true", "yes", "on", "1")
-        raise ConfigError(f"{key}: expected true or false, got {shown(value)}")
-    if hint is int:
-        return _as_integer(value, key)
-    if hint is float:
-        return _as_float(value, key)
-    if hint is str:
-        if isinstance(value, bool):
-            # YAML 1.1 reads on/off/yes/no/true/false as booleans; the string options spell them on / off.
-            return "on" if value else "off"
-        if isinstance(value, (dict, list, tuple, set, bytes)):
-            raise ConfigError(f"{key}: expected a string, got {shown(value)}")
-        return str(value)
-    raise ConfigError(f"{key}: unsupported field type {hint}")
+# What ConfigLoader raises for a text it refuses; jsonargparse then keeps the text as a string, which the field's
+# type refuses by name.
+jsonargparse.set_loader(_VALUE_LOADER_MODE, _load_value_text,
+                        (yaml.YAMLError, RecursionError, ValueError, OverflowError))
 
 
-_MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
+@functools.cache
+def option_types() -> dict[str, Any]:
+    """{dotted option: type hint} of every option a config file or override can set: `model.preset` and the
+    ModelConfig fields flat under `model.`, every field of the other sections, and the top-level fields."""
+    model_hints = typing.get_type_hints(ModelConfig)
+    types_ = {"model.preset": str}
+    types_.update({f"model.{item.name}": model_hints[item.name] for item in dataclasses.fields(ModelConfig)
+                   if item.name != "name"})
+    hints = typing.get_type_hints(TrainConfig)
+    for item in dataclasses.fields(TrainConfig):
+        hint = hints[item.name]
+        if hint is ModelSection:
+            continue
+        if dataclasses.is_dataclass(hint):
+            section_hints = typing.get_type_hints(hint)
+            types_.update({f"{item.name}.{inner.name}": section_hints[inner.name]
+                           for inner in dataclasses.fields(hint)})
+        else:
+            types_[item.name] = hint
+    return types_
 
 
-def _set_model_field(section: ModelSection, name: str, value: Any, key: str) -> None:
-    if name == "preset":
-        section.preset = _coerce(value, str, key)
-        return
-    if name not in _MODEL_FIELDS or name == "name":
-        known = sorted(n for n in _MODEL_FIELDS if n != "name")
-        raise ConfigError(f"{key}: unknown model field; use model.preset or one of the ModelConfig fields {known}")
-    hint = typing.get_type_hints(ModelConfig)[name]
-    section.overrides[name] = _coerce(value, hint, key)
+def _sections() -> dict[str, type]:
+    """{name: dataclass} of the sections of TrainConfig."""
+    hints = typing.get_type_hints(TrainConfig)
+    return {item.name: hints[item.name] for item in dataclasses.fields(TrainConfig)
+            if dataclasses.is_dataclass(hints[item.name])}
 
 
-def _set(config: TrainConfig, dotted: str, value: Any) -> None:
-    """Set the field at `dotted` (e.g. 'optim.lr') from a YAML value or a command-line string."""
+@functools.cache
+def _parser() -> jsonargparse.ArgumentParser:
+    """The jsonargparse parser of TrainConfig: each section through `add_class_arguments` (typed by its
+    dataclass, instantiated as it), the model's preset and ModelConfig fields one by one (they are given flat,
+    and only the given ones become ModelSection.overrides), and the top-level fields."""
+    parser = jsonargparse.ArgumentParser(prog="phi1 training config", exit_on_error=False,
+                                         parser_mode=_VALUE_LOADER_MODE, default_env=False)
+    for dotted, hint in option_types().items():
+        if dotted.startswith("model."):
+            # No default: a model field that is not given takes the preset's value (ModelSection.values).
+            parser.add_argument(f"--{dotted}", type=hint, default=None)
+    hints = typing.get_type_hints(TrainConfig)
+    for item in dataclasses.fields(TrainConfig):
+        hint = hints[item.name]
+        if hint is ModelSection:
+            continue
+        if dataclasses.is_dataclass(hint):
+            parser.add_class_arguments(hint, item.name)
+        else:
+            parser.add_argument(f"--{item.name}", type=hint, default=item.default)
+    return parser
+
+
+def _nested(pairs: typing.Iterable[tuple[str, Any]]) -> dict:
+    """{'optim': {'lr': 1e-3}} from [('optim.lr', 1e-3)]; a later pair replaces an earlier one."""
+    nested: dict = {}
+    for dotted, value in pairs:
+        *sections, name = dotted.split(".")
+        level = nested
+        for section in sections:
+            level = level.setdefault(section, {})
+        level[name] = value
+    return nested
+
+
+def _close_option(dotted: str, candidates: typing.Iterable[str]) -> str:
+    """' (did you mean X?)' for the closest of `candidates`, or ''."""
+    match = difflib.get_close_matches(dotted, list(candidates), n=1, cutoff=0.75)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def _key_problem(dotted: str, suggest: bool = True) -> str | None:
+    """Why `dotted` names no option (unknown, a section, or under a field), with the closest option; None when it
+    names one. jsonargparse would refuse these too, but it stops at the first and names no neighbour."""
+    types_ = option_types()
+    if dotted in types_:
+        return None
+    options = list(types_)
     parts = dotted.split(".")
-    if parts[0] == "model" and len(parts) == 2:
-        _set_model_field(config.model, parts[1], value, dotted)
-        return
-    target: Any = config
-    for depth, name in enumerate(parts):
-        hints = _hints(type(target))
-        if name not in hints or (isinstance(target, ModelSection)):
-            where = ".".join(parts[:depth]) or "the top level"
-            raise ConfigError(f"{dotted}: unknown option; {where} has {sorted(hints)} (phi1-train --help-config "
-                              "lists every option)")
-        if depth == len(parts) - 1:
-            if dataclasses.is_dataclass(hints[name]) or isinstance(getattr(target, name), (ModelSection,)):
-                raise ConfigError(f"{dotted}: is a section; set one of its fields ({dotted}.FIELD=VALUE)")
-            setattr(target, name, _coerce(value, hints[name], dotted))
-            return
-        target = getattr(target, name)
-        if not dataclasses.is_dataclass(target):
-            raise ConfigError(f"{'.'.join(parts[: depth + 1])}: is not a section; cannot set {dotted}")
+    sections = _sections()
+    if parts[0] == "model" and len(parts) > 1:
+        known = sorted(name.removeprefix("model.") for name in options if name.startswith("model.")
+                       and name != "model.preset")
+        near = _close_option(dotted, [name for name in options if name.startswith("model.")]) if suggest else ""
+        return (f"{dotted}: unknown model field{near}; use model.preset or one of the ModelConfig fields {known}")
+    if dotted in sections:
+        return f"{dotted}: is a section; set one of its fields ({dotted}.FIELD=VALUE)"
+    for depth in range(1, len(parts)):
+        prefix = ".".join(parts[:depth])
+        if prefix in types_:
+            return f"{prefix}: is not a section; cannot set {dotted}"
+    if parts[0] in sections:
+        where, fields = parts[0], sorted(item.name for item in dataclasses.fields(sections[parts[0]]))
+    else:
+        where, fields = "the top level", sorted(item.name for item in dataclasses.fields(TrainConfig))
+    near = _close_option(dotted, options) if suggest else ""
+    return (f"{dotted}: unknown option{near}; {where} has {fields} (phi1-train --help-config lists every "
+            "option)")
+
+
+def _accepts(hint: Any, kind: type) -> bool:
+    """Whether `hint` (or a member of its union or Literal) takes values of `kind`."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(member, kind) for member in typing.get_args(hint))
+    if origin is typing.Literal:
+        return any(type(choice) is kind for choice in typing.get_args(hint))
+    return hint is kind
+
+
+def _sequence_hint(hint: Any) -> bool:
+    """Whether `hint` (or a member of its union) is a list or tuple."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_sequence_hint(member) for member in typing.get_args(hint))
+    return origin in (list, tuple)
+
+
+def _compatible(value: Any, hint: Any) -> Any:
+    """`value` in the spellings the library reads, for the spellings phi1 configs have always accepted.
+
+    jsonargparse reads standard YAML values; three older habits of phi1 configs are translated first, so that
+    every existing config and command line keeps its meaning: a YAML 1.1 boolean or a number given to a string
+    field is its text (`fused_ops: off` is 'off', `data.split: 100` is '100'); 'none', 'null' or '~' unset an
+    optional field; a comma-separated text is a list (`profiling.steps=5,7`, `faults.inject_nan_at=3`).
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if _accepts(hint, type(None)) and text.lower() in ("none", "null", "~"):
+            return None
+        if _sequence_hint(hint) and not text.startswith(("[", "{")):
+            return [item.strip() for item in text.split(",") if item.strip()]
+        return value
+    if _accepts(hint, str) and not _accepts(hint, bool) and isinstance(value, bool):
+        return "on" if value else "off"
+    if _accepts(hint, str) and isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and not (_accepts(hint, int) or _accepts(hint, float)):
+        return str(value)
+    return value
+
+
+def _type_words(hint: Any) -> str:
+    """What values of `hint` are, for a message: 'an integer', 'a list of integers', '2 numbers'."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_words(member) for member in args if member is not type(None))
+    if origin is typing.Literal:
+        return f"one of {args}"
+    if origin is list:
+        return f"a list of {_type_words(args[0]).removeprefix('an ').removeprefix('a ')}s" if args else "a list"
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_words(args[0]).removeprefix('an ').removeprefix('a ')}s"
+        words = _type_words(args[0]).removeprefix("an ").removeprefix("a ")
+        return f"{len(args)} {words}s" if len(set(args)) == 1 else f"{len(args)} values"
+    if origin is dict:
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
+
+
+def _refusal(dotted: str, hint: Any, value: Any) -> str:
+    """The line for a value that jsonargparse refused for the field `dotted` of type `hint`."""
+    if typing.get_origin(hint) is typing.Literal:
+        return f"{dotted}: must be one of {typing.get_args(hint)}, got {shown(value)}"
+    return f"{dotted}: expected {_type_words(hint)}, got {shown(value)}"
+
+
+def _non_finite(value: Any) -> bool:
+    """Whether `value` is, or holds, a float that is nan or infinite (jsonargparse's float accepts them)."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(_non_finite(item) for item in value)
+    return False
+
+
+def _parsed(parser: jsonargparse.ArgumentParser, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """{dotted option: typed value} of `pairs`, parsed by jsonargparse without its defaults.
+
+    Raises:
+        jsonargparse.ArgumentError: a value its field's type refuses (the first one).
+    """
+    namespace = parser.parse_object(_nested(pairs), defaults=False)
+    return dict(namespace.items())
+
+
+def typed_values(pairs: typing.Iterable[tuple[str, Any]]) -> tuple[list[tuple[str, Any]], list[str]]:
+    """`(dotted option, value)` pairs, from a file or the command line, typed by their fields.
+
+    Returns:
+        (the accepted options with their typed values, in order; one line per refused key or value): an
+        unknown key, a value its field's type refuses (typed by jsonargparse), a non-finite number.
+    """
+    parser = _parser()
+    types_ = option_types()
+    problems: dict[int, str] = {}
+    candidates: list[tuple[int, str, Any]] = []
+    for index, (dotted, value) in enumerate(pairs):
+        why = _key_problem(dotted, suggest=len(problems) < MAX_LISTED_PROBLEMS)
+        if why is not None:
+            problems[index] = why
+        else:
+            candidates.append((index, dotted, _compatible(value, types_[dotted])))
+    typed: dict[int, Any] = {}
+    try:  # one call for the whole source; only when it refuses something, one call per value to find them all
+        values = _parsed(parser, [(dotted, value) for _, dotted, value in candidates])
+        if len({dotted for _, dotted, _ in candidates}) == len(candidates):
+            typed = {index: values[dotted] for index, dotted, _ in candidates}
+        else:  # an option given twice: each occurrence on its own (the last one wins when applied)
+            typed = {index: _parsed(parser, [(dotted, value)])[dotted] for index, dotted, value in candidates}
+    except (jsonargparse.ArgumentError, TypeError, ValueError):
+        for index, dotted, value in candidates:
+            try:
+                typed[index] = _parsed(parser, [(dotted, value)])[dotted]
+            except (jsonargparse.ArgumentError, TypeError, ValueError):
+                problems[index] = _refusal(dotted, types_[dotted], value)
+    for index, dotted, _ in candidates:
+        if index in typed and _non_finite(typed[index]):
+            problems[index] = f"{dotted}: must be a finite number, got {shown(typed.pop(index))}"
+    accepted = [(dotted, typed[index]) for index, dotted, _ in candidates if index in typed]
+    return accepted, [problems[index] for index in sorted(problems)]
+
+
+def _build(pairs: list[tuple[str, Any]]) -> TrainConfig:
+    """The TrainConfig of the defaults with the typed `pairs` applied in order: jsonargparse instantiates each
+    section dataclass; the given model fields become ModelSection.overrides."""
+    parser = _parser()
+    built = parser.instantiate(parser.parse_object(_nested(pairs)))
+    model = {dotted.removeprefix("model."): value for dotted, value in pairs if dotted.startswith("model.")}
+    preset = model.pop("preset", ModelSection.preset)
+    values = {item.name: built[item.name] for item in dataclasses.fields(TrainConfig) if item.name != "model"}
+    return TrainConfig(model=ModelSection(preset=preset, overrides=model), **values)
 
 
 def _flatten(values: dict, prefix: str = "") -> list[tuple[str, Any]]:
-    items = []
+    """(dotted key, value) of every leaf of nested `values`; a `model.overrides` mapping is read as model fields
+    (the flat YAML form and the dataclass form of the model section mean the same)."""
+    items: list[tuple[str, Any]] = []
     for key, value in values.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and dotted != "model.overrides":
+        if dotted == "model.overrides" and isinstance(value, dict):
+            items.extend((f"model.{name}", item) for name, item in value.items())
+        elif dotted == "model.overrides":
+            items.append((dotted, value))
+        elif isinstance(value, dict):
             items.extend(_flatten(value, dotted + "."))
         else:
             items.append((dotted, value))
     return items
-
-
-def _apply(config: TrainConfig, values: dict, source: str, problems: list[str]) -> None:
-    """Set every field of the nested `values` on `config`, appending one line per refused key to `problems`."""
-    for dotted, value in _flatten(values):
-        try:
-            if dotted.startswith("model.overrides"):
-                if not isinstance(value, dict):
-                    raise ConfigError(f"{dotted}: expected a mapping of ModelConfig fields")
-                for name, item in value.items():
-                    _set_model_field(config.model, str(name), item, f"model.{name}")
-                continue
-            _set(config, dotted, value)
-        except ConfigError as error:
-            problems.extend(f"{source}: {line}" for line in error.problems)
 
 
 def config_from_dict(values: dict, source: str = "config") -> TrainConfig:
@@ -728,16 +848,18 @@ def config_from_dict(values: dict, source: str = "config") -> TrainConfig:
     """
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(values).__name__}")
-    config = TrainConfig()
-    problems: list[str] = []
-    _apply(config, values, source, problems)
+    accepted, problems = typed_values(_flatten(values))
     if problems:
-        raise ConfigError(problems)
-    return config
+        raise ConfigError([f"{source}: {line}" for line in problems])
+    return _build(accepted)
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """(dotted key, value) of a `key.sub=value` command-line override; ConfigError when it is not one."""
+    """(dotted key, value) of a `key.sub=value` command-line override; ConfigError when it is not one.
+
+    A value that starts with '[' or '{' is read here with ConfigLoader (refusing tags, anchors and deep nesting
+    with the loader's own message); any other stays the text, which jsonargparse types by the field.
+    """
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. optim.lr=3e-4")
     key, raw = item.split("=", 1)
@@ -764,20 +886,25 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         ConfigError: the file cannot be read as a config (see `read_config_file`), or listing every unknown
             key, badly typed or non-finite value and malformed override of the file and the overrides together.
     """
-    config = TrainConfig()
     collect = problems is not None
     problems = problems if problems is not None else []
+    accepted: list[tuple[str, Any]] = []
     if path is not None:
-        _apply(config, read_config_file(path), str(path), problems)
+        from_file, refused = typed_values(_flatten(read_config_file(path)))
+        accepted += from_file
+        problems.extend(f"{path}: {line}" for line in refused)
+    pairs = []
     for item in overrides:
         try:
-            key, value = parse_override(item)
-            _set(config, key, value)
+            pairs.append(parse_override(item))
         except ConfigError as error:
             problems.extend(error.problems)
+    from_overrides, refused = typed_values(pairs)
+    accepted += from_overrides
+    problems.extend(refused)
     if problems and not collect:
         raise ConfigError(problems)
-    return config
+    return _build(accepted)
 
 
 # ----------------------------------------------------------------------------------------------------------------
