@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from phi1.core.config import get_preset
+from phi1.core.config import ModelConfig, get_preset
 from phi1.core.model import PhiForCausalLM
 from phi1.core.pipeline_stage import build_stages
 from phi1.loading.checkpoints import find_checkpoint, iteration_dir, read_trainer_state
@@ -219,3 +219,188 @@ def test_phi1_format_optimizer_that_does_not_fit_is_named(tmp_path):
     torch.save(state, tmp_path / "optim_tp00.pt")
     with pytest.raises(ValueError, match="does not make the parameter's shape"):
         optimizer_state_by_name(tmp_path, CONFIG)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Through the trainer (python -m phi1.train under torchrun, gloo): save at one layout, resume at another
+
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS, SAVED_AT, GLOBAL_BATCH = 6, 3, 8
+
+
+def _env() -> dict:
+    import os
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def _args(data_dir: Path, run_dir: Path, **extra) -> list[str]:
+    """A phi-1-nano run: fp32, dropout off, no evaluation, a checkpoint every SAVED_AT steps, all kept."""
+    values = {
+        "model.preset": "phi-1-nano", "data.path": data_dir / "counting_text_document",
+        "data.tokenizer_model": data_dir / "tokenizer.json", "data.seq_len": 32, "data.split": "90,10,0",
+        "batch.global_batch_size": GLOBAL_BATCH, "batch.micro_batch_size": 2, "schedule.train_steps": STEPS,
+        "schedule.warmup_steps": 2, "checkpoint.dir": run_dir, "checkpoint.interval": SAVED_AT,
+        "checkpoint.keep_last": 0, "logging.interval": 1, "eval.interval": 0, "logging.tensorboard_dir": "",
+        "precision": "fp32",
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def _train(args: list[str], nproc: int, timeout: float = 600):
+    import subprocess
+    import sys
+
+    if nproc == 1:
+        command = [sys.executable, "-m", "phi1.train", *args]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                   "-m", "phi1.train", *args]
+    return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _check(result) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    from phi1.training.metrics import read_jsonl
+
+    return {r["iteration"]: r["step_losses"][-1] for r in read_jsonl(run_dir / "metrics.jsonl") if "step_losses" in r}
+
+
+LAYOUTS = {
+    "1": (1, {}),
+    "TP2": (2, {"parallel.tensor_parallel": 2}),
+    "TP2xDP2": (4, {"parallel.tensor_parallel": 2}),
+    "PP2": (2, {"parallel.pipeline_parallel": 2}),
+    "PP2xDP2": (4, {"parallel.pipeline_parallel": 2}),
+}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    from phi1.testing.synthetic import write_synthetic_dataset
+
+    directory = tmp_path_factory.mktemp("data")
+    write_synthetic_dataset(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory) -> Path:
+    """The uninterrupted run: one process, dcp checkpoints at iterations 3 and 6."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    _check(_train(_args(data_dir, run, **{"checkpoint.format": "dcp"}), 1))
+    assert sorted(_losses(run)) == list(range(1, STEPS + 1))
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("saved_at,resumed_at,fmt,async_save", [
+    ("1", "TP2", "dcp", False),
+    ("TP2xDP2", "1", "dcp", False),
+    ("1", "PP2xDP2", "dcp", False),
+    ("PP2", "TP2", "dcp", True),
+    ("TP2", "1", "phi1", False),
+], ids=["1-to-TP2", "TP2xDP2-to-1", "1-to-PP2xDP2", "PP2-async-to-TP2", "phi1-format-TP2-to-1"])
+def test_resume_at_another_layout_continues_the_run(data_dir, reference, tmp_path, saved_at, resumed_at, fmt,
+                                                    async_save):
+    """Saved at iteration 3 at one layout, resumed at another: the continued losses equal the uninterrupted
+    one-process run's within 1e-5 (weights, AdamW state and the data position carried over), and so does the
+    optimizer state at the end."""
+    from phi1.parallel.distributed_checkpoint import read_format, read_full_state_dict
+
+    if saved_at == "1":
+        source = reference / f"iter_{SAVED_AT:07d}"  # the reference run's own checkpoint
+    else:
+        nproc, layout = LAYOUTS[saved_at]
+        first = tmp_path / "first"
+        extra = {**layout, "checkpoint.format": fmt, "checkpoint.exit_at_iteration": SAVED_AT}
+        if async_save:
+            extra["checkpoint.async_save"] = "true"
+        result = _train(_args(data_dir, first, **extra), nproc)
+        _check(result)
+        if async_save:
+            assert "in the background" in result.stdout
+        source = find_checkpoint(first)
+        assert source == first / f"iter_{SAVED_AT:07d}"
+        verify_checkpoint(source)
+        before = _losses(first)
+        for iteration in range(1, SAVED_AT + 1):  # the layouts agree before the save too
+            assert before[iteration] == pytest.approx(_losses(reference)[iteration], rel=1e-5, abs=0)
+    assert checkpoint_dcp.format_of(source) == fmt
+
+    nproc, layout = LAYOUTS[resumed_at]
+    second = tmp_path / "second"
+    result = _train(_args(data_dir, second, **layout, **{"checkpoint.load": source, "checkpoint.format": "dcp"}), nproc)
+    _check(result)
+    assert f"resuming from {source}" in result.stdout
+    expected, got = _losses(reference), _losses(second)
+    assert sorted(got) == list(range(SAVED_AT + 1, STEPS + 1))
+    for iteration in got:
+        assert got[iteration] == pytest.approx(expected[iteration], rel=1e-5, abs=0), \
+            f"iteration {iteration}: {got[iteration]!r} != {expected[iteration]!r} ({saved_at} -> {resumed_at})"
+    final = find_checkpoint(second)
+    assert read_trainer_state(final)["consumed_samples"] == STEPS * GLOBAL_BATCH
+    assert read_format(final)["layout"] == {"dp": nproc // (layout.get("parallel.tensor_parallel", 1)
+                                                           * layout.get("parallel.pipeline_parallel", 1)),
+                                            "pp": layout.get("parallel.pipeline_parallel", 1),
+                                            "tp": layout.get("parallel.tensor_parallel", 1)}
+    # The optimizer went on from the saved moments: its state at the end is the uninterrupted run's.
+    ours = read_full_state_dict(final, "optim.")
+    theirs = read_full_state_dict(reference / f"iter_{STEPS:07d}", "optim.")
+    assert ours.keys() == theirs.keys() and len(ours) > 0
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-7, msg=key)
+
+
+@pytest.mark.slow
+def test_export_of_a_trainer_checkpoint_loads_in_transformers(reference, tmp_path):
+    """tools/export_dcp.py on a DCP checkpoint the trainer wrote: transformers' PhiForCausalLM gives our logits."""
+    transformers = pytest.importorskip("transformers")
+    import subprocess
+    import sys
+
+    from phi1.parallel.distributed_checkpoint import read_full_state_dict
+
+    checkpoint, out = reference / f"iter_{STEPS:07d}", tmp_path / "hf"
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "export_dcp.py"), "export", str(checkpoint), str(out)],
+                            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    _check(result)
+    hf = transformers.PhiForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    config = ModelConfig.from_dict(json.loads((checkpoint / "model_config.json").read_text()))
+    ours = PhiForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, tensor in read_full_state_dict(checkpoint).items():
+            dict(ours.named_parameters())[name].copy_(tensor)
+        tokens = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(hf(tokens).logits, ours(tokens).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_kill_during_dcp_save_leaves_previous_checkpoint(data_dir, tmp_path):
+    """SIGKILL once iteration 4's tensors are written, before the rename: `latest` still names iteration 2,
+    the next launch removes the leftover and resumes from 2, and the run finishes."""
+    import signal
+
+    run = tmp_path / "run"
+    args = _args(data_dir, run, **{"checkpoint.format": "dcp", "checkpoint.interval": 2, "checkpoint.keep_last": 1})
+    killed = _train(args + ["faults.kill_during_save_at=4"], 1)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
+    assert (run / "iter_0000004.tmp" / "__0_0.distcp").is_file()  # the interrupted save, under its temporary name
+    assert not (run / "iter_0000004").exists()
+    assert (run / "latest").read_text().strip() == "2" and find_checkpoint(run) == run / "iter_0000002"
+    verify_checkpoint(run / "iter_0000002")
+
+    resumed = _train(args, 1)
+    _check(resumed)
+    assert f"resuming from {run / 'iter_0000002'}" in resumed.stdout
+    assert not (run / "iter_0000004.tmp").exists()
+    assert read_trainer_state(find_checkpoint(run))["iteration"] == STEPS
+    assert sorted(p.name for p in run.glob("iter_*")) == [f"iter_{STEPS:07d}"]  # keep_last 1

@@ -10,7 +10,9 @@ through it (training may import it; it never imports training).
 
 Modules: `model_path` (what a path is, and loading it), `checkpoints` (training checkpoints: `latest`, `iter_*`,
 TP shards merged on CPU), `manifest` (size-then-SHA-256 verification), `safetensors_file` (headers checked
-before the library reads a file), `paths` (names kept inside their directory, regular files only).
+before the library reads a file), `paths` (names kept inside their directory, regular files only),
+`optimizer_state` (a phi1 checkpoint's AdamW state merged across TP ranks by parameter name), `convert` (phi1
+format -> DCP, DCP -> phi1 / HF model directory, on the CPU).
 """
 
 from phi1.loading.checkpoints import (

@@ -54,10 +54,11 @@ the data sampler of the new layout restarts from that global sample count, so no
 whatever the new DP size. Rank states (RNG) come back by global rank; `LoadedCheckpoint.same_layout` tells the
 caller whether they still mean the same thing (they do only when the layout is unchanged).
 
-Existing phi1 checkpoints (`iter_*` directories with `model_tp*.safetensors` and `optim_tp*.pt`) convert with
-`tools/export_dcp.py convert ITER_DIR OUT_DIR`: it merges the TP shards to whole tensors (phi1.loading), maps each
-`optim_tp*.pt` entry from its optimizer index to its parameter name (the parameter groups of
-`phi1.parallel.optim.param_groups`, rebuilt on the meta device) and writes them with `save_full_checkpoint`.
+Existing phi1 checkpoints (`iter_*` directories with `model_tp*.safetensors` and `optim_tp*.pt`) need no
+conversion to resume: the trainer reads both formats (`phi1.training.checkpoint_dcp`), the phi1 one at any TP
+size or pipeline layout too. `tools/export_dcp.py convert ITER_DIR OUT_DIR` (`phi1.loading.convert`) still writes
+one as DCP: it merges the TP shards to whole tensors (phi1.loading), maps each `optim_tp*.pt` entry from its
+optimizer index to its parameter name (`phi1.loading.optimizer_state`) and writes them with `save_full_checkpoint`.
 
 How a trainer uses it (every rank; `grid` from `phi1.parallel.pipeline.rank_grid`):
 

@@ -238,9 +238,10 @@ def load_rng_states(directory: str | os.PathLike, state: ParallelState) -> bool:
         return checkpointing.load_rng_states(directory, state)
     saved_layout = dck.read_format(directory).get("layout")
     if saved_layout != layout_of(state):
-        logger.warning("%s: written at layout %s, this run is %s: RNG states not restored (the run goes on with the "
-                       "generators seeded at start-up; with dropout on the masks differ from an uninterrupted run)",
-                       directory, saved_layout, layout_of(state))
+        if state.rank == 0:  # the same for every rank: said once
+            logger.warning("%s: written at layout %s, this run is %s: RNG states not restored (the run goes on with the "
+                           "generators seeded at start-up; with dropout on the masks differ from an uninterrupted run)",
+                           directory, saved_layout, layout_of(state))
         return False
     saved = dck.read_rank_state(directory, state.rank)
     if not isinstance(saved, dict) or "rng" not in saved:
