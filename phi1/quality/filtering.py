@@ -87,3 +87,33 @@ def filter_chunk(config: FilterConfig, work_dir: str, chunk: Chunk) -> FilterRes
         if batch:
             flush()
     return result
+
+
+def config_for_classifier(classifier_dir: str, threshold: float | None = None, embedding_model: str | None = None,
+                          allow_other_embedder: bool = False, **settings) -> FilterConfig:
+    """The FilterConfig that embeds the way `classifier_dir` was trained: its recorded embedder (or
+    `embedding_model`), backend, pooling and max tokens; `threshold` defaults to the classifier's own.
+
+    Args:
+        settings: further FilterConfig fields (text_key, batch_size, device, keep_all, tokenizer_*).
+    Raises:
+        ValueError: the embedder is not a directory, or is another checkpoint than the one the classifier was
+            trained on (unless `allow_other_embedder`); FileNotFoundError: not a saved classifier.
+    """
+    from phi1.quality.classifier import QualityClassifier
+    from phi1.quality.embeddings import checkpoint_fingerprint
+
+    header = QualityClassifier.load(classifier_dir).header
+    embedder = header.get("embedder", {})
+    model_dir = embedding_model or embedder.get("model_dir")
+    if not model_dir or not os.path.isdir(model_dir):
+        raise ValueError(f"{classifier_dir}: its embedder {model_dir!r} is not a directory; pass --embedding-model")
+    if checkpoint_fingerprint(model_dir) != embedder.get("fingerprint") and not allow_other_embedder:
+        raise ValueError(f"{model_dir}: not the checkpoint {classifier_dir} was trained on (fingerprints differ); "
+                         "its scores would mean nothing. Pass --allow-other-embedder to force it")
+    # Classifiers from before transformers embedders were phi1's, mean-pooled.
+    pooling = embedder.get("pooling") if embedder.get("pooling") in ("mean", "last") else "mean"
+    return FilterConfig(classifier_dir=classifier_dir, embedding_model=model_dir,
+                        threshold=header.get("threshold", 0.5) if threshold is None else threshold,
+                        backend=embedder.get("backend", "phi1"), pooling=pooling,
+                        max_tokens=embedder.get("max_tokens"), **settings)
