@@ -1,12 +1,20 @@
 """FSDP2 (`parallel.fsdp=true`): sharded training equals one process, alone and composed with TP; checkpoints
-written under FSDP2 load at other layouts and the reverse.
+written under FSDP2 load at other layouts and the reverse; resume is bit-exact; HF export loads in transformers.
 
-Library level (phi1.parallel.fsdp, a plain PhiForCausalLM + AdamW loop): 10 steps at DP 2 (FSDP2) and at
-TP 2 x FSDP2 2 against one process on the same global batch, fp32, dropout off, global-norm clipping that acts
-on every step; the TP-local whole-tensor view round trip.
+Library level (phi1.parallel.fsdp, a plain PhiForCausalLM + AdamW loop): 10 steps at DP 2 (FSDP2), with
+gradient accumulation, and at TP 2 x FSDP2 2 (with and without sequence parallelism) against one process on the
+same global batch, fp32, dropout off, global-norm clipping that acts on every step.
+
+Trainer level (`python -m phi1.train` under torchrun, the synthetic counting corpus, fp32): the same through the
+fsdp step strategy, the DCP checkpoints it writes, and the non-finite guard.
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +24,13 @@ from phi1.core.model import PhiForCausalLM
 from phi1.parallel import fsdp
 from phi1.parallel.optim import param_groups
 from phi1.parallel.state import init_distributed
+from phi1.testing.hostile import python, run_bounded
 from phi1.testing.spawn import run_on_gloo
+from phi1.testing.synthetic import write_synthetic_dataset
+from phi1.training.checkpointing import find_checkpoint, read_trainer_state
+from phi1.training.metrics import read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
 
 STEPS, GLOBAL_BATCH, SEQ = 10, 4, 32
 LR, WEIGHT_DECAY, MAX_NORM = 3e-3, 0.1, 0.5
@@ -118,3 +132,165 @@ def test_fsdp_training_equals_one_process(reference, world_size, tp, sequence_pa
         dims = [d for d in range(whole.dim()) if parts[0].shape[d] != whole.shape[d]]
         joined = torch.cat(parts, dim=dims[0]) if dims else parts[0]
         assert (joined - whole).abs().max() < 1e-4, name
+
+
+# -- through the trainer -------------------------------------------------------------------------------------------
+
+TRAIN_STEPS = 10
+
+
+def _env() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def _args(data_dir: Path, run_dir: Path, **extra) -> list[str]:
+    values = {
+        "model.preset": "phi-1-nano", "data.path": data_dir / "counting_text_document",
+        "data.tokenizer_model": data_dir / "tokenizer.json", "data.seq_len": 32, "data.split": "90,10,0",
+        "batch.global_batch_size": 8, "batch.micro_batch_size": 2, "schedule.train_steps": TRAIN_STEPS,
+        "schedule.warmup_steps": 2, "optim.grad_clip": 1.0, "precision": "fp32", "checkpoint.dir": run_dir,
+        "checkpoint.interval": 5, "checkpoint.keep_last": 0, "logging.interval": 1, "eval.interval": 0,
+        "logging.tensorboard_dir": "",
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def _train(args: list[str], nproc: int) -> subprocess.CompletedProcess:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    result = subprocess.run([*launcher, "-m", "phi1.train", *args], cwd=REPO, env=_env(), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {r["iteration"]: r["step_losses"][-1] for r in read_jsonl(run_dir / "metrics.jsonl") if "step_losses" in r}
+
+
+def _close(got: dict[int, float], expected: dict[int, float], iterations) -> None:
+    assert sorted(got) == list(iterations), sorted(got)
+    for i in iterations:
+        assert abs(got[i] - expected[i]) <= REL_TOL * abs(expected[i]), f"iteration {i}: {got[i]!r} != {expected[i]!r}"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("data")
+    write_synthetic_dataset(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def one_process(data_dir, tmp_path_factory) -> dict[int, float]:
+    """10 steps in one process (the DDP strategy, no process group): the reference losses."""
+    run = tmp_path_factory.mktemp("one")
+    _train(_args(data_dir, run), 1)
+    losses = _losses(run)
+    assert losses[TRAIN_STEPS] < 0.9 * losses[1]  # it learns: equal losses are not two constants
+    return losses
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(data_dir, tmp_path_factory) -> Path:
+    """10 steps at 2 processes under FSDP2, checkpoints at 5 and 10."""
+    run = tmp_path_factory.mktemp("fsdp")
+    result = _train(_args(data_dir, run, **{"parallel.fsdp": "true"}), 2)
+    assert "data parallel 2 (FSDP2)" in result.stdout
+    return run
+
+
+@pytest.mark.slow
+def test_trainer_fsdp_equals_one_process(one_process, fsdp_run):
+    _close(_losses(fsdp_run), one_process, range(1, TRAIN_STEPS + 1))
+    state = read_trainer_state(find_checkpoint(fsdp_run))
+    assert state["iteration"] == TRAIN_STEPS and state["consumed_samples"] == TRAIN_STEPS * 8
+    assert (find_checkpoint(fsdp_run) / ".metadata").is_file()  # written in the any-layout (DCP) format
+
+
+@pytest.mark.slow
+def test_trainer_tp2_by_fsdp2_equals_one_process(data_dir, tmp_path, one_process):
+    result = _train(_args(data_dir, tmp_path, **{"parallel.fsdp": "true", "parallel.tensor_parallel": 2}), 4)
+    assert "tensor parallel 2 x data parallel 2 (FSDP2)" in result.stdout
+    _close(_losses(tmp_path), one_process, range(1, TRAIN_STEPS + 1))
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_resumes_at_tp2(data_dir, tmp_path, fsdp_run, one_process):
+    """Saved under FSDP2 (DP 2) at step 5, resumed at TP 2 (DDP strategy): steps 6-10 as if never stopped."""
+    result = _train(_args(data_dir, tmp_path, **{"parallel.tensor_parallel": 2, "checkpoint.format": "dcp",
+                                                 "checkpoint.load": fsdp_run / "iter_0000005"}), 2)
+    assert "resuming from" in result.stdout
+    _close(_losses(tmp_path), _losses(fsdp_run), range(6, TRAIN_STEPS + 1))
+
+
+@pytest.mark.slow
+def test_tp2_checkpoint_resumes_under_fsdp(data_dir, tmp_path, one_process):
+    """The reverse: saved at TP 2 (any-layout format) at step 5, resumed under FSDP2 at DP 2."""
+    tp2 = tmp_path / "tp2"
+    _train(_args(data_dir, tp2, **{"parallel.tensor_parallel": 2, "checkpoint.format": "dcp"}), 2)
+    resumed = tmp_path / "fsdp"
+    result = _train(_args(data_dir, resumed, **{"parallel.fsdp": "true", "checkpoint.load": tp2 / "iter_0000005"}), 2)
+    assert "resuming from" in result.stdout
+    _close(_losses(resumed), _losses(tp2), range(6, TRAIN_STEPS + 1))
+    _close(_losses(resumed), one_process, range(6, TRAIN_STEPS + 1))
+
+
+@pytest.mark.slow
+def test_fsdp_resume_is_bit_exact_with_dropout(data_dir, tmp_path):
+    """Dropout on, gradient accumulation 2: stopped at step 4 and resumed under FSDP2, the same loss bits."""
+    dropout = {"parallel.fsdp": "true", "model.attn_dropout": 0.1, "model.resid_dropout": 0.1,
+               "model.embd_dropout": 0.1, "schedule.train_steps": 8, "checkpoint.interval": 4}
+    full, split = tmp_path / "full", tmp_path / "split"
+    _train(_args(data_dir, full, **dropout), 2)
+    _train(_args(data_dir, split, **dropout, **{"checkpoint.exit_at_iteration": 4}), 2)
+    second = _train(_args(data_dir, split, **dropout), 2)
+    assert "resuming from" in second.stdout
+    expected, got = _losses(full), _losses(split)
+    assert sorted(got) == sorted(expected) == list(range(1, 9))
+    for i in range(1, 9):
+        assert got[i] == expected[i], f"iteration {i}: {got[i]!r} != {expected[i]!r}"
+
+
+@pytest.mark.slow
+def test_fsdp_nonfinite_gradient_is_skipped_and_named(data_dir, tmp_path):
+    """A NaN gradient under FSDP2: the step is skipped and counted, the run goes on; two in a row with
+    guard.max_consecutive_nonfinite=2 stop it with a diagnosis naming the parameter."""
+    run = tmp_path / "skip"
+    _train(_args(data_dir, run, **{"parallel.fsdp": "true", "faults.inject_nan_at": "[3]",
+                                   "faults.inject_nan_param": "layers.0.mlp.fc1.weight"}), 2)
+    records = {r["iteration"]: r for r in read_jsonl(run / "metrics.jsonl") if "step_losses" in r}
+    assert records[TRAIN_STEPS]["nonfinite_steps"] == 1
+    assert records[3]["skipped_in_interval"] == 1 and records[4]["skipped_in_interval"] == 0
+    stop = tmp_path / "stop"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "phi1.train",
+               *_args(data_dir, stop, **{"parallel.fsdp": "true", "faults.inject_nan_at": "[3,4]",
+                                         "guard.max_consecutive_nonfinite": 2,
+                                         "faults.inject_nan_param": "layers.0.mlp.fc1.weight"})]
+    result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    diagnosis = (stop / "nonfinite_diagnosis.json").read_text()
+    assert "layers.0.mlp.fc1.weight" in diagnosis
+
+
+@pytest.mark.slow
+def test_hf_export_of_fsdp_checkpoint_loads_in_transformers(fsdp_run, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from phi1.loading import load_pretrained
+
+    out = tmp_path / "hf"
+    outcome = run_bounded(python(str(REPO / "tools" / "export_dcp.py"), "export", str(find_checkpoint(fsdp_run)),
+                                 str(out), "--format", "hf"), timeout_s=300, memory_mb=8192)
+    assert outcome.returncode == 0, outcome.describe()
+    hf = transformers.PhiForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    ours = load_pretrained(find_checkpoint(fsdp_run)).eval()
+    tokens = torch.arange(24).view(2, 12) % 100
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, ours(tokens).logits, atol=1e-5, rtol=1e-5)
+    trained = dict(ours.named_parameters())["layers.0.mlp.fc1.weight"]
+    fresh = dict(PhiForCausalLM(ours.config, init_seed=1234).named_parameters())["layers.0.mlp.fc1.weight"]
+    assert not torch.equal(trained, fresh)  # the export holds the trained weights, not an initialisation
