@@ -1,0 +1,79 @@
+"""Content hashes of files and folders, remembered by (path, size, mtime) so a 35B-token corpus is read once.
+
+A step's cache key is the SHA-256 of its name, its settings and the content hashes of everything it reads; a
+step whose key is unchanged and whose finished output is in place is skipped. Folders hash as the sorted list of
+(relative path, file hash) pairs; symlinks are followed only inside the folder (a link leaving it is an error,
+as the loading code treats checkpoints).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+BLOCK = 1 << 20
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class DigestCache:
+    """sha256 of files by (absolute path, size, mtime_ns), persisted in a JSON file (the recipe's state folder)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        try:
+            self.entries: dict[str, list] = json.loads(self.path.read_text())
+        except (FileNotFoundError, ValueError):
+            self.entries = {}
+
+    def file(self, path: str | os.PathLike) -> str:
+        absolute = os.path.abspath(path)
+        stat = os.stat(absolute)
+        stamp = [stat.st_size, stat.st_mtime_ns]
+        known = self.entries.get(absolute)
+        if known is not None and known[:2] == stamp:
+            return known[2]
+        digest = _file_sha256(absolute)
+        self.entries[absolute] = [*stamp, digest]
+        return digest
+
+    def tree(self, path: str | os.PathLike, skip: tuple[str, ...] = ()) -> str:
+        """A file's hash, or a folder's: its files' relative paths and hashes, sorted (names in `skip` left out)."""
+        root = Path(path)
+        if not root.is_dir():
+            return self.file(root)
+        digest = hashlib.sha256()
+        resolved_root = root.resolve()
+        for file in sorted(p for p in root.rglob("*") if p.is_file()):
+            relative = file.relative_to(root)
+            if any(part in skip for part in relative.parts):
+                continue
+            if not file.resolve().is_relative_to(resolved_root):
+                raise ValueError(f"{file}: a link that leaves {root}; copy the file in instead")
+            digest.update(f"{relative.as_posix()}\0{self.file(file)}\n".encode())
+        return digest.hexdigest()
+
+    def forget(self, folder: str | os.PathLike) -> None:
+        """Drop the entries of files under `folder` (a step's temporary folder, once renamed)."""
+        prefix = os.path.abspath(folder) + os.sep
+        self.entries = {k: v for k, v in self.entries.items() if not k.startswith(prefix)}
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.entries))
+        os.replace(tmp, self.path)
+
+
+def step_key(name: str, settings: dict, inputs: dict[str, str]) -> str:
+    """The cache key of a step: its name, settings and the content hashes of its inputs."""
+    payload = json.dumps({"step": name, "settings": settings, "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()

