@@ -297,7 +297,8 @@ class AnnotateStep(ShardStep):
                 key = record_id(record, options.id_key, record[options.text_key])
                 if key not in seen:
                     seen.add(key)
-                    yield annotated[key]
+                    # The record keeps its own fields (later steps and the result carry them on).
+                    yield json.dumps({**record, **json.loads(annotated[key])}, ensure_ascii=False) + "\n"
 
         _write_atomically(output, in_input_order())
         self.count_lines(stats)
@@ -762,7 +763,11 @@ def _sbatch_recorded(submissions: list[dict], directory: str):
         path = os.path.join(directory, f"sbatch-{len(submissions):02d}.sh")
         with open(path, "w", encoding="utf-8") as handle:
             handle.write(contents)
-        submissions.append({"script": path, "args": list(args), "job_id": job_id})
+        name = next((line.split("=", 1)[1] for line in contents.splitlines()
+                     if line.startswith("#SBATCH --job-name=")), "")
+        # datatrove follows each stage's array job with a one-task job merging its stats.
+        kind = "merge_stats" if "\nmerge_stats " in contents else "stage"
+        submissions.append({"script": path, "args": list(args), "job_id": job_id, "job_name": name, "kind": kind})
         return job_id
 
     slurm.launch_slurm_job = record
