@@ -4,6 +4,7 @@
     python benchmarks/train_throughput.py --preset phi-1 --micro-batch 8 --seq-len 2048 --precision bf16 \
         --steps 20 --compare-hf
     python benchmarks/train_throughput.py --activation-checkpointing selective --compile --document-mask
+    torchrun --nproc-per-node 2 benchmarks/train_throughput.py --fsdp     # FSDP2 over 2 processes (DDP without --fsdp)
 
 Times N training steps (forward, backward, fused AdamW step) after warm-up. With --compare-hf it also runs
 HuggingFace `PhiForCausalLM` (SDPA attention, the same weights, batch, precision and optimizer) in the same
@@ -13,6 +14,10 @@ process and prints both rows and the ratio. MFU counts model FLOPs as `6 N + 12 
 `--compile` (regional: each block; the first warm-up step's time is reported as compile time, apart from the
 step time) and `--document-mask` (an end-of-document token every `--document-length` tokens, attention kept
 inside each document) measure the issue-16 levers in one run each.
+Under torchrun (N processes: gloo on CPU, NCCL on GPUs) the model is data parallel over them: torch DDP, or with
+`--fsdp` FSDP2 (`phi1.parallel.fsdp`: fully_shard per block then the root, parameters gathered in the
+--precision dtype, fp32 master weights and gradient reduction). Rank 0 prints one row: tokens/s of all ranks
+together (each rank runs --micro-batch sequences per step) and the largest peak memory of any rank.
 Runs on CPU too (small presets), so CI exercises it; CPU rows have no MFU (no peak is known for a CPU).
 """
 
@@ -67,6 +72,8 @@ class Row:
     resident set before the model was built, only when the process runs one row (rows in one process cannot be
     told apart: their resident sets overlap); None otherwise."""
     step_ms: float
+    data_parallel: str = "1 process"
+    """'1 process', or 'DDP xN' / 'FSDP2 xN' under torchrun (tokens/s then counts every rank's tokens)."""
 
 
 def attention_kernel_name(model: PhiForCausalLM, device: torch.device, dtype: torch.dtype) -> str:
@@ -141,7 +148,8 @@ def make_optimizer(model, device):
                              fused=device.type == "cuda")
 
 
-def run_ours(config, args, device, batches) -> tuple[Row, dict]:
+def run_ours(config, args, device, batches, state=None) -> tuple[Row, dict]:
+    """Our model; with `state` (a ParallelState of N > 1 processes) wrapped in DDP, or sharded by FSDP2 (--fsdp)."""
     _reset_peak(device)
     model = PhiForCausalLM(config, init_seed=0).to(device)
     model.activation_checkpointing = args.activation_checkpointing
@@ -156,18 +164,32 @@ def run_ours(config, args, device, batches) -> tuple[Row, dict]:
     if args.compile:
         model.compile_blocks()
         block_forward = "compiled blocks"
+    trained = model
+    if state is not None and args.fsdp:
+        from phi1.parallel.fsdp import shard_model
+
+        shard_model(model, state, args.precision)
+    elif state is not None:
+        from phi1.parallel.data_parallel import wrap_data_parallel
+
+        trained = wrap_data_parallel(model, state)
     optimizer = make_optimizer(model, device)
 
     def step(tokens):
-        return model(tokens[:, :-1], labels=tokens[:, 1:]).loss
+        return trained(tokens[:, :-1], labels=tokens[:, 1:]).loss
 
     seconds, first = time_steps(model, step, optimizer, batches, args, device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
     attention = attention_kernel_name(model, device, dtype) + (f", {block_forward}" if block_forward else "")
     row = _row("phi1", config, args, device, seconds, _peak(device), attention, model.fused_ops)
     row.compile_s = first if args.compile else None
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return row, state
+    if state is not None:
+        row.data_parallel = f"{'FSDP2' if args.fsdp else 'DDP'} x{state.world_size}"
+        row.tokens_per_second *= state.world_size
+        row.tflops_per_second *= state.world_size
+        return row, {}
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return row, weights
 
 
 def run_hf(config, args, device, batches, phi1_state) -> Row:
@@ -223,18 +245,29 @@ def _row(system, config, args, device, seconds, peak_gib, attention, fused_ops) 
 
 def print_table(rows: list[Row], device: torch.device) -> None:
     print(f"device: {device_name(device)}")
-    header = (f"{'system':<20} {'preset':<12} {'mb':>3} {'seq':>5} {'prec':>5} {'ckpt':>9} {'fused':>5} {'docs':>5} "
+    header = (f"{'system':<20} {'parallel':<10} {'preset':<12} {'mb':>3} {'seq':>5} {'prec':>5} {'ckpt':>9} {'fused':>5} {'docs':>5} "
               f"{'tokens/s':>11} {'TFLOP/s':>8} {'MFU':>7} {'peak GiB':>9} {'step ms':>9} {'compile s':>9}  attention")
     print(header)
     for r in rows:
         m = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "n/a"
         mem = f"{r.peak_memory_gib:.2f}" if r.peak_memory_gib is not None else "n/a"
         compiled = f"{r.compile_s:.1f}" if r.compile_s is not None else "-"
-        print(f"{r.system:<20} {r.preset:<12} {r.micro_batch:>3} {r.seq_len:>5} {r.precision:>5} {r.activation_checkpointing:>9} "
+        print(f"{r.system:<20} {r.data_parallel:<10} {r.preset:<12} {r.micro_batch:>3} {r.seq_len:>5} {r.precision:>5} {r.activation_checkpointing:>9} "
               f"{str(r.fused_ops):>5} {str(r.document_mask):>5} {r.tokens_per_second:>11.1f} {r.tflops_per_second:>8.2f} "
               f"{m:>7} {mem:>9} {r.step_ms:>9.1f} {compiled:>9}  {r.attention}")
     if len(rows) == 2:
         print(f"ratio phi1 / HF tokens/s: {rows[0].tokens_per_second / rows[1].tokens_per_second:.2f}x")
+
+
+def _max_over_ranks(value: float | None, device: torch.device) -> float | None:
+    """The largest of every rank's `value` (a collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    if value is None:
+        return None
+    tensor = torch.tensor(value, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -267,9 +300,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="CUDA: cap this process's memory (torch.cuda.set_per_process_memory_fraction), e.g. 80 "
                              "to measure an 80 GB GPU's fit on a larger one")
     parser.add_argument("--json-out", type=Path, default=None, help="write the rows as JSON here")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="under torchrun: shard with FSDP2 over the processes instead of DDP")
     args = parser.parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.fsdp and world_size < 2:
+        parser.error("--fsdp shards over data-parallel processes: launch with torchrun --nproc-per-node N (N >= 2)")
+    if world_size > 1 and (args.compare_hf or args.hf_only):
+        parser.error("--compare-hf / --hf-only run in one process; launch without torchrun")
 
-    device = torch.device(args.device)
+    state = None
+    if world_size > 1:
+        from phi1.parallel.state import init_distributed
+
+        state = init_distributed(1)
+        device = state.device
+    else:
+        device = torch.device(args.device)
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     config = get_preset(args.preset, attention_backend=args.attention_backend)
     args.seq_len = args.seq_len or config.max_seq_len
@@ -281,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--compile with --activation-checkpointing selective is not supported (see validate_config)")
     if args.compile and args.warmup < 1:
         parser.error("--compile needs --warmup >= 1: the first warm-up step compiles")
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(state.rank if state is not None else 0)
     # Ids from 1 up: 0 is the end-of-document token of --document-mask, placed only where documents end.
     batches = [torch.randint(1, config.vocab_size, (args.micro_batch, args.seq_len + 1), generator=generator).to(device)
                for _ in range(2)]
@@ -304,12 +351,19 @@ def main(argv: list[str] | None = None) -> int:
         # before it measures HF's memory.
         rows.append(run_hf(config, args, device, batches, PhiForCausalLM(config, init_seed=0).state_dict()))
     else:
-        ours, state = run_ours(config, args, device, batches)
+        ours, weights = run_ours(config, args, device, batches, state)
         rows.append(ours)
         if args.compare_hf:
-            rows.append(run_hf(config, args, device, batches, state))
+            rows.append(run_hf(config, args, device, batches, weights))
     if resident_before is not None and len(rows) == 1:
         rows[0].peak_memory_gib = peak_resident_gib() - resident_before
+    if state is not None:
+        from phi1.parallel.state import destroy_distributed
+
+        rows[0].peak_memory_gib = _max_over_ranks(rows[0].peak_memory_gib, device)
+        destroy_distributed()
+        if state.rank != 0:
+            return 0
     print_table(rows, device)
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
