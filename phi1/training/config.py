@@ -4,10 +4,25 @@ overrides, validated in one function before any process-group work, and saved as
     python -m phi1.train --config configs/pretrain_phi1.yaml optim.lr=5e-4 batch.micro_batch_size=4
     python -m phi1.train --help-config          # every field: dotted name, type, default, one-line doc
 
-Every override is typed by the dataclass field it names (`parallel.tensor_parallel=2` is an int,
-`optim.betas=[0.9,0.95]` a pair of floats); an unknown key is an error that names it. The `model` section is a
-preset name plus any `ModelConfig` field (`model.n_layer=2`), so the model's fields are declared once, in
-`phi1.core.config`.
+Every value, from a file or an override, is typed by the dataclass field it names (`parallel.tensor_parallel=2`
+is an int, `optim.betas=[0.9,0.95]` a pair of floats, `schedule.decay=cosine` one of its Literal choices) by
+jsonargparse, a library made for YAML configs of typed dataclasses with dotted overrides; an unknown key is an
+error that names it and the closest option. The `model` section is a preset name plus any `ModelConfig` field
+(`model.n_layer=2`), so the model's fields are declared once, in `phi1.core.config`.
+
+Why jsonargparse and not tyro (torchtitan's choice): tyro parses a command line of `--optim.lr 3e-4` flags and
+exits on the first bad one with a formatted box, while phi1 reads YAML values (already typed by the YAML loader)
+and `key.sub=value` words, and must list every problem of a file and its overrides at once, one line each;
+jsonargparse types a nested mapping of YAML values or strings (`parse_object`) against the same dataclasses,
+raises instead of exiting, and lets its string loader be replaced. What phi1 keeps of its own, and why:
+  - reading the file (ConfigLoader, below) and `[...]` override values: the library must never see a tag, an
+    alias or unbounded nesting, and the refusal names the file, line and column;
+  - naming unknown keys, with the closest option (difflib): jsonargparse stops at the first and suggests none;
+  - the words of a refused value ('expected an integer, got ...'), written from the field's type, and a check
+    that numbers are finite (jsonargparse's float takes nan and inf, which no config means);
+  - three spellings older configs use (see `_compatible`): `fused_ops: off` (a YAML 1.1 boolean given to a
+    string field), `checkpoint.load=none`, `profiling.steps=5,7`.
+`--help-config` stays generated from the same dataclasses (field docstrings), so the options have one source.
 
 Bad input is reported all at once: `load_config` collects every unknown key and badly typed value of the file
 and the overrides, `validate_config` every out-of-range or contradictory setting (and a size whose memory
@@ -730,6 +745,26 @@ def _compatible(value: Any, hint: Any) -> Any:
     return value
 
 
+def _unsafe_text(value: Any, dotted: str) -> str | None:
+    """The ConfigLoader refusal of a text in `value` that jsonargparse would read as YAML, or None.
+
+    jsonargparse reads a string given for a number, a boolean or a list with its own YAML loader, which expands
+    aliases (and then prints what it read in its refusal); so every such string (a list's items too) is read by
+    ConfigLoader first: no alias bomb, tag or deep nesting reaches the library, from a file or the command line.
+    A field that takes strings keeps the text as it is, unread.
+    """
+    if isinstance(value, str):
+        try:
+            parse_yaml(value, dotted)
+        except ConfigError as error:
+            return error.problems[0]
+    elif isinstance(value, (list, tuple)):
+        return next((why for why in (_unsafe_text(item, dotted) for item in value) if why is not None), None)
+    elif isinstance(value, dict):
+        return _unsafe_text(list(value.values()), dotted)
+    return None
+
+
 def _type_words(hint: Any) -> str:
     """What values of `hint` are, for a message: 'an integer', 'a list of integers', '2 numbers'."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -753,6 +788,13 @@ def _refusal(dotted: str, hint: Any, value: Any) -> str:
     """The line for a value that jsonargparse refused for the field `dotted` of type `hint`."""
     if typing.get_origin(hint) is typing.Literal:
         return f"{dotted}: must be one of {typing.get_args(hint)}, got {shown(value)}"
+    if _accepts(hint, float) and isinstance(value, str):
+        try:
+            number = float(value.strip().replace("_", ""))
+        except (ValueError, OverflowError):
+            number = 0.0
+        if not math.isfinite(number):  # 'nan', 'inf': a number, but not one a config can mean
+            return f"{dotted}: must be a finite number, got {shown(value)}"
     return f"{dotted}: expected {_type_words(hint)}, got {shown(value)}"
 
 
@@ -788,10 +830,13 @@ def typed_values(pairs: typing.Iterable[tuple[str, Any]]) -> tuple[list[tuple[st
     candidates: list[tuple[int, str, Any]] = []
     for index, (dotted, value) in enumerate(pairs):
         why = _key_problem(dotted, suggest=len(problems) < MAX_LISTED_PROBLEMS)
+        if why is None:
+            value = _compatible(value, types_[dotted])
+            why = None if _accepts(types_[dotted], str) else _unsafe_text(value, dotted)
         if why is not None:
             problems[index] = why
         else:
-            candidates.append((index, dotted, _compatible(value, types_[dotted])))
+            candidates.append((index, dotted, value))
     typed: dict[int, Any] = {}
     try:  # one call for the whole source; only when it refuses something, one call per value to find them all
         values = _parsed(parser, [(dotted, value) for _, dotted, value in candidates])
@@ -813,14 +858,18 @@ def typed_values(pairs: typing.Iterable[tuple[str, Any]]) -> tuple[list[tuple[st
 
 
 def _build(pairs: list[tuple[str, Any]]) -> TrainConfig:
-    """The TrainConfig of the defaults with the typed `pairs` applied in order: jsonargparse instantiates each
-    section dataclass; the given model fields become ModelSection.overrides."""
-    parser = _parser()
-    built = parser.instantiate(parser.parse_object(_nested(pairs)))
-    model = {dotted.removeprefix("model."): value for dotted, value in pairs if dotted.startswith("model.")}
-    preset = model.pop("preset", ModelSection.preset)
-    values = {item.name: built[item.name] for item in dataclasses.fields(TrainConfig) if item.name != "model"}
-    return TrainConfig(model=ModelSection(preset=preset, overrides=model), **values)
+    """The TrainConfig of the defaults with the typed `pairs` (from `typed_values`) applied in order; the given
+    model fields become ModelSection.overrides."""
+    config = TrainConfig()
+    for dotted, value in pairs:
+        section, _, name = dotted.rpartition(".")
+        if dotted == "model.preset":
+            config.model.preset = value
+        elif section == "model":
+            config.model.overrides[name] = value
+        else:
+            setattr(getattr(config, section) if section else config, name, value)
+    return config
 
 
 def _flatten(values: dict, prefix: str = "") -> list[tuple[str, Any]]:
