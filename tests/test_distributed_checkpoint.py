@@ -276,6 +276,64 @@ def test_reshard_across_layouts(one_process_run):
     assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in state)
 
 
+def _fsdp_model(mesh, init_seed: int):
+    from torch.distributed.fsdp import fully_shard
+
+    model = PhiForCausalLM(CONFIG, init_seed=init_seed)
+    for block in model.layers:
+        fully_shard(block, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    return model
+
+
+def _fsdp_worker(rank: int, world: int, one_process_ckpt: str, out: str) -> dict:
+    """FSDP2 over dp=2 (parameters and moments are DTensors sharded by rows): load the one-process checkpoint,
+    save it again, load that into a fresh FSDP2 model; return the whole tensors each time."""
+    mesh = _mesh(world, pp=1, tp=1)
+    model = _fsdp_model(mesh, init_seed=21)
+    optimizer = _optimizer(model)
+    dck.load_checkpoint(one_process_ckpt, [model], optimizer, mesh, verify=verify_checkpoint)
+
+    def whole(module, opt):
+        out = {}
+        for name, param in module.named_parameters():
+            out[f"model.{name}"] = param.full_tensor().clone()
+            for key, value in opt.state[param].items():
+                out[f"optim.{name}.{key}"] = value.full_tensor().clone() if key != "step" else value.clone()
+        return out
+
+    loaded = whole(model, optimizer)
+    dck.save_checkpoint(out, [model], optimizer, mesh, trainer_state={"iteration": 1}, model_config=CONFIG.to_dict(),
+                        seal=write_manifest).wait()
+    again = _fsdp_model(mesh, init_seed=22)
+    again_optimizer = _optimizer(again)
+    dck.load_checkpoint(out, [again], again_optimizer, mesh, verify=verify_checkpoint)
+    return {"loaded": loaded, "reloaded": whole(again, again_optimizer)}
+
+
+@pytest.mark.slow
+def test_fsdp2_parameters_save_and_load_at_any_layout(one_process_run, tmp_path):
+    """FSDP2 (issue 16): a one-process checkpoint loads into fully_shard'ed parameters and AdamW moments, an
+    FSDP2 save (each DP rank writing its rows) reads back whole in one process and into FSDP2 again, identical."""
+    saved = one_process_run["saved"]
+    out = tmp_path / "fsdp2" / "iter_0000001"
+    results = run_on_gloo(_fsdp_worker, 2, str(one_process_run["ckpt"]), str(out), timeout_s=600)
+    for rank, result in enumerate(results):
+        for what in ("loaded", "reloaded"):
+            assert result[what].keys() == saved.keys()
+            for key, value in saved.items():
+                assert torch.equal(result[what][key], value), f"rank {rank}, {what}: {key}"
+    assert sorted(p.name for p in out.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    for prefix in ("model.", "optim."):
+        whole = dck.read_full_state_dict(out, prefix)
+        assert all(torch.equal(whole[k], saved[prefix + k]) for k in whole)
+    model = PhiForCausalLM(CONFIG, init_seed=23)  # and at one process, with the optimizer
+    optimizer = _optimizer(model)
+    dck.load_checkpoint(out, [model], optimizer, None, verify=verify_checkpoint)
+    state = _full_state(model, optimizer)
+    assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
+
+
 def test_fallback_to_previous_checkpoint(one_process_run, tmp_path):
     """The trainer's fallback (find_verified_checkpoint) passes over a damaged DCP checkpoint to the previous one."""
     from phi1.training.checkpointing import find_verified_checkpoint

@@ -221,6 +221,32 @@ def test_phi1_format_optimizer_that_does_not_fit_is_named(tmp_path):
         optimizer_state_by_name(tmp_path, CONFIG)
 
 
+@pytest.mark.parametrize("before,after", [((2, 1), (1, 4)), ((1, 4), (2, 2)), ((2, 2), (4, 1)), ((1, 1), (2, 4))],
+                         ids=["M2xD1-to-M1xD4", "M1xD4-to-M2xD2", "M2xD2-to-M4xD1", "M1xD1-to-M2xD4"])
+def test_global_batch_is_the_same_samples_at_every_layout(before, after):
+    """MicroBatchSampler: global step k takes exactly samples [k G, (k+1) G) whatever the micro-batch size M,
+    DP size D and accumulation A = G / (M D); so `consumed_samples` resumes at any other layout with no sample
+    skipped or repeated (only which rank sees which sample of the step changes, and the step's loss is their
+    mean)."""
+    from phi1.data.samplers import MicroBatchSampler
+
+    total, global_batch, steps_before = 96, 8, 3
+
+    def global_steps(consumed: int, micro: int, dp: int, steps: int) -> list[set[int]]:
+        accum = global_batch // (micro * dp)
+        iterators = [iter(MicroBatchSampler(total, consumed, micro, rank, dp)) for rank in range(dp)]
+        out = []
+        for _ in range(steps):
+            out.append({i for _ in range(accum) for it in iterators for i in next(it)})
+        return out
+
+    first = global_steps(0, *before, steps_before)
+    consumed = steps_before * global_batch  # what trainer_state.json records
+    rest = global_steps(consumed, *after, total // global_batch - steps_before)
+    for k, samples in enumerate(first + rest):
+        assert samples == set(range(k * global_batch, (k + 1) * global_batch)), f"global step {k + 1}"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Through the trainer (python -m phi1.train under torchrun, gloo): save at one layout, resume at another
 
