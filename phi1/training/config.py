@@ -51,7 +51,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jsonargparse
 import yaml
@@ -159,7 +159,7 @@ class DataSection:
     """Train, validation and test proportions of the documents."""
     seq_len: int = 2048
     """Tokens per training sample (the model's context during training)."""
-    tokenizer_type: str = "auto"
+    tokenizer_type: Literal[TOKENIZER_TYPE_CHOICES] = "auto"
     """'auto' (inferred from data.tokenizer_model: a SentencePiece .model, a tokenizer.json, or a GPT-2
     vocab.json + merges.txt directory), or SentencePieceTokenizer, HuggingFaceTokenizer or GPT2BPETokenizer,
     which must match the file."""
@@ -188,7 +188,7 @@ class ParallelSection:
     """Gradient all-reduce bucket size of DDP, MB."""
     pipeline_parallel: int = 1
     """Pipeline stages the blocks are split into (ranks laid out TP adjacent, then PP, then DP)."""
-    pipeline_schedule: str = "1f1b"
+    pipeline_schedule: Literal[PIPELINE_SCHEDULES] = "1f1b"
     """Pipeline schedule: '1f1b', 'interleaved' (Megatron's, needs virtual_stages >= 2) or 'gpipe' (reference)."""
     virtual_stages: int = 1
     """Model chunks per pipeline rank under the interleaved schedule (bubble (P-1)/(V m + P-1))."""
@@ -216,7 +216,7 @@ class OptimSection:
     """Decoupled weight decay of matrices and embeddings (none on biases and LayerNorms)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping (the norm is still logged)."""
-    impl: str = "auto"
+    impl: Literal[OPTIMIZER_IMPLS] = "auto"
     """'auto' (torch fused on CUDA, torch foreach elsewhere), 'torch', 'torch-fused' or 'apex' (FusedAdam)."""
 
 
@@ -228,7 +228,7 @@ class ScheduleSection:
     """Optimizer steps of the run (the schedule ends here)."""
     warmup_steps: int = 750
     """Linear warmup from 0 to optim.lr over these steps."""
-    decay: str = "linear"
+    decay: Literal[DECAYS] = "linear"
     """Decay after warmup, down to optim.min_lr at train_steps: 'linear', 'cosine' or 'constant'."""
 
 
@@ -295,7 +295,7 @@ class LoggingSection:
     """Peak dense TFLOP/s of one device, for MFU where the device is not in phi1.training.metrics.PEAK_TFLOPS."""
     wandb_project: str | None = None
     """Also log to this Weights & Biases project (needs `pip install wandb`); None disables."""
-    wandb_mode: str = "online"
+    wandb_mode: Literal[WANDB_MODES] = "online"
     """W&B mode: 'online', 'offline' (no network; sync later with `wandb sync`) or 'disabled'."""
     wandb_run_name: str | None = None
     """W&B run name; default the name of checkpoint.dir."""
@@ -405,7 +405,7 @@ class TrainConfig:
     """Non-finite loss / gradient handling."""
     profiling: ProfilingSection = field(default_factory=ProfilingSection)
     """torch.profiler traces."""
-    precision: str = "auto"
+    precision: Literal[PRECISION_CHOICES] = "auto"
     """'auto' (bf16 on GPUs that have it, fp16 with loss scaling on older GPUs, fp32 on CPU), 'fp32', 'bf16'
     (autocast, no scaler) or 'fp16' (autocast with dynamic loss scaling; GPUs only)."""
     activation_checkpointing: str = "none"
@@ -419,7 +419,7 @@ class TrainConfig:
     loss_chunk_size: int = 0
     """Tokens per chunk of the fused lm_head + loss, which never holds the micro-batch's whole logits (0: off;
     used at tensor_parallel 1, where the vocab-parallel loss does not already split them; not with ZeRO-3)."""
-    fused_ops: str = "auto"
+    fused_ops: Literal[FUSED_OPS_MODES] = "auto"
     """csrc/fused_ops (bias + gelu, rotary on q/k/v): 'auto' builds and uses them on CUDA, falling back to the
     PyTorch references with a warning; 'on' fails at start-up if they cannot be built; 'off' never uses them."""
     seed: int = 1234
