@@ -96,6 +96,54 @@ def _fsdp_train(rank: int, world_size: int, tp: int, sequence_parallel: bool, ac
             "tp_rank": state.tp_rank}
 
 
+def _fsdp_policies(rank: int, world_size: int) -> dict:
+    """bf16 mixed precision (gathered weights in bf16 inside the forward, fp32 shards, gradients and moments) and
+    CPU offload (fp32: the same losses as without it)."""
+    state = init_distributed(1)
+    per_rank = GLOBAL_BATCH // state.dp_size
+    out = {}
+    for name, precision, offload in (("bf16", "bf16", False), ("offload", "fp32", True)):
+        model = PhiForCausalLM(get_preset("phi-1-nano"))
+        fsdp.shard_model(model, state, precision, cpu_offload=offload)
+        seen = []
+        hook = model.layers[0].attn.qkv.register_forward_pre_hook(lambda m, args, seen=seen: seen.append(m.weight.dtype))
+        optimizer = _optimizer(model)
+        losses = []
+        for batch in _batches(model.config.vocab_size):
+            mine = batch[state.dp_rank * per_rank:(state.dp_rank + 1) * per_rank]
+            loss = model(mine[:, :-1], labels=mine[:, 1:]).loss
+            loss.backward()
+            grad_dtypes = {p.grad.dtype for p in model.parameters()}
+            fsdp.clip_grad_norm_(model, MAX_NORM, state)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            total = loss.detach().float()
+            torch.distributed.all_reduce(total, group=state.dp_group)
+            losses.append(float(total) / state.dp_size)
+        hook.remove()
+        out[name] = {
+            "losses": losses, "compute_dtypes": sorted({str(d) for d in seen}),
+            "param_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+            "grad_dtypes": sorted(str(d) for d in grad_dtypes),
+            "moment_dtypes": sorted({str(optimizer.state[p]["exp_avg"].dtype) for p in model.parameters()}),
+            "devices": sorted({fsdp.local(p).device.type for p in model.parameters()}),
+        }
+    return out
+
+
+@pytest.mark.slow
+def test_fsdp_mixed_precision_and_cpu_offload(reference):
+    ref_losses = reference[0]
+    result = run_on_gloo(_fsdp_policies, 2, timeout_s=600)[0]
+    bf16 = result["bf16"]
+    assert bf16["compute_dtypes"] == ["torch.bfloat16"]  # blocks compute with bf16 weights
+    assert bf16["param_dtypes"] == bf16["grad_dtypes"] == bf16["moment_dtypes"] == ["torch.float32"]  # fp32 master
+    assert _relative(bf16["losses"], ref_losses) < 2e-2  # bf16 rounding, the same run
+    offload = result["offload"]
+    assert offload["devices"] == ["cpu"] and offload["compute_dtypes"] == ["torch.float32"]
+    assert _relative(offload["losses"], ref_losses) < REL_TOL
+
+
 def _relative(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
 
@@ -275,6 +323,27 @@ def test_fsdp_nonfinite_gradient_is_skipped_and_named(data_dir, tmp_path):
     assert result.returncode != 0
     diagnosis = (stop / "nonfinite_diagnosis.json").read_text()
     assert "layers.0.mlp.fc1.weight" in diagnosis
+
+
+@pytest.mark.slow
+def test_throughput_benchmark_fsdp_row(tmp_path):
+    out = tmp_path / "rows.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               str(REPO / "benchmarks" / "train_throughput.py"), "--preset", "phi-1-nano", "--micro-batch", "2",
+               "--steps", "2", "--warmup", "1", "--fsdp", "--json-out", str(out)]
+    result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["data_parallel"] == "FSDP2 x2" and row["tokens_per_second"] > 0 and row["peak_memory_gib"] > 0
+
+
+def test_throughput_benchmark_fsdp_needs_processes():
+    outcome = run_bounded(python(str(REPO / "benchmarks" / "train_throughput.py"), "--fsdp"), timeout_s=120,
+                          memory_mb=4096)
+    assert outcome.returncode == 2
+    assert "--fsdp shards over data-parallel processes: launch with torchrun" in outcome.stderr
 
 
 @pytest.mark.slow
