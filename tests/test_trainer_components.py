@@ -66,6 +66,7 @@ def test_registry_selects_by_config_and_refuses_unknown_names() -> None:
     assert strategy_name(tiny_config()) == "ddp"
     assert strategy_name(tiny_config("parallel.zero_stage=2")) == "zero"
     assert strategy_name(tiny_config("parallel.pipeline_parallel=2")) == "pipeline"
+    assert strategy_name(tiny_config("parallel.fsdp=true")) == "fsdp"
     for name in STRATEGIES:
         cls = strategy_class(name)
         assert issubclass(cls, StepStrategy) and cls.name == name

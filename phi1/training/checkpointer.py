@@ -36,7 +36,7 @@ import torch.distributed as dist
 from phi1.core.config import ModelConfig
 from phi1.parallel.state import ParallelState
 from phi1.training import checkpointing
-from phi1.training.config import ConfigError, TrainConfig
+from phi1.training.config import ConfigError, TrainConfig, checkpoint_format
 from phi1.training.fault_injection import FaultHooks
 from phi1.training.guard import StepGuard
 from phi1.training.schedule import LRSchedule
@@ -130,14 +130,9 @@ CHECKPOINT_FORMATS: dict[str, str] = {
 
 
 def format_name(config: TrainConfig) -> str:
-    """The format a run writes: checkpoint.format, where 'auto' (or no such option) is 'dcp' under pipeline
-    parallelism or FSDP and 'phi1' otherwise."""
-    chosen = getattr(config.checkpoint, "format", "auto")
-    if chosen != "auto":
-        return chosen
-    parallel = config.parallel
-    sharded = getattr(parallel, "pipeline_parallel", 1) > 1 or getattr(parallel, "fsdp", False)
-    return "dcp" if sharded else "phi1"
+    """The format a run writes: checkpoint.format, where 'auto' is 'dcp' under pipeline parallelism or FSDP and
+    'phi1' otherwise (phi1.training.config.checkpoint_format, the one place that decides)."""
+    return checkpoint_format(config)
 
 
 def format_class(name: str) -> type[CheckpointFormat]:

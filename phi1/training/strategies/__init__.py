@@ -28,9 +28,9 @@ def strategy_name(config: TrainConfig) -> str:
     """The strategy `config` selects: 'pipeline' when parallel.pipeline_parallel > 1 (its DP side may be DDP or
     ZeRO-1), 'fsdp' when parallel.fsdp, 'zero' when parallel.zero_stage > 0, else 'ddp'."""
     parallel = config.parallel
-    if getattr(parallel, "pipeline_parallel", 1) > 1:
+    if parallel.pipeline_parallel > 1:
         return "pipeline"
-    if getattr(parallel, "fsdp", False):
+    if parallel.fsdp:
         return "fsdp"
     if parallel.zero_stage > 0:
         return "zero"
