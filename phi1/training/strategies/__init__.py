@@ -2,6 +2,8 @@
 
     ddp       phi1.training.strategies.ddp        torch DDP (or one process), fp16 loss scaling, SP grads, clipping
     zero      phi1.training.strategies.zero       DeepSpeed ZeRO-1/2/3: the engine accumulates, clips and steps
+    pipeline  phi1.training.strategies.pipeline   pipeline stages (1F1B, interleaved, GPipe) x TP x DDP / ZeRO-1
+    fsdp      phi1.training.strategies.fsdp       FSDP2 (fully_shard over the data-parallel group) x TP
 
 The registry maps a name to "module:Class" and imports the module only when that strategy is built, so a run
 never imports DeepSpeed (or a pipeline schedule) it does not use. A new strategy is a module with a StepStrategy
