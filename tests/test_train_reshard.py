@@ -247,6 +247,20 @@ def test_global_batch_is_the_same_samples_at_every_layout(before, after):
         assert samples == set(range(k * global_batch, (k + 1) * global_batch)), f"global step {k + 1}"
 
 
+@pytest.mark.parametrize("override,names", [
+    (["checkpoint.format=zip"], "checkpoint.format"),
+    (["checkpoint.format=phi1", "checkpoint.async_save=true"], "checkpoint.async_save"),
+    (["checkpoint.format=dcp", "parallel.zero_stage=2"], "checkpoint.format"),
+], ids=["unknown-format", "async-without-dcp", "dcp-with-deepspeed-zero"])
+def test_checkpoint_options_that_cannot_work_are_one_line(data_dir, tmp_path, override, names):
+    from phi1.testing.hostile import assert_clear_error, python, run_bounded
+
+    args = _args(data_dir, tmp_path / "run") + override
+    outcome = run_bounded(python("-m", "phi1.train", *args), timeout_s=120, memory_mb=4096, cwd=REPO, env=_env())
+    assert_clear_error(outcome, names=names)
+    assert not (tmp_path / "run").exists()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Through the trainer (python -m phi1.train under torchrun, gloo): save at one layout, resume at another
 
@@ -306,6 +320,7 @@ LAYOUTS = {
     "TP2xDP2": (4, {"parallel.tensor_parallel": 2}),
     "PP2": (2, {"parallel.pipeline_parallel": 2}),
     "PP2xDP2": (4, {"parallel.pipeline_parallel": 2}),
+    "PP2xDP2-ZeRO1": (4, {"parallel.pipeline_parallel": 2, "parallel.zero_stage": 1}),
 }
 
 
@@ -334,7 +349,9 @@ def reference(data_dir, tmp_path_factory) -> Path:
     ("1", "PP2xDP2", "dcp", False),
     ("PP2", "TP2", "dcp", True),
     ("TP2", "1", "phi1", False),
-], ids=["1-to-TP2", "TP2xDP2-to-1", "1-to-PP2xDP2", "PP2-async-to-TP2", "phi1-format-TP2-to-1"])
+    ("PP2xDP2-ZeRO1", "1", "dcp", False),
+], ids=["1-to-TP2", "TP2xDP2-to-1", "1-to-PP2xDP2", "PP2-async-to-TP2", "phi1-format-TP2-to-1",
+        "PP2xDP2-ZeRO1-to-1"])
 def test_resume_at_another_layout_continues_the_run(data_dir, reference, tmp_path, saved_at, resumed_at, fmt,
                                                     async_save):
     """Saved at iteration 3 at one layout, resumed at another: the continued losses equal the uninterrupted
