@@ -12,6 +12,7 @@ check, so they are checked the same way.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import types
 import typing
@@ -72,6 +73,8 @@ class Inputs:
 class AnnotateStep:
     """Step 1: the teacher scores a random sample of the corpus (tools/quality_filter.py annotate)."""
 
+    model: str | None = None
+    """The teacher's model name for this step (default: teacher.model); the paper annotated with GPT-4."""
     sample: int = 100000
     """Files annotated (the paper: about 100k), drawn at random with `seed`; all of them when the corpus is smaller."""
     seed: int = 0
@@ -131,6 +134,8 @@ class SynthesizeStep:
 
     count: int = 0
     """Records to generate (0 skips the step's generation: it then contributes nothing)."""
+    model: str | None = None
+    """The teacher's model name for this step (default: teacher.model); the paper generated with GPT-3.5."""
     max_tokens: int = 512
     temperature: float = 1.0
     seed: int = 0
@@ -293,6 +298,9 @@ def apply_override(raw: dict, override: str, source: str) -> None:
         raise ConfigError(f"override {override!r}: the value is not YAML ({str(error).splitlines()[0]})") from None
     node = raw
     parts = key.split(".")
+    if "overrides" in parts[:-1]:  # a training override's own key keeps its dots: steps.pretrain.overrides.a.b=1
+        cut = parts.index("overrides") + 1
+        parts = [*parts[:cut], ".".join(parts[cut:])]
     for part in parts[:-1]:
         if not isinstance(node.get(part), dict):
             node[part] = {} if node.get(part) is None else node[part]
@@ -328,8 +336,24 @@ def load_recipe(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recip
         apply_override(raw, override, path)
     recipe = _build(Recipe, raw, "", path)
     recipe.source = path
+    recipe.inputs.corpus = _expand(recipe.inputs.corpus, path, "inputs.corpus")
+    recipe.inputs.exercises = _expand(recipe.inputs.exercises, path, "inputs.exercises")
     check_recipe(recipe)
     return recipe
+
+
+def _expand(paths: list[str], source: str, key: str) -> list[str]:
+    """Entries with glob characters (data/raw/*.jsonl) replaced by the files they match, sorted."""
+    expanded = []
+    for pattern in paths:
+        if glob.has_magic(pattern):
+            matches = sorted(glob.glob(pattern))
+            if not matches:
+                raise ConfigError(f"{source}: {key}: {pattern}: matches no file")
+            expanded += matches
+        else:
+            expanded.append(pattern)
+    return expanded
 
 
 def check_recipe(recipe: Recipe) -> None:

@@ -87,8 +87,9 @@ def _read_json(path: str | os.PathLike) -> dict:
         return {}
 
 
-def _teacher_args(ctx: StepContext) -> list[str]:
+def _teacher_args(ctx: StepContext, step_model: str | None) -> list[str]:
     base_url, model = ctx.teacher()
+    model = step_model or model
     teacher = ctx.recipe.teacher
     args = ["--base-url", base_url, "--api", teacher.api, "--concurrency", str(teacher.concurrency),
             "--requests-per-minute", str(teacher.requests_per_minute)]
@@ -113,7 +114,7 @@ def annotate(ctx: StepContext) -> dict:
 
     written = _write_jsonl(sample, sampled())
     argv = [*_py(), ctx.tool("quality_filter.py"), "annotate", "--input", str(sample), "--output",
-            str(ctx.out / "annotated.jsonl"), *_teacher_args(ctx), "--scale", str(config.scale),
+            str(ctx.out / "annotated.jsonl"), *_teacher_args(ctx, config.model), "--scale", str(config.scale),
             "--label-threshold", str(config.label_threshold), "--max-tokens", str(config.max_tokens),
             "--max-chars", str(config.max_chars), "--max-attempts", str(config.max_attempts), "--seed",
             str(config.seed), "--counts", str(ctx.out / "counts.json"), "--no-progress", *config.extra_args]
@@ -211,7 +212,7 @@ def _synthesize(ctx: StepContext, kind: str) -> dict:
         return {"requested": 0, "ok": 0}
     argv = [*_py(), ctx.tool("generate_synthetic.py"), "--output", str(output),
             "--textbooks", str(config.count if kind == "textbook" else 0),
-            "--exercises", str(config.count if kind == "exercise" else 0), *_teacher_args(ctx),
+            "--exercises", str(config.count if kind == "exercise" else 0), *_teacher_args(ctx, config.model),
             "--max-tokens", str(config.max_tokens), "--temperature", str(config.temperature), "--seed", str(config.seed),
             "--max-attempts", str(config.max_attempts), "--counts", str(ctx.out / "counts.json"), "--no-progress",
             *config.extra_args]
