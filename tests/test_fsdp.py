@@ -24,7 +24,7 @@ from phi1.core.model import PhiForCausalLM
 from phi1.parallel import fsdp
 from phi1.parallel.optim import param_groups
 from phi1.parallel.state import init_distributed
-from phi1.testing.hostile import python, run_bounded
+from phi1.testing.hostile import assert_clear_error, python, run_bounded
 from phi1.testing.spawn import run_on_gloo
 from phi1.testing.synthetic import write_synthetic_dataset
 from phi1.training.checkpointing import find_checkpoint, read_trainer_state
@@ -323,6 +323,22 @@ def test_fsdp_nonfinite_gradient_is_skipped_and_named(data_dir, tmp_path):
     assert result.returncode != 0
     diagnosis = (stop / "nonfinite_diagnosis.json").read_text()
     assert "layers.0.mlp.fc1.weight" in diagnosis
+
+
+@pytest.mark.parametrize("overrides,world_size,names", [
+    (["parallel.fsdp=true", "parallel.zero_stage=1"], 2, "parallel.fsdp: FSDP2 and DeepSpeed ZeRO-1"),
+    (["parallel.fsdp=true", "parallel.pipeline_parallel=2"], 2, "parallel.fsdp: phi1's pipeline strategy"),
+    (["parallel.fsdp=true"], 1, "parallel.fsdp: FSDP2 shards over the data-parallel ranks"),
+    (["parallel.fsdp_cpu_offload=true"], 2, "parallel.fsdp_cpu_offload: offloads FSDP2's shards"),
+    (["parallel.fsdp=true", "optim.impl=apex"], 2, "optim.impl: apex's FusedAdam"),
+    (["parallel.fsdp=yes please"], 2, "parallel.fsdp"),
+], ids=["with-zero", "with-pipeline", "one-replica", "offload-alone", "apex", "not-a-bool"])
+def test_fsdp_combinations_refused(data_dir, tmp_path, overrides, world_size, names):
+    """Combinations that cannot run: one line naming the option and the reason, exit 2, before any work."""
+    args = _args(data_dir, tmp_path / "run", **{"batch.global_batch_size": 8, "batch.micro_batch_size": 1})
+    outcome = run_bounded(python("-m", "phi1.train", "--dry-run", "--world-size", str(world_size), *args, *overrides),
+                          timeout_s=120, memory_mb=4096, env=_env())
+    assert_clear_error(outcome, names=names)
 
 
 @pytest.mark.slow

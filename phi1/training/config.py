@@ -83,6 +83,27 @@ MAX_WORLD_SIZE = 2**20
 """Processes of a run at most (a sanity bound far beyond any cluster)."""
 MAX_TRAIN_SAMPLES = 2**32
 """schedule.train_steps x batch.global_batch_size at most (the sample index of the run is built up front)."""
+ZERO_STAGES = (0, 1, 2, 3)
+"""Values of `parallel.zero_stage`."""
+LOSS_SCALE_RANGE = {"integer": False, "low": 0, "high": 2.0**64, "low_open": True}
+"""Range of `loss_scale.initial_scale` and `loss_scale.min_scale` (number_problem's bounds)."""
+
+
+class ParallelLayout(typing.NamedTuple):
+    """The sizes of a parallel layout that the checks of other sections need (ParallelSection.check)."""
+
+    tensor: int
+    """parallel.tensor_parallel; 1 when out of range."""
+    tensor_ok: bool
+    """Whether parallel.tensor_parallel is in range and divides the launched processes."""
+    pipeline: int
+    """parallel.pipeline_parallel; 1 when out of range or when tensor x pipeline does not divide the processes."""
+    data: int
+    """Data-parallel ranks: processes / (tensor x pipeline)."""
+    virtual: int
+    """parallel.virtual_stages; 1 when out of range."""
+    zero_ok: bool
+    """Whether parallel.zero_stage is one of ZERO_STAGES."""
 
 
 def _printable(text: str) -> str:
@@ -173,6 +194,22 @@ class DataSection:
     """Attention stays inside each document of a packed sample (documents end at the tokenizer's eod token),
     rotary positions restart at each document, and the loss across a boundary is masked (off: the paper's way)."""
 
+    def problems(self) -> list[str]:
+        """Problems of the data fields alone, one line each named `data.FIELD`; the tokenizer file, the data
+        files and the model's context are checked with the rest of the run, by validate_config."""
+        from phi1.data.gpt_dataset import parse_split
+
+        problems: list[str] = []
+        _check(problems, "data.seq_len", self.seq_len, integer=True, low=1, high=2**20)
+        cores = os.cpu_count() or 1
+        _check(problems, "data.num_workers", self.num_workers, integer=True, low=0, high=MAX_WORKERS_PER_CORE * cores)
+        try:
+            parse_split(self.split)
+        except (ValueError, TypeError) as error:
+            message = str(error).removeprefix("data.split").removeprefix(":").strip()
+            problems.append(f"data.split: {message}")
+        return problems
+
 
 @dataclass
 class ParallelSection:
@@ -199,6 +236,61 @@ class ParallelSection:
     """Under parallel.fsdp: keep the sharded parameters, gradients and optimizer state in CPU memory (copied to the
     device for compute; the optimizer steps on the CPU)."""
 
+    def problems(self, world_size: int) -> list[str]:
+        """Problems of this layout for `world_size` processes, one line each named `parallel.FIELD`."""
+        return self.check(world_size)[0]
+
+    def check(self, world_size: int) -> tuple[list[str], ParallelLayout]:
+        """(the problems of this layout for `world_size` processes, the sizes the other checks use).
+
+        A size out of range counts as 1 in the layout, so that the checks which need one still run.
+        """
+        problems: list[str] = []
+        tp_ok = _check(problems, "parallel.tensor_parallel", self.tensor_parallel, integer=True, low=1,
+                       high=world_size)
+        tp = self.tensor_parallel if tp_ok else 1
+        if tp_ok and world_size % tp != 0:
+            problems.append(f"parallel.tensor_parallel: {tp} does not divide the {world_size} launched processes")
+            tp_ok = False
+        pp_ok = _check(problems, "parallel.pipeline_parallel", self.pipeline_parallel, integer=True, low=1,
+                       high=world_size)
+        pp = self.pipeline_parallel if pp_ok else 1
+        if tp_ok and pp_ok and world_size % (tp * pp) != 0:
+            problems.append(f"parallel.pipeline_parallel: tensor_parallel x pipeline_parallel = {tp} x {pp} does not "
+                            f"divide the {world_size} launched processes")
+            pp = 1
+        dp = world_size // (tp * pp)
+        zero_ok = _check_choice(problems, "parallel.zero_stage", self.zero_stage, ZERO_STAGES)
+        if zero_ok and self.zero_stage > 0 and dp < 2:
+            problems.append(f"parallel.zero_stage: DeepSpeed ZeRO partitions over the data-parallel ranks, and this "
+                            f"run has 1 ({world_size} processes / tensor_parallel {tp}); use parallel.zero_stage=0 or "
+                            "launch more processes")
+        if self.sequence_parallel and tp == 1:
+            problems.append("parallel.sequence_parallel: needs parallel.tensor_parallel > 1")
+        if self.sequence_parallel and self.zero_stage in (2, 3):
+            problems.append("parallel.sequence_parallel: is not supported with ZeRO stage 2 or 3; use zero_stage 0 "
+                            "or 1")
+        _check(problems, "parallel.ddp_bucket_mb", self.ddp_bucket_mb, integer=False, low=0, high=65536,
+               low_open=True)
+        schedule_ok = _check_choice(problems, "parallel.pipeline_schedule", self.pipeline_schedule,
+                                    PIPELINE_SCHEDULES)
+        virtual_ok = _check(problems, "parallel.virtual_stages", self.virtual_stages, integer=True, low=1, high=1024)
+        virtual = self.virtual_stages if virtual_ok else 1
+        if schedule_ok and virtual_ok and self.pipeline_schedule == "interleaved" and virtual < 2:
+            problems.append(f"parallel.virtual_stages: the interleaved schedule needs >= 2 model chunks per pipeline "
+                            f"rank, got {virtual}; set parallel.virtual_stages=2 or parallel.pipeline_schedule=1f1b")
+        if schedule_ok and virtual_ok and self.pipeline_schedule != "interleaved" and virtual != 1:
+            problems.append(f"parallel.virtual_stages: {virtual} chunks per rank need parallel.pipeline_schedule="
+                            f"interleaved (got {self.pipeline_schedule!r})")
+        problems.extend(_fsdp_problems(self, pp, dp, world_size))
+        if pp > 1 and zero_ok and self.zero_stage in (2, 3):
+            problems.append(f"parallel.zero_stage: ZeRO-{self.zero_stage} cannot be combined with pipeline "
+                            "parallelism (DeepSpeed refuses it too: 'ZeRO-2 and ZeRO-3 are incompatible with "
+                            "pipeline parallelism'): they partition gradients (ZeRO-3 also weights), so every "
+                            "micro-batch's backward would reduce-scatter (and gather) again, once per micro-batch; "
+                            "use zero_stage 0 or 1")
+        return problems, ParallelLayout(tp, tp_ok, pp, dp, virtual, zero_ok)
+
 
 @dataclass
 class OptimSection:
@@ -219,6 +311,23 @@ class OptimSection:
     impl: Literal[OPTIMIZER_IMPLS] = "auto"
     """'auto' (torch fused on CUDA, torch foreach elsewhere), 'torch', 'torch-fused' or 'apex' (FusedAdam)."""
 
+    def problems(self) -> list[str]:
+        """Problems of the optimizer fields, one line each named `optim.FIELD`."""
+        problems: list[str] = []
+        lr_ok = _check(problems, "optim.lr", self.lr, integer=False, low=0, high=1, low_open=True)
+        if _check(problems, "optim.min_lr", self.min_lr, integer=False, low=0, high=1) and lr_ok \
+                and self.min_lr > self.lr:
+            problems.append(f"optim.min_lr: {self.min_lr:g} is above optim.lr={self.lr:g}; the decay ends at "
+                            "min_lr <= lr")
+        betas_ok = isinstance(self.betas, tuple) and len(self.betas) == 2
+        if not betas_ok or any(number_problem(b, integer=False, low=0, high=1, high_open=True) for b in self.betas):
+            problems.append(f"optim.betas: must be two numbers, each in [0, 1), got {self.betas!r}")
+        _check(problems, "optim.eps", self.eps, integer=False, low=0, high=1, low_open=True, high_open=True)
+        _check(problems, "optim.weight_decay", self.weight_decay, integer=False, low=0, high=1)
+        _check(problems, "optim.grad_clip", self.grad_clip, integer=False, low=0, high=1e6)
+        _check_choice(problems, "optim.impl", self.impl, OPTIMIZER_IMPLS)
+        return problems
+
 
 @dataclass
 class ScheduleSection:
@@ -231,6 +340,17 @@ class ScheduleSection:
     decay: Literal[DECAYS] = "linear"
     """Decay after warmup, down to optim.min_lr at train_steps: 'linear', 'cosine' or 'constant'."""
 
+    def problems(self) -> list[str]:
+        """Problems of the schedule fields, one line each named `schedule.FIELD`."""
+        problems: list[str] = []
+        steps_ok = _check(problems, "schedule.train_steps", self.train_steps, integer=True, low=1, high=10**9)
+        if _check(problems, "schedule.warmup_steps", self.warmup_steps, integer=True, low=0, high=10**9) \
+                and steps_ok and self.warmup_steps > self.train_steps:
+            problems.append(f"schedule.warmup_steps: {self.warmup_steps} is more than schedule.train_steps="
+                            f"{self.train_steps}; lower it (a few percent of the run is usual)")
+        _check_choice(problems, "schedule.decay", self.decay, DECAYS)
+        return problems
+
 
 @dataclass
 class BatchSection:
@@ -240,6 +360,14 @@ class BatchSection:
     """Sequences per optimizer step, summed over all data-parallel ranks."""
     micro_batch_size: int = 8
     """Sequences per forward/backward on one rank."""
+
+    def problems(self) -> list[str]:
+        """Problems of the batch sizes alone, one line each named `batch.FIELD`; whether they divide into
+        micro-batches of the data-parallel ranks is checked with the layout, by validate_config."""
+        problems: list[str] = []
+        _check(problems, "batch.micro_batch_size", self.micro_batch_size, integer=True, low=1, high=2**20)
+        _check(problems, "batch.global_batch_size", self.global_batch_size, integer=True, low=1, high=2**24)
+        return problems
 
 
 @dataclass
@@ -252,6 +380,18 @@ class LossScaleSection:
     """Steps without overflow after which the scale doubles."""
     min_scale: float = 1.0
     """The scale never drops below this."""
+
+    def problems(self) -> list[str]:
+        """Problems of the loss-scale fields, one line each named `loss_scale.FIELD`."""
+        problems: list[str] = []
+        _check(problems, "loss_scale.min_scale", self.min_scale, **LOSS_SCALE_RANGE)
+        if _check(problems, "loss_scale.initial_scale", self.initial_scale, **LOSS_SCALE_RANGE) \
+                and isinstance(self.min_scale, float) and math.isfinite(self.min_scale) \
+                and self.initial_scale < self.min_scale:
+            problems.append(f"loss_scale.initial_scale: {self.initial_scale:g} is below loss_scale.min_scale "
+                            f"{self.min_scale:g}")
+        _check(problems, "loss_scale.growth_interval", self.growth_interval, integer=True, low=1, high=10**9)
+        return problems
 
 
 @dataclass
@@ -280,6 +420,19 @@ class CheckpointSection:
     async_save: bool = False
     """With the dcp format: write checkpoints in the background while the next steps run."""
 
+    def problems(self) -> list[str]:
+        """Problems of the checkpoint fields alone, one line each named `checkpoint.FIELD`; the format against
+        the layout, the run directory and checkpoint.load on disk are checked by validate_config."""
+        problems: list[str] = []
+        _check(problems, "checkpoint.interval", self.interval, integer=True, low=0, high=10**9)
+        _check(problems, "checkpoint.keep_last", self.keep_last, integer=True, low=0, high=10**6)
+        _check_choice(problems, "checkpoint.format", self.format, CHECKPOINT_FORMATS)
+        if self.exit_at_iteration is not None:
+            _check(problems, "checkpoint.exit_at_iteration", self.exit_at_iteration, integer=True, low=1, high=10**9)
+        if not str(self.dir).strip():
+            problems.append("checkpoint.dir: is empty; name the run directory")
+        return problems
+
 
 @dataclass
 class LoggingSection:
@@ -300,6 +453,17 @@ class LoggingSection:
     wandb_run_name: str | None = None
     """W&B run name; default the name of checkpoint.dir."""
 
+    def problems(self) -> list[str]:
+        """Problems of the logging fields, one line each named `logging.FIELD`."""
+        problems: list[str] = []
+        _check(problems, "logging.interval", self.interval, integer=True, low=1, high=10**9)
+        if self.peak_tflops is not None:
+            _check(problems, "logging.peak_tflops", self.peak_tflops, integer=False, low=0, high=1e6, low_open=True)
+        _check_choice(problems, "logging.wandb_mode", self.wandb_mode, WANDB_MODES)
+        if self.wandb_project is not None and not self.wandb_project.strip():
+            problems.append("logging.wandb_project: is empty; name a W&B project, or leave it unset to disable W&B")
+        return problems
+
 
 @dataclass
 class ProfilingSection:
@@ -314,6 +478,15 @@ class ProfilingSection:
     profile_memory: bool = False
     """Record tensor allocations (larger traces)."""
 
+    def problems(self) -> list[str]:
+        """Problems of the traced range alone, named `profiling.steps`; whether it falls inside the run is
+        checked by validate_config."""
+        if self.steps and (len(self.steps) != 2 or not all(number_problem(s, integer=True, low=1) is None
+                                                           for s in self.steps) or self.steps[0] > self.steps[1]):
+            return [f"profiling.steps: must be [first, last] iterations with 0 < first <= last, e.g. [5, 7], or [] "
+                    f"to disable; got {self.steps!r}"]
+        return []
+
 
 @dataclass
 class EvalSection:
@@ -323,6 +496,13 @@ class EvalSection:
     """Evaluate every this many steps (and at the end); 0 disables."""
     iters: int = 10
     """Micro-batches per data-parallel rank per evaluation (the same samples every time)."""
+
+    def problems(self) -> list[str]:
+        """Problems of the evaluation fields, one line each named `eval.FIELD`."""
+        problems: list[str] = []
+        _check(problems, "eval.interval", self.interval, integer=True, low=0, high=10**9)
+        _check(problems, "eval.iters", self.iters, integer=True, low=0, high=10**6)
+        return problems
 
 
 @dataclass
@@ -344,6 +524,12 @@ class FinetuneSection:
     select_problems: str | None = None
     """Held-out exercises JSONL for select_by, one {"prompt", "tests"} object a line (not in the fine-tuning data)."""
 
+    def problems(self) -> list[str]:
+        """Problems of the fine-tuning fields alone, one line each named `finetune.FIELD`; the files and
+        checkpoint selection (which needs the checkpoint section) are checked by validate_config."""
+        return [f"finetune.{option}: is empty; name the JSON key" for option in ("prompt_key", "solution_key")
+                if not getattr(self, option)]
+
 
 @dataclass
 class FaultsSection:
@@ -364,6 +550,15 @@ class FaultsSection:
     inject_nan_weights_at: list[int] = field(default_factory=list)
     """Iterations after whose update one element of `inject_nan_param` is set to NaN (exercises the weight check before saves)."""
 
+    def problems(self) -> list[str]:
+        """Problems of the injection points alone, named `faults.FIELD`; kill_rank against the launched ranks is
+        checked by validate_config."""
+        problems: list[str] = []
+        for name in ("inject_overflow_at", "inject_nan_at", "inject_nan_weights_at"):
+            for step in getattr(self, name, []):
+                _check(problems, f"faults.{name}", step, integer=True, low=1, high=10**9)
+        return problems
+
 
 @dataclass
 class GuardSection:
@@ -371,6 +566,13 @@ class GuardSection:
 
     max_consecutive_nonfinite: int = 5
     """Stop the run after this many consecutive skipped non-finite steps, with a diagnosis; 0 never stops."""
+
+    def problems(self) -> list[str]:
+        """Problems of the guard fields, named `guard.FIELD`."""
+        problems: list[str] = []
+        _check(problems, "guard.max_consecutive_nonfinite", self.max_consecutive_nonfinite, integer=True, low=0,
+               high=10**9)
+        return problems
 
 
 @dataclass
@@ -1175,6 +1377,20 @@ def _fsdp_problems(par: ParallelSection, pp: int, dp: int, world_size: int) -> l
     return problems
 
 
+def _fsdp_optimizer_problems(config: TrainConfig) -> list[str]:
+    """optim.impl choices that cannot step FSDP2's shards."""
+    par, impl = config.parallel, config.optim.impl
+    if par.fsdp is not True:
+        return []
+    if impl == "apex":
+        return ["optim.impl: apex's FusedAdam does not take FSDP2's sharded (DTensor) parameters; use optim.impl=auto "
+                "(torch's fused AdamW on CUDA) with parallel.fsdp"]
+    if impl == "torch-fused" and par.fsdp_cpu_offload is True:
+        return ["optim.impl: torch-fused steps on CUDA, and parallel.fsdp_cpu_offload keeps the optimizer state in CPU "
+                "memory; use optim.impl=auto or torch with parallel.fsdp_cpu_offload"]
+    return []
+
+
 def _check_bool(problems: list[str], option: str, value: object) -> bool:
     """True when `value` is a bool; else one problem naming `option`."""
     if isinstance(value, bool):
@@ -1238,6 +1454,12 @@ def _selection_problems(ft: FinetuneSection, ckpt: CheckpointSection, train_step
     return found
 
 
+def _names_no(problems: list[str], option: str) -> bool:
+    """Whether none of a section's `problems` is about `option` (the checks of other sections that need its
+    value run only then)."""
+    return not any(line.startswith(f"{option}:") for line in problems)
+
+
 def _check_choice(problems: list[str], option: str, value: Any, choices: tuple[str, ...]) -> bool:
     if value not in choices:
         problems.append(f"{option}: must be one of {choices}, got {value!r}")
@@ -1249,9 +1471,12 @@ def validate_config(config: TrainConfig, world_size: int, *, check_files: bool =
                     check_memory: bool = True, prior: typing.Sequence[str] = ()) -> ModelConfig:
     """Check the whole configuration for `world_size` processes on `device`; return the ModelConfig it trains.
 
-    Every problem is collected before anything is raised, so one run lists them all. Runs before any process
-    group is created or any tensor allocated, so an impossible layout fails every rank at once with the same
-    message. The 'auto' choices are resolved in place, so the YAML saved beside checkpoints names what ran:
+    Every problem is collected before anything is raised, so one run lists them all. Each section checks its
+    own fields (`DataSection.problems()`, `ParallelSection.problems(world_size)`, ...); this function composes
+    them with the checks that need more than one section (batch arithmetic over the data-parallel ranks, the
+    model against the layout and the sequence length, tokenizer and vocabulary, pipeline stages, checkpoint
+    format, files, memory). Runs before any process group is created or any tensor allocated, so an impossible
+    layout fails every rank at once with the same message. The 'auto' choices are resolved in place, so the YAML saved beside checkpoints names what ran:
     `precision` for the device, `data.tokenizer_type` from the tokenizer file (when it exists).
 
     Args:
@@ -1275,46 +1500,11 @@ def validate_config(config: TrainConfig, world_size: int, *, check_files: bool =
         raise ConfigError(f"world size (--world-size, or the launcher's): must be a number of processes in "
                           f"[1, {MAX_WORLD_SIZE}], got {world_size!r}")
 
-    # -- parallel layout -----------------------------------------------------------------------------------------
+    # -- each section alone, then what one section means for another -------------------------------------------
     par = config.parallel
-    tp_ok = _check(problems, "parallel.tensor_parallel", par.tensor_parallel, integer=True, low=1, high=world_size)
-    tp = par.tensor_parallel if tp_ok else 1
-    if tp_ok and world_size % tp != 0:
-        problems.append(f"parallel.tensor_parallel: {tp} does not divide the {world_size} launched processes")
-        tp_ok = False
-    pp_ok = _check(problems, "parallel.pipeline_parallel", par.pipeline_parallel, integer=True, low=1, high=world_size)
-    pp = par.pipeline_parallel if pp_ok else 1
-    if tp_ok and pp_ok and world_size % (tp * pp) != 0:
-        problems.append(f"parallel.pipeline_parallel: tensor_parallel x pipeline_parallel = {tp} x {pp} does not "
-                        f"divide the {world_size} launched processes")
-        pp = 1
-    dp = world_size // (tp * pp)
-    zero_ok = _check_choice(problems, "parallel.zero_stage", par.zero_stage, (0, 1, 2, 3))
-    if zero_ok and par.zero_stage > 0 and dp < 2:
-        problems.append(f"parallel.zero_stage: DeepSpeed ZeRO partitions over the data-parallel ranks, and this "
-                        f"run has 1 ({world_size} processes / tensor_parallel {tp}); use parallel.zero_stage=0 or "
-                        "launch more processes")
-    if par.sequence_parallel and tp == 1:
-        problems.append("parallel.sequence_parallel: needs parallel.tensor_parallel > 1")
-    if par.sequence_parallel and par.zero_stage in (2, 3):
-        problems.append("parallel.sequence_parallel: is not supported with ZeRO stage 2 or 3; use zero_stage 0 or 1")
-    _check(problems, "parallel.ddp_bucket_mb", par.ddp_bucket_mb, integer=False, low=0, high=65536, low_open=True)
-    schedule_ok = _check_choice(problems, "parallel.pipeline_schedule", par.pipeline_schedule, PIPELINE_SCHEDULES)
-    virtual_ok = _check(problems, "parallel.virtual_stages", par.virtual_stages, integer=True, low=1, high=1024)
-    virtual = par.virtual_stages if virtual_ok else 1
-    if schedule_ok and virtual_ok and par.pipeline_schedule == "interleaved" and virtual < 2:
-        problems.append(f"parallel.virtual_stages: the interleaved schedule needs >= 2 model chunks per pipeline "
-                        f"rank, got {virtual}; set parallel.virtual_stages=2 or parallel.pipeline_schedule=1f1b")
-    if schedule_ok and virtual_ok and par.pipeline_schedule != "interleaved" and virtual != 1:
-        problems.append(f"parallel.virtual_stages: {virtual} chunks per rank need parallel.pipeline_schedule="
-                        f"interleaved (got {par.pipeline_schedule!r})")
-    problems.extend(_fsdp_problems(par, pp, dp, world_size))
-    if pp > 1 and zero_ok and par.zero_stage in (2, 3):
-        problems.append(f"parallel.zero_stage: ZeRO-{par.zero_stage} cannot be combined with pipeline parallelism "
-                        "(DeepSpeed refuses it too: 'ZeRO-2 and ZeRO-3 are incompatible with pipeline "
-                        "parallelism'): they partition gradients (ZeRO-3 also weights), so every micro-batch's "
-                        "backward would reduce-scatter (and gather) again, once per micro-batch; use zero_stage 0 "
-                        "or 1")
+    parallel_problems, layout = par.check(world_size)
+    problems.extend(parallel_problems)
+    tp, tp_ok, pp, dp, virtual, zero_ok = layout
 
     # -- model -----------------------------------------------------------------------------------------------------
     if config.model.preset not in PRESETS and config.finetune.init_from is None:
@@ -1325,7 +1515,7 @@ def validate_config(config: TrainConfig, world_size: int, *, check_files: bool =
         problems.extend(model_problems)
         model_config = None if model_problems else ModelConfig(**config.model.values())
 
-    # -- precision and kernels -----------------------------------------------------------------------------------
+    # -- precision and kernels (top-level fields) ------------------------------------------------------------------
     if _check_choice(problems, "precision", config.precision, PRECISION_CHOICES):
         config.precision = resolve_precision(config.precision, device)
         why = precision_problem(config.precision, device)
@@ -1338,68 +1528,49 @@ def validate_config(config: TrainConfig, world_size: int, *, check_files: bool =
         problems.append("loss_chunk_size: cannot be used with ZeRO-3, which gathers the lm_head only inside its own "
                         "forward; set loss_chunk_size=0")
     ls = config.loss_scale
-    _check(problems, "loss_scale.min_scale", ls.min_scale, integer=False, low=0, high=2.0**64, low_open=True)
-    if _check(problems, "loss_scale.initial_scale", ls.initial_scale, integer=False, low=0, high=2.0**64, low_open=True):
-        if isinstance(ls.min_scale, float) and math.isfinite(ls.min_scale) and ls.initial_scale < ls.min_scale:
-            problems.append(f"loss_scale.initial_scale: {ls.initial_scale:g} is below loss_scale.min_scale "
-                            f"{ls.min_scale:g}")
-        if config.precision == "fp16" and par.zero_stage > 0 and not math.log2(ls.initial_scale).is_integer():
-            problems.append(f"loss_scale.initial_scale: DeepSpeed takes a power of two, got {ls.initial_scale:g}")
-    _check(problems, "loss_scale.growth_interval", ls.growth_interval, integer=True, low=1, high=10**9)
+    problems.extend(ls.problems())
+    if number_problem(ls.initial_scale, **LOSS_SCALE_RANGE) is None and config.precision == "fp16" \
+            and par.zero_stage > 0 and not math.log2(ls.initial_scale).is_integer():
+        problems.append(f"loss_scale.initial_scale: DeepSpeed takes a power of two, got {ls.initial_scale:g}")
 
     # -- batch and data --------------------------------------------------------------------------------------------
     batch = config.batch
-    micro_ok = _check(problems, "batch.micro_batch_size", batch.micro_batch_size, integer=True, low=1, high=2**20)
-    global_ok = _check(problems, "batch.global_batch_size", batch.global_batch_size, integer=True, low=1, high=2**24)
+    batch_problems = batch.problems()
+    problems.extend(batch_problems)
+    micro_ok = _names_no(batch_problems, "batch.micro_batch_size")
+    global_ok = _names_no(batch_problems, "batch.global_batch_size")
     if micro_ok and global_ok and batch.global_batch_size % (batch.micro_batch_size * dp) != 0:
         problems.append(
             f"batch.global_batch_size: {batch.global_batch_size} is not a multiple of batch.micro_batch_size x "
             f"data-parallel size = {batch.micro_batch_size} x {dp}; gradient accumulation must be a whole number of "
             "micro-batches")
     data = config.data
+    pipeline_problems = (_pipeline_problems(par, pp, virtual, dp, model_config,
+                                            batch if micro_ok and global_ok else None, config.precision)
+                         if pp > 1 else [])
+    problems.extend(pipeline_problems)
     if pp > 1:
-        problems.extend(_pipeline_problems(par, pp, virtual if virtual_ok else 1, dp, model_config,
-                                           batch if micro_ok and global_ok else None, config.precision))
         if data.document_mask:
             problems.append("data.document_mask: not with pipeline parallelism: the stages after the first never "
                             "see the token ids the document boundaries come from; set data.document_mask=false")
-    seq_ok = _check(problems, "data.seq_len", data.seq_len, integer=True, low=1, high=2**20)
+    data_problems = data.problems()
+    problems.extend(data_problems)
+    seq_ok = _names_no(data_problems, "data.seq_len")
     # The model's context, even when other model fields are wrong (so that this problem is listed with theirs).
     context = (ModelConfig.unvalidated(**config.model.values()).max_seq_len
                if config.model.preset in PRESETS else None)
     if seq_ok and number_problem(context, integer=True, low=1) is None and data.seq_len > context:
         problems.append(f"data.seq_len: {data.seq_len} exceeds the model's context model.max_seq_len="
                         f"{context}; lower data.seq_len or raise model.max_seq_len")
-    cores = os.cpu_count() or 1
-    _check(problems, "data.num_workers", data.num_workers, integer=True, low=0, high=MAX_WORKERS_PER_CORE * cores)
-    try:
-        from phi1.data.gpt_dataset import parse_split
-
-        parse_split(data.split)
-    except (ValueError, TypeError) as error:
-        message = str(error).removeprefix("data.split").removeprefix(":").strip()
-        problems.append(f"data.split: {message}")
     problems.extend(_tokenizer_problems(data, check_files))
 
     # -- optimizer and schedule ------------------------------------------------------------------------------------
-    opt = config.optim
-    lr_ok = _check(problems, "optim.lr", opt.lr, integer=False, low=0, high=1, low_open=True)
-    if _check(problems, "optim.min_lr", opt.min_lr, integer=False, low=0, high=1) and lr_ok and opt.min_lr > opt.lr:
-        problems.append(f"optim.min_lr: {opt.min_lr:g} is above optim.lr={opt.lr:g}; the decay ends at min_lr <= lr")
-    betas_ok = isinstance(opt.betas, tuple) and len(opt.betas) == 2
-    if not betas_ok or any(number_problem(b, integer=False, low=0, high=1, high_open=True) for b in opt.betas):
-        problems.append(f"optim.betas: must be two numbers, each in [0, 1), got {opt.betas!r}")
-    _check(problems, "optim.eps", opt.eps, integer=False, low=0, high=1, low_open=True, high_open=True)
-    _check(problems, "optim.weight_decay", opt.weight_decay, integer=False, low=0, high=1)
-    _check(problems, "optim.grad_clip", opt.grad_clip, integer=False, low=0, high=1e6)
-    _check_choice(problems, "optim.impl", opt.impl, OPTIMIZER_IMPLS)
+    problems.extend(config.optim.problems())
+    problems.extend(_fsdp_optimizer_problems(config))
     sched = config.schedule
-    steps_ok = _check(problems, "schedule.train_steps", sched.train_steps, integer=True, low=1, high=10**9)
-    if _check(problems, "schedule.warmup_steps", sched.warmup_steps, integer=True, low=0, high=10**9) and steps_ok \
-            and sched.warmup_steps > sched.train_steps:
-        problems.append(f"schedule.warmup_steps: {sched.warmup_steps} is more than schedule.train_steps="
-                        f"{sched.train_steps}; lower it (a few percent of the run is usual)")
-    _check_choice(problems, "schedule.decay", sched.decay, DECAYS)
+    schedule_problems = sched.problems()
+    problems.extend(schedule_problems)
+    steps_ok = _names_no(schedule_problems, "schedule.train_steps")
     if steps_ok and global_ok and sched.train_steps * batch.global_batch_size > MAX_TRAIN_SAMPLES:
         problems.append(f"schedule.train_steps: {sched.train_steps} steps x batch.global_batch_size "
                         f"{batch.global_batch_size} = {sched.train_steps * batch.global_batch_size:,} sequences, "
@@ -1407,44 +1578,28 @@ def validate_config(config: TrainConfig, world_size: int, *, check_files: bool =
 
     # -- checkpoints, logging, evaluation --------------------------------------------------------------------------
     ckpt = config.checkpoint
-    _check(problems, "checkpoint.interval", ckpt.interval, integer=True, low=0, high=10**9)
-    _check(problems, "checkpoint.keep_last", ckpt.keep_last, integer=True, low=0, high=10**6)
-    if _check_choice(problems, "checkpoint.format", ckpt.format, CHECKPOINT_FORMATS):
+    checkpoint_problems = ckpt.problems()
+    problems.extend(checkpoint_problems)
+    if ckpt.format in CHECKPOINT_FORMATS:
         problems.extend(_checkpoint_format_problems(config))
-    if ckpt.exit_at_iteration is not None and _check(problems, "checkpoint.exit_at_iteration", ckpt.exit_at_iteration,
-                                                     integer=True, low=1, high=10**9) \
+    if ckpt.exit_at_iteration is not None and _names_no(checkpoint_problems, "checkpoint.exit_at_iteration") \
             and steps_ok and ckpt.exit_at_iteration > sched.train_steps:
         problems.append(f"checkpoint.exit_at_iteration: {ckpt.exit_at_iteration} is beyond schedule.train_steps="
                         f"{sched.train_steps}")
-    if not str(ckpt.dir).strip():
-        problems.append("checkpoint.dir: is empty; name the run directory")
-    elif check_files:
+    if str(ckpt.dir).strip() and check_files:
         problems.extend(_run_directory_problems("checkpoint.dir", str(ckpt.dir)))
-    log = config.logging
-    _check(problems, "logging.interval", log.interval, integer=True, low=1, high=10**9)
-    if log.peak_tflops is not None:
-        _check(problems, "logging.peak_tflops", log.peak_tflops, integer=False, low=0, high=1e6, low_open=True)
-    _check_choice(problems, "logging.wandb_mode", log.wandb_mode, WANDB_MODES)
-    if log.wandb_project is not None and not log.wandb_project.strip():
-        problems.append("logging.wandb_project: is empty; name a W&B project, or leave it unset to disable W&B")
+    problems.extend(config.logging.problems())
     prof = config.profiling
-    if prof.steps:
-        if len(prof.steps) != 2 or not all(number_problem(s, integer=True, low=1) is None for s in prof.steps) \
-                or prof.steps[0] > prof.steps[1]:
-            problems.append(f"profiling.steps: must be [first, last] iterations with 0 < first <= last, e.g. [5, 7], "
-                            f"or [] to disable; got {prof.steps!r}")
-        elif steps_ok and prof.steps[0] > sched.train_steps:
-            problems.append(f"profiling.steps: starts at {prof.steps[0]}, after the last step "
-                            f"schedule.train_steps={sched.train_steps}; nothing would be traced")
-    _check(problems, "eval.interval", config.eval.interval, integer=True, low=0, high=10**9)
-    _check(problems, "eval.iters", config.eval.iters, integer=True, low=0, high=10**6)
-    _check(problems, "guard.max_consecutive_nonfinite", config.guard.max_consecutive_nonfinite, integer=True, low=0,
-           high=10**9)
+    profiling_problems = prof.problems()
+    problems.extend(profiling_problems)
+    if prof.steps and not profiling_problems and steps_ok and prof.steps[0] > sched.train_steps:
+        problems.append(f"profiling.steps: starts at {prof.steps[0]}, after the last step "
+                        f"schedule.train_steps={sched.train_steps}; nothing would be traced")
+    problems.extend(config.eval.problems())
+    problems.extend(config.guard.problems())
     _check(problems, "seed", config.seed, integer=True, low=0, high=2**63 - 1)
     faults = config.faults
-    for name in ("inject_overflow_at", "inject_nan_at", "inject_nan_weights_at"):
-        for step in getattr(faults, name, []):
-            _check(problems, f"faults.{name}", step, integer=True, low=1, high=10**9)
+    problems.extend(faults.problems())
     if faults.kill_at_iteration is not None and not 0 <= faults.kill_rank < world_size:
         problems.append(f"faults.kill_rank: {faults.kill_rank} is not a rank of the {world_size} launched processes")
 
@@ -1453,9 +1608,7 @@ def validate_config(config: TrainConfig, world_size: int, *, check_files: bool =
     if ft.data is None and data.path is None:
         problems.append("data.path: no training data: set data.path (indexed dataset prefixes written by "
                         "tools/preprocess_data.py) or finetune.data (JSONL)")
-    for option in ("prompt_key", "solution_key"):
-        if not getattr(ft, option):
-            problems.append(f"finetune.{option}: is empty; name the JSON key")
+    problems.extend(ft.problems())
     problems.extend(_selection_problems(ft, ckpt, sched.train_steps if steps_ok else None, check_files))
     if check_files:
         if ft.data is not None and not Path(ft.data).is_file():
@@ -1479,7 +1632,7 @@ def validate_config(config: TrainConfig, world_size: int, *, check_files: bool =
 
     # -- memory: needs a valid model, layout and batch -------------------------------------------------------------
     layout_ok = (tp_ok and zero_ok and micro_ok and global_ok and seq_ok and config.precision in PRECISIONS
-                 and config.activation_checkpointing in CHECKPOINTING_MODES)
+                 and config.activation_checkpointing in CHECKPOINTING_MODES and not pipeline_problems)
     if check_memory and model_config is not None and layout_ok:
         why = _memory_problem(config, model_config, world_size, device)
         if why is not None:
