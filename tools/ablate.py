@@ -6,20 +6,20 @@ mixes (raw code / filtered code / filtered code + synthetic textbooks), each eva
         --mix raw=data/stdlib.jsonl \
         --mix filtered=runs/recipe-tiny/steps/filter/filtered/stdlib.jsonl \
         --mix filtered+synthetic=runs/recipe-tiny/steps/filter/filtered/stdlib.jsonl,runs/recipe-tiny/steps/textbooks/textbooks.jsonl \
-        --heldout data/exercises.jsonl --eval-limit 164
+        --heldout data/exercises.jsonl --eval-limit 164 --seeds 1 2
 
 Each mix (jsonl files with "text"; records with a "status" other than "ok", as the synthetic generator writes
 for rejected ones, are left out) is tokenized with tools/preprocess_data.py and trained with `python -m phi1.train`
-from the same config, seed and number of steps, so every model sees the same number of tokens (a small mix is
-repeated for more epochs, as in the paper). Each model is then scored the same way:
+from the same config and number of steps, so every model sees the same number of tokens (a small mix is
+repeated for more epochs, as in the paper), once per --seeds value. Each model is then scored the same way:
 
 - held-out loss: mean next-token loss on the solutions of --heldout exercises ({"prompt", "solution"}) given
   their prompts, the CodeExercises-shaped task HumanEval measures, and a figure that moves at sizes where
   pass@1 is still zero;
 - HumanEval pass@1 (greedy, phi1-eval in the sandbox) on the first --eval-limit problems.
 
-The table (markdown) and every number (JSON) go to --output-dir; the runs are kept there. Rerunning the same
-command skips mixes whose results.json exists.
+The table (markdown; means over seeds with their min-max) and every number (JSON) go to --output-dir; the runs
+are kept there (OUTPUT/MIX/seed-S/). Rerunning the same command skips runs whose results.json exists.
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", required=True, help="tokenizer file (as for preprocess_data.py)")
     parser.add_argument("--config", required=True, help="training config YAML (same for every mix)")
     parser.add_argument("--steps", type=int, required=True, help="training steps, the same for every mix")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1234],
+                        help="one model per mix per seed (the table gives means and min-max)")
     parser.add_argument("--nproc", type=int, default=1, help="processes per training run (torchrun when > 1)")
     parser.add_argument("--heldout", required=True, help="exercises jsonl (prompt, solution) for the held-out loss")
     parser.add_argument("--heldout-limit", type=int, default=500, help="exercises scored (the first N)")
@@ -82,8 +84,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for override in args.overrides:
         if "=" not in override:
             raise UserError(f"override {override!r}: expected key.sub=value")
-        if override.split("=")[0] in ("schedule.train_steps", "data.path", "checkpoint.dir"):
-            raise UserError(f"override {override!r}: set by ablate.py (use --steps); the same for every mix")
+        if override.split("=")[0] in ("schedule.train_steps", "data.path", "checkpoint.dir", "seed"):
+            raise UserError(f"override {override!r}: set by ablate.py (--steps, --seeds); the same for every mix")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise UserError(f"--seeds {' '.join(map(str, args.seeds))}: a seed is given twice")
     return args
 
 
@@ -152,30 +156,44 @@ def heldout_loss(run_dir: Path, exercises: str, limit: int) -> dict:
     return {"heldout_loss": round(total / tokens, 4), "heldout_exercises": scored, "heldout_tokens": tokens}
 
 
-def train_and_score(args: argparse.Namespace, name: str, paths: list[str], out: Path) -> dict:
+def prepare_mix(args: argparse.Namespace, name: str, paths: list[str], out: Path) -> dict:
+    """Tokenize a mix once (every seed trains on the same dataset); returns its sizes."""
     out.mkdir(parents=True, exist_ok=True)
-    log = out / "log.txt"
+    sizes = out / "mix.json"
+    if sizes.exists() and (out / "mix_text_document.bin").exists():
+        return json.loads(sizes.read_text())
     documents = write_mix(paths, out / "mix.jsonl")
     _run([sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(out / "mix.jsonl"), "--json-keys",
           "text", "--append-eod", "--output-prefix", str(out / "mix"), "--tokenizer-model", args.tokenizer,
-          "--workers", str(args.workers)], log)
-    data_tokens = (out / "mix_text_document.bin").stat().st_size // (
-        4 if json.loads((out / "mix_text_document.json").read_text()).get("tokenizer", {}).get("vocab_size", 0) > 65535 else 2)
+          "--workers", str(args.workers)], out / "log.txt")
+    (out / "mix.jsonl").unlink()
+    itemsize = 4 if json.loads((out / "mix_text_document.json").read_text()).get("tokenizer", {}).get(
+        "vocab_size", 0) > 65535 else 2
+    result = {"mix": name, "files": paths, "documents": documents,
+              "data_tokens": (out / "mix_text_document.bin").stat().st_size // itemsize}
+    sizes.write_text(json.dumps(result))
+    return result
+
+
+def train_and_score(args: argparse.Namespace, mix: dict, data_prefix: Path, seed: int, out: Path) -> dict:
+    """Train one model on a prepared mix with `seed`; score it. Writes out/results.json."""
+    from phi1.loading.checkpoints import find_checkpoint, read_trainer_state
+
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "log.txt"
     launcher = [sys.executable, "-m", "phi1.train"] if args.nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc), "-m", "phi1.train"]
     run_dir = out / "run"
     start = time.perf_counter()
-    _run([*launcher, "--config", args.config, f"data.path={out / 'mix_text_document'}",
-          f"data.tokenizer_model={args.tokenizer}", f"schedule.train_steps={args.steps}", f"checkpoint.dir={run_dir}",
-          f"checkpoint.interval={args.steps}", *args.overrides], log)
+    _run([*launcher, "--config", args.config, f"data.path={data_prefix}", f"data.tokenizer_model={args.tokenizer}",
+          f"schedule.train_steps={args.steps}", f"checkpoint.dir={run_dir}", f"checkpoint.interval={args.steps}",
+          f"seed={seed}", *args.overrides], log)
     train_seconds = time.perf_counter() - start
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     losses = [loss for r in records for loss in r.get("step_losses", [])]
-    from phi1.loading.checkpoints import find_checkpoint, read_trainer_state
-
     trained_tokens = read_trainer_state(find_checkpoint(run_dir)).get("tokens")
-    result = {"mix": name, "files": paths, "documents": documents, "data_tokens": data_tokens,
-              "trained_tokens": trained_tokens, "epochs": round(trained_tokens / data_tokens, 2) if trained_tokens else None,
+    result = {**mix, "seed": seed, "trained_tokens": trained_tokens,
+              "epochs": round(trained_tokens / mix["data_tokens"], 3) if trained_tokens else None,
               "train_seconds": round(train_seconds, 1),
               "final_train_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4) if losses else None}
     result.update(heldout_loss(run_dir, args.heldout, args.heldout_limit))
@@ -190,19 +208,32 @@ def train_and_score(args: argparse.Namespace, name: str, paths: list[str], out: 
         result["humaneval_passed"] = sum(
             json.loads(line).get("passed") is True for line in (out / "eval" / "results.jsonl").read_text().splitlines()
             if line.strip())
-    (out / "mix.jsonl").unlink()
     (out / "results.json").write_text(json.dumps(result, indent=1))
     return result
 
 
+def _spread(values: list[float], digits: int) -> str:
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
 def table(results: list[dict]) -> str:
-    lines = ["| mix | documents | tokens in data | tokens trained (epochs) | final train loss | held-out loss | "
-             "HumanEval pass@1 |", "|---|---|---|---|---|---|---|"]
-    for r in results:
-        passed = (f"{r['humaneval_pass@1']:.3f} ({r['humaneval_passed']}/{r['humaneval_problems']})"
-                  if r.get("humaneval_problems") else "not run")
-        lines.append(f"| {r['mix']} | {r['documents']:,} | {r['data_tokens']:,} | "
-                     f"{r['trained_tokens']:,} ({r['epochs']}) | {r['final_train_loss']} | {r['heldout_loss']} | {passed} |")
+    """One row per mix: means over seeds, (min-max) when there are several."""
+    lines = ["| mix | documents | tokens in data | tokens trained (epochs) | seeds | final train loss | held-out loss | "
+             "HumanEval pass@1 (passed) |", "|---|---|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["mix"] for r in results):
+        runs = [r for r in results if r["mix"] == name]
+        first = runs[0]
+        if runs[0].get("humaneval_problems"):
+            passed = (f"{_spread([r['humaneval_pass@1'] for r in runs], 3)} "
+                      f"({'+'.join(str(r['humaneval_passed']) for r in runs)} of {first['humaneval_problems']} each)")
+        else:
+            passed = "not run"
+        lines.append(f"| {name} | {first['documents']:,} | {first['data_tokens']:,} | {first['trained_tokens']:,} "
+                     f"({first['epochs']}) | {len(runs)} | {_spread([r['final_train_loss'] for r in runs], 3)} | "
+                     f"{_spread([r['heldout_loss'] for r in runs], 3)} | {passed} |")
     return "\n".join(lines)
 
 
@@ -212,19 +243,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     output.mkdir(parents=True, exist_ok=True)
     results = []
     for name, paths in args.mixes:
-        done = output / name / "results.json"
-        if done.exists():
-            results.append(json.loads(done.read_text()))
-            print(f"{name}: results.json exists, skipped", file=sys.stderr)
-            continue
-        print(f"{name}: training {args.steps} steps on {', '.join(paths)}", file=sys.stderr)
-        results.append(train_and_score(args, name, paths, output / name))
-        print(json.dumps(results[-1]), file=sys.stderr)
+        mix = prepare_mix(args, name, paths, output / name)
+        for seed in args.seeds:
+            done = output / name / f"seed-{seed}" / "results.json"
+            if done.exists():
+                results.append(json.loads(done.read_text()))
+                print(f"{name} seed {seed}: results.json exists, skipped", file=sys.stderr)
+                continue
+            print(f"{name} seed {seed}: training {args.steps} steps on {', '.join(paths)}", file=sys.stderr)
+            results.append(train_and_score(args, mix, output / name / "mix_text_document", seed,
+                                           output / name / f"seed-{seed}"))
+            print(json.dumps(results[-1]), file=sys.stderr)
     text = table(results)
     (output / "table.md").write_text(text + "\n")
     (output / "results.json").write_text(json.dumps(results, indent=1))
     print(text)
-    if math.isnan(sum(r["heldout_loss"] for r in results)):
+    if any(math.isnan(r["heldout_loss"]) for r in results):
         raise UserError("a held-out loss is NaN: training diverged (see the runs' logs)")
     return results
 
