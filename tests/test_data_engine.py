@@ -184,7 +184,7 @@ def test_whole_chain_gives_the_same_bytes_at_1_and_3_tasks(corpus, classifier, t
 def _kill_while_publishing(function: str, target: str, argv: list[str]) -> None:
     """Run tools/data_pipeline.py's main in this process with `phi1.quality.engine.<function>` replaced: when it
     publishes an output ending in `target`, half of that output is written to its `.partial` file and the
-    process SIGKILLs itself (a task killed mid-write). Runs in a subprocess started by the test below."""
+    process group is SIGKILLed (a task killed mid-write). Runs in a subprocess started by the test below."""
     import phi1.quality.engine as engine
 
     sys.path.insert(0, str(ROOT))
@@ -201,7 +201,9 @@ def _kill_while_publishing(function: str, target: str, argv: list[str]) -> None:
         else:
             data = "".join(second).encode()
         Path(destination + ".partial").write_bytes(data[: len(data) // 2])
-        os.kill(os.getpid(), signal.SIGKILL)
+        # The whole process group, as SLURM kills a job: datatrove's manager process goes too (an orphaned one
+        # would hold the test's pipes open).
+        os.killpg(os.getpgid(0), signal.SIGKILL)
 
     setattr(engine, function, killed)
     main(argv)
@@ -223,7 +225,7 @@ def test_killed_task_resumes_to_the_uninterrupted_output(corpus, tmp_path, funct
     argv = [*common, "--output-dir", str(output)]
     killed = run_bounded(python("-c", f"import test_data_engine as t; t._kill_while_publishing({function!r}, "
                                       f"{target!r}, {argv!r})"),
-                         timeout_s=600, memory_mb=None, env={"PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"})
+                         timeout_s=300, memory_mb=None, env={"PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"})
     assert killed.returncode == -signal.SIGKILL, killed.describe()
     # Task 0 finished and is marked; task 1 died with a half-written file under a temporary name only.
     completions = output / "logs" / stage / "completions"
