@@ -350,15 +350,16 @@ def test_launch_orders_put_pp_or_dp_across_nodes():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The training config refuses what cannot run, and PP itself until the trainer runs it
+# The training config refuses what cannot run with the reason, and the dry run models the pipeline
 
 
 @pytest.mark.parametrize(
     ("overrides", "names"),
     [
-        # A layout that is right in itself: still refused, since the trainer does not step pipelines yet.
-        (["parallel.pipeline_parallel=2", "model.n_layer=4", "batch.micro_batch_size=2"],
-         "the trainer does not run pipeline parallelism yet"),
+        (["parallel.pipeline_parallel=2", "model.n_layer=4", "batch.micro_batch_size=2", "precision=fp16"],
+         "fp16 with pipeline parallelism is not supported"),
+        (["parallel.pipeline_parallel=4", "model.n_layer=4", "batch.micro_batch_size=8"],
+         "fewer than the 4 pipeline stages"),
         (["parallel.pipeline_parallel=2", "parallel.zero_stage=2"], "ZeRO-2 and ZeRO-3 are incompatible"),
         (["parallel.pipeline_parallel=2", "parallel.pipeline_schedule=interleaved"], "parallel.virtual_stages: the interleaved"),
         (["parallel.pipeline_parallel=2", "parallel.pipeline_schedule=interleaved", "parallel.virtual_stages=2",
@@ -378,6 +379,26 @@ def test_config_refuses_pipeline_layouts_with_the_reason(overrides, names):
         timeout_s=120,
     )
     assert_clear_error(outcome, names=names)
+
+
+def test_dry_run_models_the_pipeline():
+    """A layout that runs passes validation, and --dry-run prints its stages, bubble, P2P bytes and the memory of
+    every pipeline rank, the first holding P micro-batches under 1F1B."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "phi1.train", "--config", "configs/quickstart_pretrain.yaml", "--dry-run",
+         "--world-size", "8", "--device", "cuda", "parallel.pipeline_parallel=4", "parallel.tensor_parallel=2",
+         "model.n_layer=8", "batch.micro_batch_size=2", "batch.global_batch_size=16"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "tensor parallel 2 x pipeline parallel 4 x data parallel 1" in out
+    assert "blocks per stage [2, 2, 2, 2]" in out
+    assert "bubble      27.3% of each step idle, (P-1)/(m+P-1) with P=4, m=8" in out
+    assert "rank 0 4 in flight" in out and "rank 3 1 in flight" in out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -477,3 +498,38 @@ def test_stage_activation_checkpointing_gives_the_same_gradients():
     for name, grad in grads[0].items():
         for mode, other in zip(("full", "selective"), grads[1:]):
             assert torch.allclose(other[name], grad, rtol=0, atol=1e-6), f"{mode}: {name}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The layout search and the step time include pipeline parallelism
+
+
+def test_layout_search_includes_pipeline_parallelism():
+    from phi1.planning.hardware import cluster
+    from phi1.planning.memory import estimate_memory
+    from phi1.planning.pipeline import rank_memory
+    from phi1.planning.search import enumerate_plans
+
+    config = get_preset("phi-1")
+    plans = enumerate_plans(config, cluster("A100-80GB", 16), 256, 2048, "bf16", 0.5)
+    piped = [plan for plan in plans if plan.layout.pipeline_parallel > 1]
+    assert {plan.layout.pipeline_parallel for plan in piped} == {2, 4, 8, 16}
+    for plan in piped:
+        lay = plan.layout
+        assert lay.zero_stage <= 1, "ZeRO-2/3 never combine with pipeline stages"
+        assert plan.gradient_accumulation >= lay.pipeline_parallel, "1F1B needs at least P micro-batches"
+        assert lay.tensor_parallel * lay.pipeline_parallel * lay.data_parallel == 16
+        assert f"PP{lay.pipeline_parallel}" in plan.describe()
+        # the estimate is the busiest pipeline rank's
+        assert plan.memory.total == max(total for _, total in rank_memory(config, lay))
+        assert estimate_memory(config, lay).total == plan.memory.total
+        # the step stretches by the bubble: compute / (1 - (P-1)/(m+P-1))
+        p, m = lay.pipeline_parallel, plan.gradient_accumulation
+        assert plan.time.pipeline_bubble == pytest.approx(plan.time.compute * (p - 1) / m)
+        assert plan.time.pipeline_comm > 0
+    # Pipelines hold 1/P of the model's states: PP4 with DDP needs less than a quarter of the whole model's states.
+    pp4 = next(plan for plan in piped if plan.layout.pipeline_parallel == 4 and plan.layout.zero_stage == 0
+               and plan.layout.tensor_parallel == 1)
+    whole = next(plan for plan in plans if plan.layout.pipeline_parallel == 1 and plan.layout.zero_stage == 0
+                 and plan.layout.tensor_parallel == 1)
+    assert pp4.memory.weights < whole.memory.weights / 3

@@ -14,7 +14,8 @@ the default): both turn the config into the planner's layout with
 the other layouts of the same model, batch, sequence length, precision and loss chunking.
 
 Without --config, the layout options are given as in a training config and pin that choice of the search:
-`parallel.tensor_parallel=2`, `parallel.zero_stage=1`, `parallel.sequence_parallel=true`,
+`parallel.tensor_parallel=2`, `parallel.pipeline_parallel=4` (1F1B; the search tries every size that divides
+the GPUs left after TP, with the bubble and the busiest stage's memory), `parallel.zero_stage=1`, `parallel.sequence_parallel=true`,
 `batch.micro_batch_size=4`, `activation_checkpointing=true|false`, `loss_chunk_size=N` (default 0, as in
 training); `model.FIELD=VALUE` changes the model (e.g. `model.resid_dropout=0.1`). Choices not given are
 searched.
@@ -44,8 +45,8 @@ PAPER_DAYS = 4.0  # "under 4 days" (770 GPU-hours for ~51B tokens on 8 A100)
 PAPER_TOKENS = 50e9
 
 # Training-config options that pin one choice of the layout search (the rest of a config needs --config).
-LAYOUT_OPTIONS = ("parallel.tensor_parallel", "parallel.zero_stage", "parallel.sequence_parallel",
-                  "batch.micro_batch_size", "activation_checkpointing", "loss_chunk_size")
+LAYOUT_OPTIONS = ("parallel.tensor_parallel", "parallel.pipeline_parallel", "parallel.zero_stage",
+                  "parallel.sequence_parallel", "batch.micro_batch_size", "activation_checkpointing", "loss_chunk_size")
 
 
 def format_table(plans: list[Plan], tokens: float, capacity_gib: float) -> str:
@@ -187,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         search = {"loss_chunk_size": config.loss_chunk_size}
         if "parallel.tensor_parallel" in pinned:
             search["tensor_parallel"] = (config.parallel.tensor_parallel,)
+        if "parallel.pipeline_parallel" in pinned:
+            search["pipeline_parallel"] = (config.parallel.pipeline_parallel,)
         if "parallel.zero_stage" in pinned:
             stages = (config.parallel.zero_stage,)
         if "parallel.sequence_parallel" in pinned:

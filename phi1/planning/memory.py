@@ -132,6 +132,13 @@ class Layout:
     """True: CUDA (fused AdamW, runtime overhead); False: a CPU rank (foreach AdamW, no CUDA context)."""
     runtime_overhead_bytes: float = 0.0
     """CUDA context, NCCL buffers, allocator slack: memory no tensor accounts for."""
+    pipeline_parallel: int = 1
+    """Pipeline stages (parallel.pipeline_parallel); > 1: the estimate is the busiest pipeline rank's
+    (phi1.planning.pipeline.pipeline_memory), with gradient_accumulation as the pipeline's micro-batches."""
+    pipeline_schedule: str = "1f1b"
+    """'1f1b', 'interleaved' or 'gpipe' (parallel.pipeline_schedule)."""
+    virtual_stages: int = 1
+    """Model chunks per pipeline rank under 'interleaved' (parallel.virtual_stages)."""
 
 
 @dataclass
@@ -276,6 +283,10 @@ def estimate_memory(config: ModelConfig, layout: Layout) -> MemoryEstimate:
         raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {layout.precision!r}")
     if layout.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {layout.zero_stage!r}")
+    if layout.pipeline_parallel > 1:
+        from phi1.planning.pipeline import pipeline_memory  # it builds on this module
+
+        return pipeline_memory(config, layout)
     counts = parameter_counts(config, layout.tensor_parallel)
     weights, grads, optim = model_state_bytes(counts, layout)
     L = config.n_layer
@@ -348,7 +359,8 @@ def estimate_memory(config: ModelConfig, layout: Layout) -> MemoryEstimate:
 def make_layout(config: ModelConfig, *, tensor_parallel: int, data_parallel: int, zero_stage: int,
                 micro_batch_size: int, gradient_accumulation: int, seq_len: int, precision: str,
                 activation_checkpointing: bool | str, sequence_parallel: bool, loss_chunk_size: int, gpu: bool = True,
-                runtime_overhead_bytes: float = 0.0, activation_checkpointing_every: int = 1) -> Layout:
+                runtime_overhead_bytes: float = 0.0, activation_checkpointing_every: int = 1,
+                pipeline_parallel: int = 1, pipeline_schedule: str = "1f1b", virtual_stages: int = 1) -> Layout:
     """The Layout of one training setup, with what the model decides filled from `config`: whether attention
     keeps s x s scores (`attention_backend == 'math'`) and the dropout masks (`attn_dropout`, `resid_dropout`).
 
@@ -375,6 +387,9 @@ def make_layout(config: ModelConfig, *, tensor_parallel: int, data_parallel: int
         resid_dropout=config.resid_dropout,
         gpu=gpu,
         runtime_overhead_bytes=runtime_overhead_bytes,
+        pipeline_parallel=pipeline_parallel,
+        pipeline_schedule=pipeline_schedule,
+        virtual_stages=virtual_stages,
     )
 
 

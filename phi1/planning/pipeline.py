@@ -36,6 +36,7 @@ from phi1.core.pipeline_stage import layer_ranges
 from phi1.parallel.pipeline import SCHEDULES, check_schedule, stages_of_rank
 from phi1.planning.memory import (
     Layout,
+    MemoryEstimate,
     _layer_backward_working_set,
     _logits_bytes,
     model_state_bytes,
@@ -81,9 +82,10 @@ def in_flight_chunks(pp_rank: int, pipeline_parallel: int, micro_batches: int, s
 
 
 def _activation_bytes(layout: Layout) -> int:
-    """Bytes per element of the hidden states sent between stages: the fp32 residual stream, except when ZeRO
-    keeps 16-bit weights (then the whole forward is 16-bit)."""
-    return 4 if layout.precision == "fp32" or layout.zero_stage == 0 else 2
+    """Bytes per element of the hidden states sent between stages: the fp32 residual stream. Under a pipeline
+    the weights stay fp32 (ZeRO-1 is torch's ZeroRedundancyOptimizer, not DeepSpeed's 16-bit weights) and
+    16-bit precision is autocast, whose residual stream stays fp32; the trainer sends fp32 activations."""
+    return 4
 
 
 def activation_message_bytes(config: ModelConfig, layout: Layout) -> float:
@@ -170,7 +172,11 @@ def stage_memory(config: ModelConfig, layout: Layout, pipeline_parallel: int, pp
     params = n_layers * counts.per_layer
     params += counts.embedding if first else 0
     params += counts.lm_head + 2 * config.d_model if last else 0
-    weights, grads, optim = model_state_bytes(dataclasses.replace(counts, per_rank=params), layout)
+    if layout.zero_stage == 1:
+        # torch's ZeroRedundancyOptimizer: fp32 weights and gradients, AdamW's two fp32 moments split over DP
+        weights, grads, optim = 4.0 * params, 4.0 * params, 8.0 * params / layout.data_parallel
+    else:
+        weights, grads, optim = model_state_bytes(dataclasses.replace(counts, per_rank=params), layout)
 
     in_flight = in_flight_chunks(pp_rank, p, m, schedule, v)
     t = layout.tensor_parallel
@@ -198,3 +204,39 @@ def stage_memory(config: ModelConfig, layout: Layout, pipeline_parallel: int, pp
     return StageMemory(layers=n_layers, in_flight=in_flight, weights=weights, gradients=grads, optimizer=optim,
                        activations=activations, logits=logits, p2p_buffers=receive_buffers, working=working,
                        total=total)
+
+
+def rank_memory(config: ModelConfig, layout: Layout) -> list[tuple[StageMemory, float]]:
+    """Every pipeline rank's `stage_memory` and its peak bytes with the runtime overhead and, under 16-bit
+    autocast, the 16-bit copies of its matrices (the layout's schedule, virtual stages, and
+    gradient_accumulation as the micro-batches)."""
+    counts = parameter_counts(config, layout.tensor_parallel)
+    out = []
+    for rank in range(layout.pipeline_parallel):
+        stage = stage_memory(config, layout, layout.pipeline_parallel, rank, layout.gradient_accumulation,
+                             layout.pipeline_schedule, layout.virtual_stages)
+        copies = 2.0 * counts.linear_weights * stage.layers / config.n_layer if layout.precision != "fp32" else 0.0
+        out.append((stage, stage.total + copies + layout.runtime_overhead_bytes))
+    return out
+
+
+def pipeline_memory(config: ModelConfig, layout: Layout) -> MemoryEstimate:
+    """The busiest pipeline rank's peak, as a `MemoryEstimate` (what `estimate_memory` returns for a layout with
+    pipeline_parallel > 1): `stage_memory` of every rank with the layout's schedule, virtual stages and
+    gradient_accumulation micro-batches, plus the runtime overhead and, under 16-bit autocast, the 16-bit copies
+    of the rank's matrices. `peak_moment` names the rank.
+
+    Raises:
+        ValueError: see `stage_memory`.
+    """
+    p = layout.pipeline_parallel
+    ranks = rank_memory(config, layout)
+    best_rank = max(range(p), key=lambda rank: ranks[rank][1])
+    stage, best_total = ranks[best_rank]
+    copies = best_total - stage.total - layout.runtime_overhead_bytes
+    return MemoryEstimate(
+        weights=stage.weights, gradients=stage.gradients, optimizer=stage.optimizer, activations=stage.activations,
+        logits=stage.logits, buffers=stage.p2p_buffers + stage.working + copies + layout.runtime_overhead_bytes,
+        total=best_total, peak_moment=f"pipeline rank {best_rank} of {p} ({stage.in_flight} chunk micro-batches in "
+                                      f"flight, {stage.layers} blocks)",
+    )

@@ -1,7 +1,8 @@
 """Every parallel layout of a model on a cluster, with its memory and step time, best first.
 
 The choices: tensor parallel size (divisors of the GPU count that split the heads, MLP and vocabulary and fit
-in one node), data parallel = GPUs / TP, ZeRO stage 0-3, micro-batch (powers of two that divide the per-replica
+in one node), pipeline parallel size (divisors of GPUs / TP up to the number of blocks, 1F1B; ZeRO 0 or 1
+with it, as the trainer allows; at least P micro-batches per step), data parallel = GPUs / (TP x PP), ZeRO stage 0-3, micro-batch (powers of two that divide the per-replica
 batch), activation checkpointing on or off, and sequence parallelism when TP > 1 (phi1 supports it with ZeRO 0
 and 1). Each choice can be pinned to what a training config says (tools/plan.py does this for `--config` and
 for `KEY=VALUE` options). Every layout is built by `phi1.planning.memory.make_layout`, as the dry run's is.
@@ -33,9 +34,10 @@ class Plan:
     gradient_accumulation: int
 
     def describe(self) -> str:
-        """A short name: 'TP2 DP4 ZeRO-1 mb4 AC SP'."""
+        """A short name: 'TP2 DP4 ZeRO-1 mb4 AC SP', with 'PP4' after TP under pipeline parallelism."""
         lay = self.layout
-        parts = [f"TP{lay.tensor_parallel}", f"DP{lay.data_parallel}",
+        pipeline = [f"PP{lay.pipeline_parallel}"] if lay.pipeline_parallel > 1 else []
+        parts = [f"TP{lay.tensor_parallel}", *pipeline, f"DP{lay.data_parallel}",
                  "DDP" if lay.zero_stage == 0 else f"ZeRO-{lay.zero_stage}", f"mb{lay.micro_batch_size}"]
         if lay.activation_checkpointing:
             parts.append("AC")
@@ -58,6 +60,12 @@ def tensor_parallel_choices(config: ModelConfig, gpus: int, gpus_per_node: int) 
     return choices
 
 
+def pipeline_choices(config: ModelConfig, gpus_per_tp_group: int, allowed: tuple[int, ...] | None = None) -> list[int]:
+    """Pipeline sizes that divide the GPUs left after TP and give every stage at least one block."""
+    sizes = [pp for pp in range(1, gpus_per_tp_group + 1) if gpus_per_tp_group % pp == 0 and pp <= config.n_layer]
+    return sizes if allowed is None else [pp for pp in sizes if pp in allowed]
+
+
 def enumerate_plans(
     config: ModelConfig,
     cluster: Cluster,
@@ -72,6 +80,7 @@ def enumerate_plans(
     activation_checkpointing: tuple[bool, ...] = (False, True),
     sequence_parallel: tuple[bool, ...] | None = None,
     loss_chunk_size: int = 0,
+    pipeline_parallel: tuple[int, ...] | None = None,
 ) -> list[Plan]:
     """Every layout choice with its memory and time, best first (see the module docstring).
 
@@ -81,6 +90,8 @@ def enumerate_plans(
             try for each choice; None tries every valid one (sequence parallelism: both where TP > 1 and
             ZeRO <= 1).
         loss_chunk_size: tokens per chunk of the fused lm_head + loss, as `loss_chunk_size` in a training config.
+        pipeline_parallel: pipeline sizes to try (1F1B schedule); None tries every divisor of GPUs / TP that is
+            at most n_layer.
 
     Raises:
         ValueError: seq_len beyond the model's max_seq_len, or no layout divides the global batch.
@@ -91,17 +102,21 @@ def enumerate_plans(
     overhead = cluster.gpu.runtime_overhead_gib * GIB
     valid_tp = tensor_parallel_choices(config, cluster.count, cluster.gpus_per_node)
     plans = []
-    for tp in (valid_tp if tensor_parallel is None else [t for t in tensor_parallel if t in valid_tp]):
-        dp = cluster.count // tp
+    layouts = [(tp, pp) for tp in (valid_tp if tensor_parallel is None else [t for t in tensor_parallel if t in valid_tp])
+               for pp in pipeline_choices(config, cluster.count // tp, pipeline_parallel)]
+    for tp, pp in layouts:
+        dp = cluster.count // (tp * pp)
         per_replica, remainder = divmod(global_batch, dp)
         if remainder:
             continue
         for zero in zero_stages:
             if zero > 0 and dp == 1:
                 continue  # ZeRO partitions over DP: nothing to partition
+            if zero > 1 and pp > 1:
+                continue  # ZeRO-2/3 cannot run with pipeline stages (the trainer refuses it, as DeepSpeed does)
             for micro in (MICRO_BATCHES if micro_batches is None else micro_batches):
-                if per_replica % micro:
-                    continue
+                if per_replica % micro or per_replica // micro < pp:
+                    continue  # 1F1B needs at least P micro-batches per step
                 for checkpointing in activation_checkpointing:
                     allowed_sp = (False, True) if tp > 1 and zero <= 1 else (False,)
                     for sp in (allowed_sp if sequence_parallel is None
@@ -111,6 +126,7 @@ def enumerate_plans(
                             gradient_accumulation=per_replica // micro, seq_len=seq_len, precision=precision,
                             activation_checkpointing=checkpointing, sequence_parallel=sp,
                             loss_chunk_size=loss_chunk_size, gpu=True, runtime_overhead_bytes=overhead,
+                            pipeline_parallel=pp,
                         )
                         memory = estimate_memory(config, layout)
                         time = predict_on_cluster(config, layout, global_batch, cluster, utilisation)
@@ -124,7 +140,7 @@ def enumerate_plans(
     return plans
 
 
-__all__ = ["MICRO_BATCHES", "Plan", "enumerate_plans", "tensor_parallel_choices"]
+__all__ = ["MICRO_BATCHES", "Plan", "enumerate_plans", "pipeline_choices", "tensor_parallel_choices"]
 
 
 def largest_fitting(fits: Callable[[int], bool], upper: int) -> int:

@@ -17,7 +17,12 @@
   all-gathers every layer's weights in the forward and again in the backward of every micro-batch. phi1 runs
   DeepSpeed with overlap_comm off, so ZeRO's collectives are counted as exposed;
 - the optimizer step: AdamW reads and writes weights, gradients and two moments: memory-bound, ~28 bytes per
-  fp32 parameter of the partition over HBM bandwidth.
+  fp32 parameter of the partition over HBM bandwidth;
+- pipeline parallelism (P stages, m = gradient accumulation micro-batches, V virtual stages): each rank
+  computes 1/P of the layers, and the step stretches by the bubble, compute / (1 - bubble) with the bubble
+  (P-1)/(m+P-1) (1F1B, GPipe) or (P-1)/(V m+P-1) (interleaved); TP collectives count only the rank's layers,
+  the DP reduction only its parameters; the P2P sends of the busiest rank (phi1.planning.pipeline) are counted
+  as exposed on the link between pipeline neighbours.
 """
 
 from __future__ import annotations
@@ -59,6 +64,10 @@ class StepTime:
     """Of the whole job."""
     model_flops_utilisation: float
     """MFU as phi1 logs it: model FLOPs (no recomputation) per second over the peak of all devices."""
+    pipeline_bubble: float = 0.0
+    """Seconds of the step a pipeline rank idles (0 without pipeline parallelism)."""
+    pipeline_comm: float = 0.0
+    """Seconds of point-to-point sends between pipeline stages, busiest rank."""
 
     def days_for(self, tokens: float) -> float:
         """Days to train on `tokens` tokens at this rate."""
@@ -89,6 +98,7 @@ def predict_step_time(
     dp_link: Link,
     memory_gbps: float,
     ddp_bucket_mb: float = 25.0,
+    pp_link: Link | None = None,
 ) -> StepTime:
     """Seconds of one step of `layout` with `global_batch` sequences.
 
@@ -96,6 +106,7 @@ def predict_step_time(
         flops_per_second_per_device: what one device's kernels achieve (peak x utilisation).
         peak_flops_per_device: the device's peak, for the MFU figure.
         tp_link, dp_link: the links the TP group's and the DP group's rings run on.
+        pp_link: the link between pipeline neighbours (default dp_link); used when layout.pipeline_parallel > 1.
         memory_gbps: device memory bandwidth (the optimizer step is memory-bound).
     Raises:
         ValueError: global_batch is not a multiple of micro-batch x data-parallel size.
@@ -105,19 +116,31 @@ def predict_step_time(
         raise ValueError(f"global batch {global_batch} is not a multiple of micro-batch {layout.micro_batch_size} "
                          f"x data parallel {dp}")
     accum = global_batch // (layout.micro_batch_size * dp)
-    devices = tp * dp
+    pp = layout.pipeline_parallel
+    devices = tp * dp * pp
     model_flops, run_flops = step_flops(config, layout, global_batch)
     compute = run_flops / devices / flops_per_second_per_device
+    bubble = pp_comm = 0.0
+    if pp > 1:
+        from phi1.planning.pipeline import bubble_fraction, p2p_bytes_per_step
+
+        fraction = bubble_fraction(pp, accum, layout.pipeline_schedule, layout.virtual_stages)
+        bubble = compute * fraction / (1 - fraction)
+        link = pp_link or dp_link
+        sent = p2p_bytes_per_step(config, layout, pp, accum, layout.virtual_stages).per_rank
+        messages = 2 * layout.virtual_stages * accum
+        pp_comm = sent / (link.gbps * 1e9) + messages * link.latency_us * 1e-6
     # The backward is ~2/3 of each micro-batch's compute: the window DDP's all-reduce hides in.
     backward_of_last_micro = compute / accum * (2 / 3)
 
     c = 4 if layout.precision == "fp32" else 2
     activation_bytes = layout.micro_batch_size * layout.seq_len * config.d_model * c
-    tp_collectives = 2 * config.n_layer + 2 + (config.n_layer if layout.activation_checkpointing else 0)
+    layers = config.n_layer / pp  # this rank's share (the embedding and lm_head ones counted as if on every rank)
+    tp_collectives = 2 * layers + 2 + (layers if layout.activation_checkpointing else 0)
     tp_comm = accum * tp_collectives * all_reduce_seconds(activation_bytes, tp, tp_link)
 
     counts = parameter_counts(config, tp)
-    p = counts.per_rank
+    p = counts.per_rank / pp
     if layout.zero_stage == 0:
         full = all_reduce_seconds(4.0 * p, dp, dp_link)  # fp32 gradients (autocast keeps them fp32)
         bucket = min(ddp_bucket_mb * 2**20, 4.0 * p) / (dp_link.gbps * 1e9) if dp > 1 else 0.0
@@ -132,10 +155,10 @@ def predict_step_time(
     partition = p / dp if layout.zero_stage > 0 else p
     optimizer = 28.0 * partition / (memory_gbps * 1e9)
 
-    total = compute + tp_comm + dp_comm + optimizer
+    total = compute + tp_comm + dp_comm + optimizer + bubble + pp_comm
     tokens_per_second = global_batch * layout.seq_len / total
     mfu = model_flops / total / (devices * peak_flops_per_device)
-    return StepTime(compute, tp_comm, dp_comm, optimizer, total, tokens_per_second, mfu)
+    return StepTime(compute, tp_comm, dp_comm, optimizer, total, tokens_per_second, mfu, bubble, pp_comm)
 
 
 def predict_on_cluster(config: ModelConfig, layout: Layout, global_batch: int, cluster: Cluster,
@@ -153,8 +176,10 @@ def predict_on_cluster(config: ModelConfig, layout: Layout, global_batch: int, c
         flops_per_second_per_device=peak * utilisation,
         peak_flops_per_device=peak,
         tp_link=cluster.ring_link(layout.tensor_parallel),
-        dp_link=cluster.ring_link(layout.data_parallel, stride=layout.tensor_parallel),
+        # ranks laid out TP, then PP, then DP: a pipeline's ranks are tp apart, a DP group's tp x pp apart
+        dp_link=cluster.ring_link(layout.data_parallel, stride=layout.tensor_parallel * layout.pipeline_parallel),
         memory_gbps=cluster.gpu.hbm_gbps,
+        pp_link=cluster.ring_link(layout.pipeline_parallel, stride=layout.tensor_parallel),
     )
 
 

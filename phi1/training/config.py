@@ -1632,7 +1632,8 @@ def validate_config(config: TrainConfig, world_size: int, *, check_files: bool =
 
     # -- memory: needs a valid model, layout and batch -------------------------------------------------------------
     layout_ok = (tp_ok and zero_ok and micro_ok and global_ok and seq_ok and config.precision in PRECISIONS
-                 and config.activation_checkpointing in CHECKPOINTING_MODES and not pipeline_problems)
+                 and config.activation_checkpointing in CHECKPOINTING_MODES and not pipeline_problems
+                 and pp == config.parallel.pipeline_parallel)
     if check_memory and model_config is not None and layout_ok:
         why = _memory_problem(config, model_config, world_size, device)
         if why is not None:

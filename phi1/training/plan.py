@@ -31,12 +31,15 @@ def memory_layout(config: TrainConfig, model_config: ModelConfig, world_size: in
         gpu: True for a GPU (fused AdamW; `runtime_overhead_gib`, default GPU_RUNTIME_OVERHEAD_GIB, of CUDA
             context and NCCL buffers), False for CPU ranks (no overhead).
     """
-    tp = config.parallel.tensor_parallel
+    tp, par = config.parallel.tensor_parallel, config.parallel
     overhead = (GPU_RUNTIME_OVERHEAD_GIB if runtime_overhead_gib is None else runtime_overhead_gib) if gpu else 0.0
     return make_layout(
         model_config,
         tensor_parallel=tp,
-        data_parallel=max(1, world_size // tp),
+        data_parallel=max(1, world_size // (tp * par.pipeline_parallel)),
+        pipeline_parallel=par.pipeline_parallel,
+        pipeline_schedule=par.pipeline_schedule,
+        virtual_stages=par.virtual_stages,
         zero_stage=config.parallel.zero_stage,
         micro_batch_size=config.batch.micro_batch_size,
         gradient_accumulation=config.grad_accum_steps(world_size),
@@ -75,8 +78,8 @@ def checkpointing_text(config: TrainConfig) -> str:
 
 def dry_run_report(config: TrainConfig, model_config: ModelConfig, world_size: int) -> str:
     """The text `python -m phi1.train --dry-run` prints."""
-    tp = config.parallel.tensor_parallel
-    dp = world_size // tp
+    tp, pp = config.parallel.tensor_parallel, config.parallel.pipeline_parallel
+    dp = world_size // (tp * pp)
     accum = config.grad_accum_steps(world_size)
     seq = config.data.seq_len
     g = config.batch.global_batch_size
@@ -89,7 +92,8 @@ def dry_run_report(config: TrainConfig, model_config: ModelConfig, world_size: i
         f"model       {model_config.name}: {n_total:,} parameters ({n_flops:,} without the input embedding); "
         f"{model_config.n_layer} layers, d_model {model_config.d_model}, {model_config.n_head} heads, "
         f"vocab {model_config.vocab_size}",
-        f"layout      {world_size} processes = tensor parallel {tp} x data parallel {dp}; {parallel}"
+        f"layout      {world_size} processes = tensor parallel {tp} x "
+        + (f"pipeline parallel {pp} x " if pp > 1 else "") + f"data parallel {dp}; {parallel}"
         + (", sequence parallel" if config.parallel.sequence_parallel else "")
         + f"; precision {config.precision}" + checkpointing_text(config),
         f"batch       global {g} sequences = micro {config.batch.micro_batch_size} x data parallel {dp} x "
@@ -104,4 +108,32 @@ def dry_run_report(config: TrainConfig, model_config: ModelConfig, world_size: i
         + f"; peak {memory['total'] / GIB:.2f} GiB",
         f"assumes     {assumptions(memory_layout(config, model_config, world_size))}",
     ]
+    if pp > 1:
+        lines[5:5] = pipeline_lines(config, model_config, world_size)
     return "\n".join(lines)
+
+
+def pipeline_lines(config: TrainConfig, model_config: ModelConfig, world_size: int) -> list[str]:
+    """The dry run's pipeline lines: stages, bubble, P2P bytes and every pipeline rank's memory."""
+    from phi1.core.pipeline_stage import layer_ranges
+    from phi1.planning.pipeline import bubble_fraction, p2p_bytes_per_step, rank_memory
+
+    par = config.parallel
+    pp, v, m = par.pipeline_parallel, par.virtual_stages, config.grad_accum_steps(world_size)
+    layout = memory_layout(config, model_config, world_size)
+    blocks = [len(r) for r in layer_ranges(model_config.n_layer, pp * v)]
+    bubble = bubble_fraction(pp, m, par.pipeline_schedule, v)
+    formula = "(P-1)/(V m+P-1)" if par.pipeline_schedule == "interleaved" else "(P-1)/(m+P-1)"
+    traffic = p2p_bytes_per_step(model_config, layout, pp, m, v)
+    stages = rank_memory(model_config, layout)
+    return [
+        f"pipeline    {pp} ranks x {v} chunk(s), {par.pipeline_schedule} schedule, {m} micro-batches per step; "
+        f"blocks per stage {blocks}; embedding on the first stage, final LayerNorm, lm_head and loss on the last",
+        f"bubble      {100 * bubble:.1f}% of each step idle, {formula} with P={pp}, m={m}"
+        + (f", V={v}" if par.pipeline_schedule == "interleaved" else ""),
+        f"p2p         {traffic.message / 2**20:.2f} MiB per activation message; {traffic.per_rank / 2**20:.1f} MiB "
+        f"sent per step by the busiest rank, {traffic.total / 2**20:.1f} MiB by the whole job",
+        "stages      memory per pipeline rank (activations of the micro-batches in flight; the first rank holds "
+        "the most): " + ", ".join(f"rank {rank} {stage.in_flight} in flight {total / GIB:.2f} GiB"
+                                  for rank, (stage, total) in enumerate(stages)),
+    ]
