@@ -279,17 +279,19 @@ def test_reshard_across_layouts(one_process_run):
 def _fsdp_model(mesh, init_seed: int):
     from torch.distributed.fsdp import fully_shard
 
-    model = PhiForCausalLM(CONFIG, init_seed=init_seed)
+    tp_group = mesh["tp"].get_group() if mesh["tp"].size() > 1 else None
+    model = PhiForCausalLM(CONFIG, init_seed=init_seed, tp_group=tp_group)
     for block in model.layers:
         fully_shard(block, mesh=mesh["dp"])
     fully_shard(model, mesh=mesh["dp"])
     return model
 
 
-def _fsdp_worker(rank: int, world: int, one_process_ckpt: str, out: str) -> dict:
-    """FSDP2 over dp=2 (parameters and moments are DTensors sharded by rows): load the one-process checkpoint,
-    save it again, load that into a fresh FSDP2 model; return the whole tensors each time."""
-    mesh = _mesh(world, pp=1, tp=1)
+def _fsdp_worker(rank: int, world: int, one_process_ckpt: str, out: str, tp: int = 1) -> dict:
+    """FSDP2 over dp=2 (parameters and moments are DTensors sharded by rows), with TP `tp` inside: load the
+    one-process checkpoint, save it again, load that into a fresh FSDP2 model; return the whole tensors (this TP
+    rank's shards under TP) each time."""
+    mesh = _mesh(world, pp=1, tp=tp)
     model = _fsdp_model(mesh, init_seed=21)
     optimizer = _optimizer(model)
     dck.load_checkpoint(one_process_ckpt, [model], optimizer, mesh, verify=verify_checkpoint)
@@ -308,7 +310,8 @@ def _fsdp_worker(rank: int, world: int, one_process_ckpt: str, out: str) -> dict
     again = _fsdp_model(mesh, init_seed=22)
     again_optimizer = _optimizer(again)
     dck.load_checkpoint(out, [again], again_optimizer, mesh, verify=verify_checkpoint)
-    return {"loaded": loaded, "reloaded": whole(again, again_optimizer)}
+    return {"loaded": loaded, "reloaded": whole(again, again_optimizer), "tp_rank": mesh.get_local_rank("tp"),
+            "dims": tensor_parallel_dims(model)}
 
 
 @pytest.mark.slow
@@ -332,6 +335,27 @@ def test_fsdp2_parameters_save_and_load_at_any_layout(one_process_run, tmp_path)
     dck.load_checkpoint(out, [model], optimizer, None, verify=verify_checkpoint)
     state = _full_state(model, optimizer)
     assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
+
+
+@pytest.mark.slow
+def test_tp2_fsdp2_checkpoint_is_the_whole_model(one_process_run, tmp_path):
+    """TP2 x FSDP2 (4 processes): each TP shard is gathered over dp and saved as TP shards, so the checkpoint
+    reads back whole in one process, and loads into TP2 x FSDP2 again, identical."""
+    saved = one_process_run["saved"]
+    out = tmp_path / "tp2fsdp2" / "iter_0000001"
+    results = run_on_gloo(_fsdp_worker, 4, str(one_process_run["ckpt"]), str(out), 2, timeout_s=900)
+    for rank, result in enumerate(results):
+        for what in ("loaded", "reloaded"):
+            assert result[what].keys() == saved.keys()
+            for key, value in saved.items():
+                name = key.split(".", 1)[1].rsplit(".", 1)[0] if key.startswith("optim.") else key[len("model."):]
+                dim = result["dims"][name]
+                expected = value if dim is None or value.dim() == 0 else value.chunk(2, dim=dim)[result["tp_rank"]]
+                assert torch.equal(result[what][key], expected), f"rank {rank}, {what}: {key}"
+    for prefix in ("model.", "optim."):
+        whole = dck.read_full_state_dict(out, prefix)
+        assert whole.keys() == {k[len(prefix):] for k in saved if k.startswith(prefix)}
+        assert all(torch.equal(whole[k], saved[prefix + k]) for k in whole)
 
 
 def test_fallback_to_previous_checkpoint(one_process_run, tmp_path):

@@ -155,6 +155,50 @@ def test_dcp_fallback_and_stale_temporaries(tmp_path, tokenizer):
     assert not (run / "iter_0000003.tmp").exists()
 
 
+def _async_worker(rank: int, world: int, run_dir: str, tokenizer: str) -> dict:
+    """The trainer's DCPFormat with checkpoint.async_save at DP2: the save returns before the checkpoint is in
+    place, a training step runs meanwhile, `wait()` finishes it."""
+    from types import SimpleNamespace
+
+    from phi1.parallel.distributed_checkpoint import checkpoint_mesh
+
+    mesh = checkpoint_mesh(torch.arange(world).reshape(world, 1, 1))
+    state = ParallelState(rank, world, rank, 1, 0, world, rank, None, mesh.get_group("dp"), torch.device("cpu"),
+                          mesh=mesh)
+    model = PhiForCausalLM(CONFIG, init_seed=1)
+    optimizer = _adamw(model)
+    _step(model, optimizer, 0)
+    saved = _full_state([model], optimizer)
+    strategy = SimpleNamespace(config=SimpleNamespace(checkpoint=SimpleNamespace(async_save=True)), modules=[model],
+                               optimizer=optimizer, engine=None)
+    writer = checkpoint_dcp.DCPFormat()
+    path = writer.save(Path(run_dir), _request(1, Path(tokenizer)), strategy, state)
+    in_flight = not path.exists() and not (Path(run_dir) / "latest").exists()
+    _step(model, optimizer, 1)  # the next step runs while the files are written
+    final = writer.wait()
+    return {"in_flight": in_flight, "saved": saved, "final": str(final), "path": str(path)}
+
+
+@pytest.mark.slow
+def test_async_save_overlaps_the_next_step(tmp_path, tokenizer):
+    """checkpoint.async_save: the save returns with the checkpoint not yet in place (no `latest` yet), training
+    goes on, and the finished checkpoint holds the state of the moment it was taken."""
+    from phi1.parallel.distributed_checkpoint import read_full_state_dict
+    from phi1.testing.spawn import run_on_gloo
+
+    run = tmp_path / "run"
+    results = run_on_gloo(_async_worker, 2, str(run), str(tokenizer), timeout_s=600)
+    assert all(r["in_flight"] for r in results)
+    assert results[0]["final"] == results[0]["path"] == str(run / "iter_0000001")
+    assert (run / "latest").read_text().strip() == "1"
+    verify_checkpoint(run / "iter_0000001")
+    saved = results[0]["saved"]
+    for prefix in ("model.", "optim."):
+        whole = read_full_state_dict(run / "iter_0000001", prefix)
+        assert whole.keys() == {k[len(prefix):] for k in saved if k.startswith(prefix)}
+        assert all(torch.equal(whole[k], saved[prefix + k]) for k in whole)
+
+
 def test_phi1_format_resumes_at_another_layout_with_its_optimizer(tmp_path):
     """A phi1-format checkpoint written at TP2 (shards + per-TP-rank optimizer files) resumes in one process and
     in pipeline stages: weights and AdamW state are the whole tensors of the TP2 run, found by name."""
