@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("annotate")
     group.add_argument("--base-url", default=os.environ.get("OPENAI_BASE_URL"), help="OpenAI-compatible endpoint")
     group.add_argument("--model", help="model name the endpoint serves")
-    group.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
+    group.add_argument("--api-key", help="default: $OPENAI_API_KEY, read by each task (not written to disk)")
     group.add_argument("--api", choices=("chat", "completions"), default="chat")
     group.add_argument("--prompt-file", help="prompt template with {text} (default: the paper's question)")
     group.add_argument("--concurrency", type=int, default=4, help="requests in flight per task")

@@ -210,27 +210,15 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def filter_shards(args: argparse.Namespace) -> dict:
-    from phi1.quality.classifier import QualityClassifier
-    from phi1.quality.embeddings import checkpoint_fingerprint
-    from phi1.quality.filtering import FilterConfig, filter_chunk
+    from phi1.quality.filtering import config_for_classifier, filter_chunk
     from phi1.quality.shards import concatenate, default_chunk_bytes, plan_chunks, run_chunks
 
-    classifier = QualityClassifier.load(args.classifier)
-    embedder = classifier.header.get("embedder", {})
-    model_dir = args.embedding_model or embedder.get("model_dir")
-    if not model_dir or not os.path.isdir(model_dir):
-        raise UserError(f"{args.classifier}: its embedder {model_dir!r} is not a directory; pass --embedding-model")
-    if checkpoint_fingerprint(model_dir) != embedder.get("fingerprint") and not args.allow_other_embedder:
-        raise UserError(f"{model_dir}: not the checkpoint {args.classifier} was trained on (fingerprints differ); "
-                         "its scores would mean nothing. Pass --allow-other-embedder to force it")
-    threshold = classifier.header.get("threshold", 0.5) if args.threshold is None else args.threshold
-    # Classifiers from before transformers embedders were phi1's, mean-pooled.
-    backend = embedder.get("backend", "phi1")
-    pooling = embedder.get("pooling") if embedder.get("pooling") in ("mean", "last") else "mean"
-    config = FilterConfig(classifier_dir=args.classifier, embedding_model=model_dir, tokenizer_type=args.tokenizer_type,
-                          tokenizer_model=args.tokenizer_model, threshold=threshold, text_key=args.text_key,
-                          batch_size=args.batch_size, backend=backend, pooling=pooling,
-                          max_tokens=embedder.get("max_tokens"), device=args.device, keep_all=args.keep_all)
+    config = config_for_classifier(args.classifier, threshold=args.threshold, embedding_model=args.embedding_model,
+                                   allow_other_embedder=args.allow_other_embedder,
+                                   tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model,
+                                   text_key=args.text_key, batch_size=args.batch_size, device=args.device,
+                                   keep_all=args.keep_all)
+    threshold = config.threshold
     os.makedirs(args.output_dir, exist_ok=True)
     start = time.perf_counter()
     chunks = plan_chunks(args.input, args.chunk_bytes or default_chunk_bytes(args.input, args.workers))

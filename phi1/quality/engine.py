@@ -82,6 +82,8 @@ class StepOptions:
     model: str | None = None
     """Model name sent to the endpoint (annotate)."""
     api_key: str | None = None
+    """Default: $OPENAI_API_KEY in the task's environment (better: it is then never written to disk, and SLURM
+    jobs get it through --export=ALL). Not part of the run's record in engine.json."""
     api: str = "chat"
     """'chat' or 'completions' (annotate)."""
     prompt_file: str | None = None
@@ -279,7 +281,8 @@ class AnnotateStep(ShardStep):
         # The journal lives beside the step's shards, not in `work` (which is cleared when a shard is done): it
         # must survive a killed task to be resumed.
         journal = os.path.join(self.step_dir, "journal", os.path.basename(output))
-        client = openai.AsyncOpenAI(base_url=options.base_url, api_key=options.api_key or "unused", max_retries=0)
+        api_key = options.api_key or os.environ.get("OPENAI_API_KEY") or "unused"
+        client = openai.AsyncOpenAI(base_url=options.base_url, api_key=api_key, max_retries=0)
         annotator = Annotator(client, config, [path], journal)
         asyncio.run(annotator.run(progress=False))
         self.stat_update("written_ok", value=annotator.counts.written.get("ok", 0))
@@ -706,8 +709,9 @@ def _engine_record(chain: list[str], input_dir: str, shard_names: list[str], opt
                    tasks: int) -> dict:
     """What a rerun into the same output must repeat: chain, options, task count and the inputs' sizes."""
     inputs = {name: os.path.getsize(os.path.join(input_dir, name)) for name in shard_names}
+    settings = {k: v for k, v in dataclasses.asdict(options).items() if k != "api_key"}  # no secret on disk
     return {"format": ENGINE_FORMAT, "chain": chain, "input_dir": os.path.abspath(input_dir), "inputs": inputs,
-            "tasks": tasks, "options": dataclasses.asdict(options)}
+            "tasks": tasks, "options": settings}
 
 
 def _check_rerun(output_dir: str, record: dict) -> None:
