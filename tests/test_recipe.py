@@ -123,6 +123,12 @@ def test_tiny_recipe_end_to_end_then_cached_then_rerun_from_filter(inputs, tmp_p
         assert "pretrain" in manifest["steps"] and ("evaluate" in manifest["steps"]) == (step == "evaluate")
     evaluation = json.loads((work / "steps" / "evaluate" / "eval" / "provenance.json").read_text())
     assert evaluation["steps"]["evaluate"]["counts"]["num_problems"] == 2
+    # The eval report splits pass@1 by the contamination index the decontaminate step built from the kept data.
+    summary = json.loads((work / "steps" / "evaluate" / "eval" / "summary.json").read_text())
+    split = summary["contamination"]
+    assert split["checked_problems"] == 2 and split["index"].endswith("decontamination_index.json")
+    assert split["split"]["any"]["clean"]["problems"] + split["split"]["any"]["contaminated"]["problems"] == 2
+    assert evaluation["steps"]["evaluate"]["counts"]["contamination"]["split"] == split["split"]
 
     # 2. Nothing changed: every step skipped, the teacher never started.
     second = _recipe(*overrides, timeout_s=300)

@@ -1,4 +1,4 @@
-"""`phi1-recipe` / `python -m phi1.recipe`: run a recipe, or show which of its steps would run.
+"""`phi1-recipe` / `python -m phi1.recipe`: run a recipe, or print what its finished steps recorded.
 
     phi1-recipe run recipes/tiny_cpu.yaml [key.sub=value ...] [--until STEP] [--force STEP ...]
     phi1-recipe status recipes/tiny_cpu.yaml [key.sub=value ...]

@@ -73,7 +73,12 @@ class DigestCache:
         os.replace(tmp, self.path)
 
 
+# Part of every key: raise it when what a step does changes, so results of the old code are not reused.
+STEPS_VERSION = 2
+
+
 def step_key(name: str, settings: dict, inputs: dict[str, str]) -> str:
-    """The cache key of a step: its name, settings and the content hashes of its inputs."""
-    payload = json.dumps({"step": name, "settings": settings, "inputs": inputs}, sort_keys=True, default=str)
+    """The cache key of a step: its name, settings, the content hashes of its inputs and STEPS_VERSION."""
+    payload = json.dumps({"step": name, "settings": settings, "inputs": inputs, "version": STEPS_VERSION},
+                         sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()

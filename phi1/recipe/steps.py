@@ -292,6 +292,13 @@ def decontaminate(ctx: StepContext) -> dict:
         if config.embedding_threshold is not None:
             argv += ["--embedding-threshold", str(config.embedding_threshold)]
     ctx.run(argv, "decontaminate")
+    # The contamination index describes the data as trained on, so it is built from what was kept (a second
+    # pass; the first one's matches are the documents it pruned). phi1-eval splits pass@k by it.
+    ctx.run([*argv[:2], "--input", str(clean), "--output", str(ctx.out / "index_pass.jsonl"), "--report",
+             str(ctx.out / "index_pass_report.jsonl"), "--index", str(ctx.out / "decontamination_index.json"),
+             *argv[argv.index("--ngram-n"):]], "contamination_index")
+    (ctx.out / "index_pass.jsonl").unlink()
+    (ctx.out / "index_pass_report.jsonl").unlink()
     kept = [r for _, r in _jsonl(clean)]
     _write_jsonl(ctx.out / "code.jsonl", ({"text": r["text"]} for r in kept if r["source"] == "code"))
     _write_jsonl(ctx.out / "textbooks.jsonl", ({"text": r["text"]} for r in kept if r["source"] == "textbook"))
@@ -376,14 +383,16 @@ def evaluate(ctx: StepContext) -> dict:
     output = ctx.out / "eval"
     argv = [*_py(), "-m", "phi1.eval", "--model", str(ctx.upstream("finetune") / "run"), "--task", config.task,
             "--n-samples", str(config.n_samples), "--temperature", str(config.temperature), "--output-dir",
-            str(output), "--quiet", *config.extra_args]
+            str(output), "--contamination-index", str(ctx.upstream("decontaminate") / "decontamination_index.json"),
+            "--quiet", *config.extra_args]
     data = config.data or (ctx.recipe.inputs.humaneval if config.task == "humaneval" else None)
     for flag, value in (("--data", data), ("--limit", config.limit), ("--max-new-tokens", config.max_new_tokens)):
         if value is not None:
             argv += [flag, str(value)]
     ctx.run(argv, "evaluate")
     summary = _read_json(output / "summary.json")
-    return {key: value for key, value in summary.items() if not isinstance(value, (list, dict)) or key.startswith("pass")}
+    return {key: value for key, value in summary.items()
+            if not isinstance(value, (list, dict)) or key.startswith("pass") or key == "contamination"}
 
 
 # name -> (function, upstream steps it reads, whether it needs the teacher)
@@ -398,5 +407,5 @@ STEPS: dict[str, tuple[Callable[[StepContext], dict], tuple[str, ...], bool]] = 
     "preprocess": (preprocess, ("decontaminate",), False),
     "pretrain": (pretrain, ("preprocess",), False),
     "finetune": (finetune, ("pretrain", "decontaminate"), False),
-    "evaluate": (evaluate, ("finetune",), False),
+    "evaluate": (evaluate, ("finetune", "decontaminate"), False),
 }
