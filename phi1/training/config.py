@@ -829,6 +829,7 @@ def option_types() -> dict[str, Any]:
     return types_
 
 
+@functools.cache
 def _sections() -> dict[str, type]:
     """{name: dataclass} of the sections of TrainConfig."""
     hints = typing.get_type_hints(TrainConfig)
@@ -838,9 +839,10 @@ def _sections() -> dict[str, type]:
 
 @functools.cache
 def _parser() -> jsonargparse.ArgumentParser:
-    """The jsonargparse parser of TrainConfig: each section through `add_class_arguments` (typed by its
-    dataclass, instantiated as it), the model's preset and ModelConfig fields one by one (they are given flat,
-    and only the given ones become ModelSection.overrides), and the top-level fields."""
+    """The jsonargparse parser of TrainConfig: each section through `add_class_arguments` (every field an
+    argument typed by the dataclass's annotation, with its default), the model's preset and ModelConfig fields
+    one by one (they are given flat, and only the given ones become ModelSection.overrides), and the top-level
+    fields. It types values only; `_build` sets the typed values on a default TrainConfig."""
     parser = jsonargparse.ArgumentParser(prog="phi1 training config", exit_on_error=False,
                                          parser_mode=_VALUE_LOADER_MODE, default_env=False)
     for dotted, hint in option_types().items():
@@ -1789,6 +1791,7 @@ __all__ = [
     "LossScaleSection",
     "ModelSection",
     "OptimSection",
+    "ParallelLayout",
     "ParallelSection",
     "ScheduleSection",
     "TrainConfig",
@@ -1798,7 +1801,9 @@ __all__ = [
     "default_paths",
     "field_docs",
     "tokenizer_type_of",
+    "typed_values",
     "load_config",
+    "option_types",
     "parse_override",
     "parse_yaml",
     "read_config_file",
