@@ -41,6 +41,7 @@ setup(
         "uvicorn>=0.29",  # phi1-serve: the HTTP server (timeouts, backlog, concurrency limit)
         "pydantic>=2.5",  # phi1-serve: request schemas
         "tenacity>=8",  # retries of requests to OpenAI-compatible endpoints (synthetic data, annotation)
+        "jsonargparse>=4.50",  # typed parsing of training configs and key.sub=value overrides into dataclasses
     ],
     extras_require={
         "deepspeed": ["deepspeed>=0.14"],
@@ -75,6 +76,7 @@ setup(
             "phi1-train=phi1.train:main",
             "phi1-eval=phi1.eval.__main__:main",
             "phi1-serve=phi1.serve:main",
+            "phi1-recipe=phi1.recipe.__main__:cli",
         ],
     },
 )
