@@ -214,7 +214,7 @@ def train_and_score(args: argparse.Namespace, mix: dict, data_prefix: Path, seed
 
 def _spread(values: list[float], digits: int) -> str:
     mean = sum(values) / len(values)
-    if len(values) == 1:
+    if len(values) == 1 or min(values) == max(values):
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 

@@ -100,17 +100,26 @@ def annotate(ctx: StepContext) -> dict:
     """A random sample of the corpus (`sample` files, fixed by `seed`), scored by the teacher."""
     config = ctx.recipe.steps.annotate
     corpus = ctx.recipe.inputs.corpus
-    total = sum(1 for path in corpus for _ in _jsonl(path))
+    # Lines are counted, and only the chosen ones parsed: two cheap passes over a corpus of any size.
+    total = sum(_lines(path) for path in corpus)
     chosen = set(random.Random(config.seed).sample(range(total), min(config.sample, total)))
     sample = ctx.out / "sample.jsonl"
 
     def sampled():
         index = 0
         for path in corpus:
-            for number, record in _jsonl(path):
-                if index in chosen and isinstance(record.get("text"), str):
-                    yield {"id": f"{os.path.basename(path)}:{number}", "text": record["text"]}
-                index += 1
+            with open(path, "rb") as handle:
+                for number, raw in enumerate(handle, 1):
+                    if not raw.strip():
+                        continue
+                    if index in chosen:
+                        try:
+                            record = json.loads(raw)
+                        except ValueError:
+                            record = None
+                        if isinstance(record, dict) and isinstance(record.get("text"), str):
+                            yield {"id": f"{os.path.basename(path)}:{number}", "text": record["text"]}
+                    index += 1
 
     written = _write_jsonl(sample, sampled())
     argv = [*_py(), ctx.tool("quality_filter.py"), "annotate", "--input", str(sample), "--output",
