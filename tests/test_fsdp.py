@@ -63,9 +63,13 @@ def _reference() -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
     return losses, norms, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _fsdp_train(rank: int, world_size: int, tp: int, sequence_parallel: bool, accum: int) -> dict:
+def _fsdp_train(rank: int, world_size: int, tp: int, sequence_parallel: bool, accum: int, checkpointing: str = "none",
+                compile_blocks: bool = False) -> dict:
     state = init_distributed(tp)
     model = PhiForCausalLM(get_preset("phi-1-nano"), tp_group=state.tp_group, sequence_parallel=sequence_parallel)
+    model.activation_checkpointing = checkpointing
+    if compile_blocks:
+        model.compile_blocks()
     fsdp.shard_model(model, state, "fp32")
     assert fsdp.is_sharded(model)
     optimizer = _optimizer(model)
@@ -154,15 +158,21 @@ def reference():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world_size,tp,sequence_parallel,accum", [
-    (2, 1, False, 1),   # FSDP2 over 2 ranks
-    (2, 1, False, 2),   # with gradient accumulation (no reduce-scatter before the last micro-batch)
-    (4, 2, False, 1),   # TP 2 x FSDP2 2
-    (4, 2, True, 1),    # TP 2 (sequence parallel) x FSDP2 2
-], ids=["fsdp2", "fsdp2-accum2", "tp2xfsdp2", "tp2-sp-xfsdp2"])
-def test_fsdp_training_equals_one_process(reference, world_size, tp, sequence_parallel, accum):
+@pytest.mark.parametrize("world_size,tp,sequence_parallel,accum,checkpointing,compiled", [
+    (2, 1, False, 1, "none", False),       # FSDP2 over 2 ranks
+    (2, 1, False, 2, "none", False),       # with gradient accumulation (no reduce-scatter before the last micro-batch)
+    (2, 1, False, 1, "full", False),       # activation checkpointing recomputes inside FSDP2's gathered blocks
+    (2, 1, False, 1, "selective", False),
+    (2, 1, False, 1, "none", True),        # compiled blocks, then fully_shard (as the trainer does)
+    (4, 2, False, 1, "none", False),       # TP 2 x FSDP2 2
+    (4, 2, True, 1, "none", False),        # TP 2 (sequence parallel) x FSDP2 2
+], ids=["fsdp2", "fsdp2-accum2", "fsdp2-full-ckpt", "fsdp2-selective-ckpt", "fsdp2-compile", "tp2xfsdp2",
+        "tp2-sp-xfsdp2"])
+def test_fsdp_training_equals_one_process(reference, world_size, tp, sequence_parallel, accum, checkpointing,
+                                          compiled):
     ref_losses, ref_norms, ref_weights = reference
-    results = run_on_gloo(_fsdp_train, world_size, tp, sequence_parallel, accum, timeout_s=600)
+    results = run_on_gloo(_fsdp_train, world_size, tp, sequence_parallel, accum, checkpointing, compiled,
+                          timeout_s=900)
     assert ref_losses[-1] < 0.9 * ref_losses[0]  # the run learns: the comparison is not between two constants
     for r in results:
         assert r["sharded"]
@@ -268,10 +278,14 @@ def test_trainer_tp2_by_fsdp2_equals_one_process(data_dir, tmp_path, one_process
 
 
 @pytest.mark.slow
-def test_fsdp_checkpoint_resumes_at_tp2(data_dir, tmp_path, fsdp_run, one_process):
-    """Saved under FSDP2 (DP 2) at step 5, resumed at TP 2 (DDP strategy): steps 6-10 as if never stopped."""
-    result = _train(_args(data_dir, tmp_path, **{"parallel.tensor_parallel": 2, "checkpoint.format": "dcp",
-                                                 "checkpoint.load": fsdp_run / "iter_0000005"}), 2)
+@pytest.mark.parametrize("layout,nproc", [({"parallel.tensor_parallel": 2}, 2),
+                                          ({"parallel.tensor_parallel": 2, "parallel.fsdp": "true"}, 4)],
+                         ids=["tp2", "tp2xfsdp2"])
+def test_fsdp_checkpoint_resumes_at_tp2(data_dir, tmp_path, fsdp_run, layout, nproc):
+    """Saved under FSDP2 (DP 2) at step 5, resumed at TP 2 (the DDP strategy) and at TP 2 x FSDP2 2: steps 6-10
+    as if never stopped."""
+    result = _train(_args(data_dir, tmp_path, **layout, **{"checkpoint.format": "dcp",
+                                                         "checkpoint.load": fsdp_run / "iter_0000005"}), nproc)
     assert "resuming from" in result.stdout
     _close(_losses(tmp_path), _losses(fsdp_run), range(6, TRAIN_STEPS + 1))
 
