@@ -533,3 +533,42 @@ def test_layout_search_includes_pipeline_parallelism():
     whole = next(plan for plan in plans if plan.layout.pipeline_parallel == 1 and plan.layout.zero_stage == 0
                  and plan.layout.tensor_parallel == 1)
     assert pp4.memory.weights < whole.memory.weights / 3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The trainer's ParallelState: groups from the DeviceMesh, laid out TP, then PP, then DP
+
+
+def _state_groups_worker(rank: int, world_size: int, tp: int, pp: int) -> dict:
+    import torch.distributed as dist
+
+    from phi1.parallel.state import init_distributed
+
+    state = init_distributed(tp, pipeline_parallel_size=pp)
+    return {
+        "coords": [state.dp_rank, state.pp_rank, state.tp_rank],
+        "sizes": [state.dp_size, state.pp_size, state.tp_size],
+        "tp": dist.get_process_group_ranks(state.tp_group),
+        "pp": dist.get_process_group_ranks(state.pp_group),
+        "dp": dist.get_process_group_ranks(state.dp_group),
+        "mesh_dims": list(state.mesh.mesh_dim_names),
+    }
+
+
+@pytest.mark.slow
+def test_parallel_state_groups_on_simulated_nodes():
+    """8 processes as 2 simulated nodes of 4 ranks, TP 2 x PP 2 x DP 2: every rank's groups are the mesh's and
+    match `rank_grid`; TP groups and (in this order) pipelines stay inside a node, DP crosses nodes."""
+    results = run_on_gloo(_state_groups_worker, 8, 2, 2, timeout_s=600)
+    grid = rank_grid(8, tensor_parallel=2, pipeline_parallel=2)
+    per_node = 4
+    for rank, result in enumerate(results):
+        assert result["mesh_dims"] == ["dp", "pp", "tp"]
+        assert result["sizes"] == [2, 2, 2]
+        dp_rank, pp_rank, tp_rank = result["coords"]
+        assert grid[dp_rank, pp_rank, tp_rank].item() == rank
+        for dim in ("tp", "pp", "dp"):
+            assert result[dim] in groups_along(grid, dim) and rank in result[dim]
+        assert len({r // per_node for r in result["tp"]}) == 1, "a TP group never crosses a node"
+        assert len({r // per_node for r in result["pp"]}) == 1
+        assert len({r // per_node for r in result["dp"]}) == 2

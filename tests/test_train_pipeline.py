@@ -9,6 +9,7 @@ logs the uninterrupted run's losses bit for bit. The peak memory of each stage i
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -224,6 +225,25 @@ def test_pipeline_resume_is_bit_exact_with_dropout(data_dir, one_process, tmp_pa
     assert got_validation == want_validation and sorted(want_validation) == [3, 6, 8]
     # the same first batch and weights without dropout give another loss: the masks are really drawn
     assert abs(want_steps[1] - one_process[0][1]) > 1e-3, "dropout must be on for the test to hold"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The non-finite guard under a pipeline
+
+
+@pytest.mark.slow
+def test_nan_gradient_on_one_stage_skips_the_step_on_every_rank(data_dir, tmp_path):
+    """A NaN gradient in the first stage's block makes the global norm NaN on both pipeline ranks: step 3 is
+    skipped and counted by the guard, and the run goes on and finishes."""
+    run = tmp_path / "nan"
+    _train(_overrides(data_dir, run, **{"parallel.pipeline_parallel": 2, "schedule.train_steps": 4,
+                                        "eval.interval": 0, "faults.inject_nan_at": "[3]",
+                                        "faults.inject_nan_param": "layers.0.mlp.fc2.weight"}), nproc=2)
+    records = [r for r in read_jsonl(run / "metrics.jsonl") if "step_losses" in r]
+    assert [r["iteration"] for r in records] == [1, 2, 3, 4]
+    assert [r["skipped_in_interval"] for r in records] == [0, 0, 1, 0]
+    assert records[-1]["nonfinite_steps"] == 1 and records[-1]["skipped_steps"] == 1
+    assert math.isnan(records[2]["grad_norm"]) and all(math.isfinite(r["loss"]) for r in records)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -193,8 +193,10 @@ def stage_memory(config: ModelConfig, layout: Layout, pipeline_parallel: int, pp
     if last:
         forward, backward = _logits_bytes(config, layout)
         last_in_flight = in_flight_chunks(p - 1, p, m, schedule, v)
-        # Under V chunks only the last chunk's micro-batches carry logits: about 1/V of those in flight.
-        with_logits = max(1, round(last_in_flight / v))
+        # Only the pipeline's last chunk carries logits. Under 1F1B and interleaved 1F1B the last rank runs each
+        # last-chunk forward right before its backward (its warmup forwards, (V-1) P of them, are all of its
+        # earlier chunks), so one micro-batch's logits are alive at a time; GPipe keeps all m.
+        with_logits = last_in_flight if schedule == "gpipe" else 1
         logits = (with_logits - 1) * backward + max(forward, backward)
 
     message = activation_message_bytes(config, layout)

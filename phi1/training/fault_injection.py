@@ -94,7 +94,13 @@ class FaultInjector(FaultHooks):
 
     def check_model(self, modules: list[nn.Module]) -> None:
         faults = self.faults
-        if (faults.inject_nan_at or faults.inject_nan_weights_at) and self._parameter(modules) is None:
+        if not (faults.inject_nan_at or faults.inject_nan_weights_at):
+            return
+        held = torch.tensor([float(self._parameter(modules) is not None)])
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # Under pipeline parallelism one stage holds the parameter: ask every rank, so all decide alike.
+            torch.distributed.all_reduce(held, op=torch.distributed.ReduceOp.MAX)
+        if held.item() == 0:
             raise ConfigError(f"faults.inject_nan_param: {faults.inject_nan_param!r} is not a parameter of the model")
 
     def _parameter(self, modules: list[nn.Module]) -> nn.Parameter | None:
