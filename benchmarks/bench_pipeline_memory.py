@@ -35,7 +35,7 @@ CASES: dict[str, tuple[int, int, str, int, str]] = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="pp2-m4,pp2-m8,pp4-m8,pp2-m4-ac",
+    parser.add_argument("--cases", default="pp2-m4,pp2-m8,pp4-m8,pp2-m4-ac,pp2-m4-interleaved",
                         help="comma-separated names of " + ", ".join(CASES))
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--tolerance", type=float, default=0.10)

@@ -360,6 +360,8 @@ def test_launch_orders_put_pp_or_dp_across_nodes():
          "fp16 with pipeline parallelism is not supported"),
         (["parallel.pipeline_parallel=4", "model.n_layer=4", "batch.micro_batch_size=8"],
          "fewer than the 4 pipeline stages"),
+        (["parallel.pipeline_parallel=2", "model.n_layer=4", "batch.micro_batch_size=2",
+          "parallel.pipeline_split=[1,2]"], "parallel.pipeline_split: [1, 2] sums to 3 blocks"),
         (["parallel.pipeline_parallel=2", "parallel.zero_stage=2"], "ZeRO-2 and ZeRO-3 are incompatible"),
         (["parallel.pipeline_parallel=2", "parallel.pipeline_schedule=interleaved"], "parallel.virtual_stages: the interleaved"),
         (["parallel.pipeline_parallel=2", "parallel.pipeline_schedule=interleaved", "parallel.virtual_stages=2",

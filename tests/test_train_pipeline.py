@@ -94,6 +94,7 @@ LAYOUTS: dict[str, tuple[int, dict]] = {
     "pp2-checkpointing-chunked-loss": (2, {"parallel.pipeline_parallel": 2, "activation_checkpointing": "full",
                                            "loss_chunk_size": 16}),
     "pp2-gpipe": (2, {"parallel.pipeline_parallel": 2, "parallel.pipeline_schedule": "gpipe"}),
+    "pp2-explicit-split": (2, {"parallel.pipeline_parallel": 2, "parallel.pipeline_split": "[1,3]"}),
 }
 
 

@@ -197,7 +197,8 @@ def stage_memory(config: ModelConfig, layout: Layout, pipeline_parallel: int, pp
         # last-chunk forward right before its backward (its warmup forwards, (V-1) P of them, are all of its
         # earlier chunks), so one micro-batch's logits are alive at a time; GPipe keeps all m.
         with_logits = last_in_flight if schedule == "gpipe" else 1
-        logits = (with_logits - 1) * backward + max(forward, backward)
+        # the micro-batches waiting for their backward keep what the loss's forward saved; one is in its backward
+        logits = (with_logits - 1) * forward + max(forward, backward)
 
     message = activation_message_bytes(config, layout)
     receive_buffers = sum((s_ != 0) + (s_ != p * v - 1) for s_ in held) * m * message
@@ -208,15 +209,15 @@ def stage_memory(config: ModelConfig, layout: Layout, pipeline_parallel: int, pp
                        total=total)
 
 
-def rank_memory(config: ModelConfig, layout: Layout) -> list[tuple[StageMemory, float]]:
+def rank_memory(config: ModelConfig, layout: Layout, split: Sequence[int] | None = None) -> list[tuple[StageMemory, float]]:
     """Every pipeline rank's `stage_memory` and its peak bytes with the runtime overhead and, under 16-bit
     autocast, the 16-bit copies of its matrices (the layout's schedule, virtual stages, and
-    gradient_accumulation as the micro-batches)."""
+    gradient_accumulation as the micro-batches; `split`: blocks per stage, default balanced)."""
     counts = parameter_counts(config, layout.tensor_parallel)
     out = []
     for rank in range(layout.pipeline_parallel):
         stage = stage_memory(config, layout, layout.pipeline_parallel, rank, layout.gradient_accumulation,
-                             layout.pipeline_schedule, layout.virtual_stages)
+                             layout.pipeline_schedule, layout.virtual_stages, split)
         copies = 2.0 * counts.linear_weights * stage.layers / config.n_layer if layout.precision != "fp32" else 0.0
         out.append((stage, stage.total + copies + layout.runtime_overhead_bytes))
     return out

@@ -229,6 +229,9 @@ class ParallelSection:
     """Pipeline schedule: '1f1b', 'interleaved' (Megatron's, needs virtual_stages >= 2) or 'gpipe' (reference)."""
     virtual_stages: int = 1
     """Model chunks per pipeline rank under the interleaved schedule (bubble (P-1)/(V m + P-1))."""
+    pipeline_split: list[int] = field(default_factory=list)
+    """Blocks per pipeline stage, e.g. [5, 6, 6, 7] (pipeline_parallel x virtual_stages entries summing to
+    model.n_layer); empty: balanced (the remainder goes to the middle stages)."""
     fsdp: bool = False
     """Shard parameters, gradients and optimizer state over the data-parallel ranks with PyTorch FSDP2 (fully_shard
     per block, then the root); composes with tensor_parallel. Not with zero_stage > 0 or pipeline_parallel > 1."""
@@ -1332,12 +1335,31 @@ def _pipeline_problems(par: ParallelSection, pp: int, virtual: int, dp: int, mod
     problems = []
     interleaved = par.pipeline_schedule == "interleaved"
     chunks = pp * virtual
+    split = list(par.pipeline_split or [])
+    if split:
+        if len(split) != chunks:
+            problems.append(f"parallel.pipeline_split: {split} has {len(split)} entries; the pipeline has "
+                            f"pipeline_parallel x virtual_stages = {chunks} stages")
+        elif any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in split):
+            problems.append(f"parallel.pipeline_split: {split}: every stage needs a whole number >= 1 of blocks")
+        elif model_config is not None and sum(split) != model_config.n_layer:
+            problems.append(f"parallel.pipeline_split: {split} sums to {sum(split)} blocks; the model has "
+                            f"n_layer={model_config.n_layer}")
+        return problems + _pipeline_batch_problems(par, pp, dp, batch, precision)
     if model_config is not None and model_config.n_layer < chunks:
         problems.append(f"parallel.pipeline_parallel: {pp} ranks x {virtual} chunks = {chunks} stages, but the model "
                         f"has {model_config.n_layer} blocks (n_layer); every stage needs at least one")
     elif model_config is not None and interleaved and model_config.n_layer % chunks != 0:
         problems.append(f"parallel.virtual_stages: the interleaved schedule needs equal chunks: n_layer="
                         f"{model_config.n_layer} is not divisible by pipeline_parallel x virtual_stages = {chunks}")
+    return problems + _pipeline_batch_problems(par, pp, dp, batch, precision)
+
+
+def _pipeline_batch_problems(par: ParallelSection, pp: int, dp: int, batch: BatchSection | None,
+                             precision: str | None) -> list[str]:
+    """What stops the batch (micro-batches per step) and the precision from running `pp` pipeline stages."""
+    problems = []
+    interleaved = par.pipeline_schedule == "interleaved"
     if batch is not None and batch.global_batch_size % (batch.micro_batch_size * dp) == 0:
         micro_batches = batch.global_batch_size // (batch.micro_batch_size * dp)
         if par.pipeline_schedule in ("1f1b", "interleaved") and micro_batches < pp:
@@ -1550,6 +1572,9 @@ def validate_config(config: TrainConfig, world_size: int, *, check_files: bool =
     pipeline_problems = (_pipeline_problems(par, pp, virtual, dp, model_config,
                                             batch if micro_ok and global_ok else None, config.precision)
                          if pp > 1 else [])
+    if pp == 1 and par.pipeline_split:
+        pipeline_problems.append(f"parallel.pipeline_split: {par.pipeline_split} splits pipeline stages, but "
+                                 "parallel.pipeline_parallel is 1; set parallel.pipeline_parallel or leave the split empty")
     problems.extend(pipeline_problems)
     if pp > 1:
         if data.document_mask:

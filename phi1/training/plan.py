@@ -121,11 +121,12 @@ def pipeline_lines(config: TrainConfig, model_config: ModelConfig, world_size: i
     par = config.parallel
     pp, v, m = par.pipeline_parallel, par.virtual_stages, config.grad_accum_steps(world_size)
     layout = memory_layout(config, model_config, world_size)
-    blocks = [len(r) for r in layer_ranges(model_config.n_layer, pp * v)]
+    split = list(par.pipeline_split) or None
+    blocks = [len(r) for r in layer_ranges(model_config.n_layer, pp * v, split)]
     bubble = bubble_fraction(pp, m, par.pipeline_schedule, v)
     formula = "(P-1)/(V m+P-1)" if par.pipeline_schedule == "interleaved" else "(P-1)/(m+P-1)"
     traffic = p2p_bytes_per_step(model_config, layout, pp, m, v)
-    stages = rank_memory(model_config, layout)
+    stages = rank_memory(model_config, layout, split)
     return [
         f"pipeline    {pp} ranks x {v} chunk(s), {par.pipeline_schedule} schedule, {m} micro-batches per step; "
         f"blocks per stage {blocks}; embedding on the first stage, final LayerNorm, lm_head and loss on the last",

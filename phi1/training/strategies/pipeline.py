@@ -4,7 +4,8 @@ Selected when `parallel.pipeline_parallel` > 1 (`strategies.strategy_name`). The
 `ParallelState` mesh (TP adjacent, then PP, then DP) and holds pipeline stage `pp_rank`, or under
 `parallel.pipeline_schedule=interleaved` the `parallel.virtual_stages` chunks pp_rank, pp_rank + P, ...
 (`phi1.core.pipeline_stage.build_stages`: the embedding on the first stage, the final LayerNorm, lm_head and
-loss on the last, blocks balanced between them, every parameter under the one-process model's name).
+loss on the last, blocks balanced between them or as `parallel.pipeline_split` says, every parameter under the
+one-process model's name).
 
 One step:
 
@@ -64,7 +65,7 @@ class PipelineStrategy(StepStrategy):
         chunks = build_stages(
             self.context.model_config, state.pp_rank, state.pp_size, par.virtual_stages,
             tp_group=state.tp_group if state.tp_size > 1 else None, sequence_parallel=par.sequence_parallel,
-            init_seed=config.seed,
+            init_seed=config.seed, split=list(par.pipeline_split) or None,
         )
         for chunk in chunks:
             configure_model(chunk, self.context)
