@@ -95,6 +95,8 @@ def shard_model(model: nn.Module, state: ParallelState, precision: str = "fp32",
         mesh: the DP mesh; built from `state.dp_group` when None.
     Returns:
         `model` itself (now an FSDPModule; parameters are DTensors).
+    Raises:
+        ValueError: no DP group (a single-process run), or a precision FSDP2 has no policy for.
     """
     mesh = mesh if mesh is not None else dp_mesh(state)
     offload: OffloadPolicy = CPUOffloadPolicy(pin_memory=state.device.type == "cuda") if cpu_offload else OffloadPolicy()

@@ -1395,9 +1395,9 @@ def _fsdp_problems(par: ParallelSection, pp: int, dp: int, world_size: int) -> l
                         "shard stage chunks with fully_shard; use parallel.pipeline_parallel=1 with parallel.fsdp, "
                         "or parallel.fsdp=false")
     elif dp < 2:
-        problems.append(f"parallel.fsdp: FSDP2 shards over the data-parallel ranks, and this run has 1 ({world_size} "
-                        "processes / tensor_parallel x pipeline_parallel); launch more processes or set "
-                        "parallel.fsdp=false")
+        problems.append(f"parallel.fsdp: FSDP2 shards over the data-parallel ranks, and this run has {dp} "
+                        f"({world_size} processes / (tensor_parallel x pipeline_parallel)); launch more processes "
+                        "or set parallel.fsdp=false")
     return problems
 
 
