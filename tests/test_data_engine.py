@@ -242,6 +242,22 @@ def test_killed_task_resumes_to_the_uninterrupted_output(corpus, tmp_path, funct
     assert _shard_outputs(output) == _shard_outputs(reference)
 
 
+@pytest.mark.slow
+def test_ray_executor_gives_the_local_bytes(corpus, tmp_path) -> None:
+    pytest.importorskip("ray", reason="the Ray executor is optional (pip install 'ray[default]')")
+    common = ["--steps", "decontaminate,dedup,preprocess", "--input-dir", str(corpus["shards"]),
+              "--tokenizer-model", str(corpus["tokenizer"]), "--tasks", "3", "--workers", "2"]
+    local = _pipeline(*common, "--output-dir", str(tmp_path / "local"), "--tasks", "1", "--workers", "1")
+    assert local.returncode == 0, local.describe()
+    # Ray's local mode: a cluster on this machine, started and stopped by the run; PYTHONPATH as a user's shell
+    # would have it unset, so the engine's own path handling is what lets the workers import phi1.
+    ray = run_bounded(python(TOOL, *common, "--output-dir", str(tmp_path / "ray"), "--executor", "ray"),
+                      timeout_s=300, memory_mb=None, env={"PYTHONPATH": ""})
+    assert ray.returncode == 0, ray.describe()
+    assert _files(tmp_path / "ray" / "result") == _files(tmp_path / "local" / "result")
+    assert _shard_outputs(tmp_path / "ray") == _shard_outputs(tmp_path / "local")
+
+
 def _sbatch_lines(script: str) -> dict[str, str]:
     return dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(.*))?$", script, re.MULTILINE))
 

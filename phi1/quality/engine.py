@@ -863,6 +863,13 @@ def run_pipeline(chain: list[str], input_dir: str, output_dir: str, options: Ste
             summary["script"] = os.path.join(summary["logging_dir"], "launch_script.slurm")
             summary["job_id"] = built.job_id
     elif executor.kind == "ray":
+        # Ray's worker processes did not find an editable install of phi1 here ("No module named 'phi1'", the
+        # run then waits forever); a local cluster started by this process inherits its environment, so the
+        # package's root goes on PYTHONPATH. (On an existing cluster, install phi1 on every node.)
+        import phi1
+
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(phi1.__file__)))
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
         executors[-1].run()
     finished = executor.kind != "slurm" and os.path.isdir(result_dir)
     return PipelineResult(output_dir, result_dir, finished, summaries, submissions)
