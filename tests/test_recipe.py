@@ -144,6 +144,12 @@ def test_tiny_recipe_end_to_end_then_cached_then_rerun_from_filter(inputs, tmp_p
     threshold = round((distinct[len(distinct) // 2 - 1] + distinct[len(distinct) // 2]) / 2, 6)
     assert scores[0] < threshold < scores[-1]
     changed = [*overrides, f"steps.filter.threshold={threshold}"]
+    status = run_bounded(python("-m", "phi1.recipe", "status", str(RECIPE), *changed), timeout_s=300, env=_env())
+    assert status.returncode == 0, status.describe()
+    plan = {line.split()[0]: line.split(None, 2)[1:] for line in status.stdout.splitlines()}
+    assert {step for step, (state, _) in plan.items() if state == "runs"} == READS_FILTER
+    assert plan["filter"][1] == "settings changed: threshold"
+    assert plan["dedup"][1] == "filter reruns, and it reads its output"
     runner = subprocess.Popen(python("-m", "phi1.recipe", "run", str(RECIPE), *changed), env=_env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:

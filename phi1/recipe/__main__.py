@@ -1,4 +1,4 @@
-"""`phi1-recipe` / `python -m phi1.recipe`: run a recipe, or print what its finished steps recorded.
+"""`phi1-recipe` / `python -m phi1.recipe`: run a recipe, or say which of its steps would run and why.
 
     phi1-recipe run recipes/tiny_cpu.yaml [key.sub=value ...] [--until STEP] [--force STEP ...]
     phi1-recipe status recipes/tiny_cpu.yaml [key.sub=value ...]
@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the steps whose inputs or settings changed")
-    status = commands.add_parser("status", help="print each finished step's key and counts")
+    status = commands.add_parser("status", help="which steps a run would skip (cached) or run, and why")
     for sub in (run, status):
         sub.add_argument("recipe", help="recipe YAML file (recipes/tiny_cpu.yaml, recipes/phi1.yaml)")
         sub.add_argument("overrides", nargs="*", help="key.sub=value, e.g. steps.filter.threshold=0.7")
@@ -39,11 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
     if args.command == "status":
-        for name in STEPS:
+        for name, state, why in Runner(recipe).plan():
             meta = Path(recipe.work_dir) / "steps" / name / "step.json"
-            record = json.loads(meta.read_text()) if meta.exists() else None
-            print(f"{name:14s} " + (f"finished {record['finished']} key {record['key'][:12]} "
-                                     f"{json.dumps(record['counts'])[:200]}" if record else "not run"))
+            counts = json.loads(meta.read_text())["counts"] if meta.exists() and state == "cached" else None
+            print(f"{name:14s} {state:7s} {why}" + (f"  {json.dumps(counts)[:160]}" if counts else ""))
         return 0
     runner = Runner(recipe, until=args.until, force=tuple(args.force))
     try:

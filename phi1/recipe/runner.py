@@ -219,6 +219,38 @@ class Runner:
             "steps": chain,
         }
 
+    def plan(self) -> list[tuple[str, str, str]]:
+        """(step, "cached" | "runs", why) for every step, as `run` would decide, without running anything."""
+        rows: list[tuple[str, str, str]] = []
+        reruns: set[str] = set()
+        for name, (_, deps, _) in STEPS.items():
+            finished = self._finished(name)
+            changed_deps = [dep for dep in deps if dep in reruns]
+            if finished is None:
+                why = "not run yet"
+            elif changed_deps:
+                why = (f"{' and '.join(changed_deps)} rerun{'' if len(changed_deps) > 1 else 's'}, and it reads "
+                       f"{'their' if len(changed_deps) > 1 else 'its'} output")
+            else:
+                inputs = self._externals(name)
+                for dep in deps:
+                    inputs[f"step:{dep}"] = {"sha256": self._finished(dep)["output_sha256"]}
+                settings = self._settings(name)
+                if finished.get("key") == step_key(name, settings, inputs):
+                    rows.append((name, "cached", finished["key"][:12]))
+                    continue
+                moved = [k for k in sorted(set(settings) | set(finished.get("settings", {})))
+                         if settings.get(k) != finished.get("settings", {}).get(k)]
+                edited = [k for k in sorted(set(inputs) | set(finished.get("inputs", {})))
+                          if inputs.get(k, {}).get("sha256") != finished.get("inputs", {}).get(k, {}).get("sha256")]
+                why = "; ".join(part for part in (moved and f"settings changed: {', '.join(moved)}",
+                                                  edited and f"inputs changed: {', '.join(edited)}") if part) \
+                    or "phi1's step code changed (STEPS_VERSION)"
+            reruns.add(name)
+            rows.append((name, "runs", why))
+        self.digests.save()
+        return rows
+
     def run(self) -> dict[str, str]:
         """Run every step (up to `until`); returns {step: "ran" | "skipped"}."""
         self.steps_dir.mkdir(parents=True, exist_ok=True)
