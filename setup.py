@@ -51,6 +51,8 @@ setup(
         "wandb": ["wandb>=0.17"],
         # corpus-scale MinHash dedup (tools/dedup.py); datatrove 0.10 hashes str, which xxhash 4 refuses
         "data": ["datatrove>=0.10", "xxhash<4", "orjson>=3"],  # orjson: datatrove's JsonlReader needs it
+        # tools/data_pipeline.py --executor ray (the local and SLURM executors need only the `data` extra)
+        "ray": ["datatrove>=0.10", "xxhash<4", "orjson>=3", "ray[default]>=2.9"],
         "plot": ["matplotlib>=3.7"],
         "mpi": ["mpi4py>=3.1"],
         "test": [
