@@ -127,6 +127,8 @@ def test_tiny_recipe_end_to_end_then_cached_then_rerun_from_filter(inputs, tmp_p
     summary = json.loads((work / "steps" / "evaluate" / "eval" / "summary.json").read_text())
     split = summary["contamination"]
     assert split["checked_problems"] == 2 and split["index"].endswith("decontamination_index.json")
+    assert split["training_data"] == [str(work / "steps" / "decontaminate" / name)
+                                      for name in ("code.jsonl", "textbooks.jsonl", "exercises.jsonl")]
     assert split["split"]["any"]["clean"]["problems"] + split["split"]["any"]["contaminated"]["problems"] == 2
     assert evaluation["steps"]["evaluate"]["counts"]["contamination"]["split"] == split["split"]
 
@@ -154,10 +156,11 @@ def test_tiny_recipe_end_to_end_then_cached_then_rerun_from_filter(inputs, tmp_p
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 900
-        while not list((work / "steps").glob(".pretrain.partial-*/run")) and time.monotonic() < deadline:
+        # Killed as soon as pretraining's folder exists: the trainer needs several seconds just to start.
+        while not list((work / "steps").glob(".pretrain.partial-*/logs")) and time.monotonic() < deadline:
             assert runner.poll() is None, "the recipe ended before pretraining started"
-            time.sleep(0.5)
-        time.sleep(3)
+            time.sleep(0.1)
+        time.sleep(0.5)
     finally:
         os.killpg(runner.pid, signal.SIGKILL)
         runner.wait()

@@ -74,7 +74,7 @@ class DigestCache:
 
 
 # Part of every key: raise it when what a step does changes, so results of the old code are not reused.
-STEPS_VERSION = 2
+STEPS_VERSION = 3
 
 
 def step_key(name: str, settings: dict, inputs: dict[str, str]) -> str:

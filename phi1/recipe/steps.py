@@ -308,6 +308,12 @@ def decontaminate(ctx: StepContext) -> dict:
              *argv[argv.index("--ngram-n"):]], "contamination_index")
     (ctx.out / "index_pass.jsonl").unlink()
     (ctx.out / "index_pass_report.jsonl").unlink()
+    # The index names the file it read (clean.jsonl, removed below); name the kept data where it will stay.
+    index_path = ctx.out / "decontamination_index.json"
+    index = json.loads(index_path.read_text())
+    index["training_data"] = [str(ctx.upstream("decontaminate") / name)
+                              for name in ("code.jsonl", "textbooks.jsonl", "exercises.jsonl")]
+    index_path.write_text(json.dumps(index))
     kept = [r for _, r in _jsonl(clean)]
     _write_jsonl(ctx.out / "code.jsonl", ({"text": r["text"]} for r in kept if r["source"] == "code"))
     _write_jsonl(ctx.out / "textbooks.jsonl", ({"text": r["text"]} for r in kept if r["source"] == "textbook"))
