@@ -103,3 +103,30 @@ def test_train_and_filter_with_a_transformers_embedder(tmp_path, models, name, p
     features = load_embedder(str(models[name]), pooling=pooling, device="cpu").embed([r["text"] for r in records[:12]])
     expected = QualityClassifier.load(tmp_path / "cls").score(features)
     assert np.allclose([r["quality_score"] for r in kept], expected, atol=1e-5)
+
+
+def test_fingerprint_of_a_run_directory_is_its_checkpoint(tmp_path) -> None:
+    """A run directory is fingerprinted through the checkpoint `latest` names: never the hash of nothing, and a
+    newer checkpoint of the same run is another embedder."""
+    import hashlib
+    import shutil
+
+    from phi1.quality.embeddings import checkpoint_fingerprint
+    from phi1.testing.toy_model import build_toy_model_dir
+
+    model = build_toy_model_dir(tmp_path / "model", "phi-1-nano", max_seq_len=64)
+    run = tmp_path / "run"
+    for iteration in (1, 2):
+        checkpoint = run / f"iter_{iteration:07d}"
+        shutil.copytree(model, checkpoint)
+        (checkpoint / "trainer_state.json").write_text(json.dumps({"iteration": iteration}))
+    weights = next((run / "iter_0000002").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")  # another model's bytes
+    (run / "latest").write_text("1\n")
+    first = checkpoint_fingerprint(run)
+    assert first == checkpoint_fingerprint(run / "iter_0000001") != hashlib.sha256().hexdigest()
+    (run / "latest").write_text("2\n")
+    assert checkpoint_fingerprint(run) == checkpoint_fingerprint(run / "iter_0000002") != first
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        checkpoint_fingerprint(tmp_path / "empty")

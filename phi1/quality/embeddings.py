@@ -22,13 +22,27 @@ import torch
 
 
 def checkpoint_fingerprint(model_dir: str | os.PathLike) -> str:
-    """sha256 over the directory's config and weight files: a classifier records which embedder it needs."""
+    """sha256 over the config and weight files of the model `model_dir` names: a classifier records which embedder
+    it needs.
+
+    A training run directory (or its `latest`) is resolved to the checkpoint it points at first, so two runs, or
+    one run at two checkpoints, never share a fingerprint.
+
+    Raises:
+        ValueError: the path is no model, or its directory holds no config or weight file to hash.
+    """
+    from phi1.loading import resolve_model_path
+
+    directory = resolve_model_path(model_dir, what="--embedding-model", verify=False).directory
     digest = hashlib.sha256()
-    names = sorted(n for n in os.listdir(model_dir)
-                   if n.endswith((".json", ".safetensors", ".model", ".txt", ".bin")))
+    names = sorted(n for n in os.listdir(directory)
+                   if n.endswith((".json", ".safetensors", ".model", ".txt", ".bin", ".distcp", ".metadata"))
+                   and os.path.isfile(os.path.join(directory, n)))
+    if not any(n.endswith((".safetensors", ".bin", ".distcp")) for n in names):
+        raise ValueError(f"--embedding-model {model_dir}: {directory} holds no weight file to fingerprint")
     for name in names:
         digest.update(name.encode())
-        with open(os.path.join(model_dir, name), "rb") as handle:
+        with open(os.path.join(directory, name), "rb") as handle:
             while block := handle.read(8 << 20):
                 digest.update(block)
     return digest.hexdigest()
