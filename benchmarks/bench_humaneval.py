@@ -23,9 +23,9 @@ import time
 import torch
 
 from phi1.eval.harness import GenerationConfig, generate_completions, score_samples, synchronize
-from phi1.eval.loading import check_vocab, load_model, load_tokenizer
 from phi1.eval.sandbox import SandboxConfig
 from phi1.eval.tasks import load_humaneval
+from phi1.loading import check_vocab, load_model, load_tokenizer
 from phi1.testing.toy_model import build_toy_model_dir
 
 

@@ -12,7 +12,7 @@ import torch
 openai = pytest.importorskip("openai")
 
 from phi1.core.generation import SamplingParams, generate  # noqa: E402
-from phi1.eval.loading import load_model, load_tokenizer  # noqa: E402
+from phi1.loading import load_model, load_tokenizer  # noqa: E402
 from phi1.serve.server import CompletionService, start_server  # noqa: E402
 from phi1.testing.toy_model import build_toy_model_dir  # noqa: E402
 

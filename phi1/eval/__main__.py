@@ -209,7 +209,7 @@ def run(argv: list[str] | None = None) -> int:
     if args.samples is not None:
         samples = read_samples(args.samples, problems)
     else:
-        from phi1.eval.loading import check_vocab, load_model, load_tokenizer
+        from phi1.loading import check_vocab, load_model, load_tokenizer
         from phi1.parallel.state import destroy_distributed, init_distributed
 
         state = init_distributed()

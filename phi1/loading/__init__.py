@@ -11,7 +11,7 @@ through it (training may import it; it never imports training).
 Modules: `model_path` (what a path is, and loading it), `checkpoints` (training checkpoints: `latest`, `iter_*`,
 TP shards merged on CPU), `manifest` (size-then-SHA-256 verification), `safetensors_file` (headers checked
 before the library reads a file), `paths` (names kept inside their directory, regular files only),
-`optimizer_state` (a phi1 checkpoint's AdamW state merged across TP ranks by parameter name), `convert` (phi1
+`inference` (a model in eval mode with its fused kernels, the vocabulary check), `optimizer_state` (a phi1 checkpoint's AdamW state merged across TP ranks by parameter name), `convert` (phi1
 format -> DCP, DCP -> phi1 / HF model directory, on the CPU).
 """
 
@@ -26,6 +26,7 @@ from phi1.loading.checkpoints import (
     load_shard_config,
     read_trainer_state,
 )
+from phi1.loading.inference import check_vocab, load_model
 from phi1.loading.manifest import CheckpointCorruptError, verify_checkpoint, write_manifest
 from phi1.loading.model_path import (
     ACCEPTED,
@@ -43,6 +44,8 @@ from phi1.loading.paths import inside, regular_file
 
 __all__ = [
     "ACCEPTED",
+    "check_vocab",
+    "load_model",
     "CheckpointCorruptError",
     "KINDS",
     "ModelSource",

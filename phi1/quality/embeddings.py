@@ -231,7 +231,7 @@ class CodeEmbedder:
     def __init__(self, model_dir: str | os.PathLike, tokenizer_type: str | None = None,
                  tokenizer_model: str | None = None, batch_size: int = 16, max_tokens: int | None = None,
                  device: str = "cpu", threads: int | None = None, pooling: str = "mean") -> None:
-        from phi1.eval.loading import check_vocab, load_model, load_tokenizer
+        from phi1.loading import check_vocab, load_model, load_tokenizer
 
         if threads is not None:
             torch.set_num_threads(threads)

@@ -91,7 +91,7 @@ def build_service(args: argparse.Namespace):
     """Load the model and tokenizer named by `args` and wrap them in a CompletionService."""
     import torch
 
-    from phi1.eval.loading import check_vocab, load_model, load_tokenizer
+    from phi1.loading import check_vocab, load_model, load_tokenizer
     from phi1.serve.server import CompletionService
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -112,8 +112,8 @@ def score_checkpoint(checkpoint_dir: str | os.PathLike, problems: list, device: 
     import torch
 
     from phi1.eval.harness import GenerationConfig, generate_completions, score_samples
-    from phi1.eval.loading import check_vocab, load_model, load_tokenizer
     from phi1.eval.sandbox import SandboxConfig
+    from phi1.loading import check_vocab, load_model, load_tokenizer
 
     start = time.perf_counter()
     model = load_model(checkpoint_dir, device=device, dtype=dtype)
