@@ -96,7 +96,9 @@ class FaultInjector(FaultHooks):
         faults = self.faults
         if not (faults.inject_nan_at or faults.inject_nan_weights_at):
             return
-        held = torch.tensor([float(self._parameter(modules) is not None)])
+        # On the modules' device: NCCL reduces only CUDA tensors.
+        device = next((p.device for m in modules for p in m.parameters()), torch.device("cpu"))
+        held = torch.tensor([float(self._parameter(modules) is not None)], device=device)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             # Under pipeline parallelism one stage holds the parameter: ask every rank, so all decide alike.
             torch.distributed.all_reduce(held, op=torch.distributed.ReduceOp.MAX)
