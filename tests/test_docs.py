@@ -66,7 +66,7 @@ NOT_RUN = {
 }
 DOWNLOAD = re.compile(r"^(curl|wget)\b")
 # What a scratch copy shares with the repository (read-only use); everything a command writes lands beside them.
-SHARED = ("phi1", "tools", "configs", "examples", "scripts", "csrc", "benchmarks", "setup.py", "pyproject.toml",
+SHARED = ("phi1", "tools", "configs", "recipes", "examples", "scripts", "csrc", "benchmarks", "setup.py", "pyproject.toml",
           "README.md", "docs")
 
 

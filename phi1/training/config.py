@@ -266,7 +266,8 @@ class ParallelSection:
         zero_ok = _check_choice(problems, "parallel.zero_stage", self.zero_stage, ZERO_STAGES)
         if zero_ok and self.zero_stage > 0 and dp < 2:
             problems.append(f"parallel.zero_stage: DeepSpeed ZeRO partitions over the data-parallel ranks, and this "
-                            f"run has 1 ({world_size} processes / tensor_parallel {tp}); use parallel.zero_stage=0 or "
+                            f"run has 1 ({world_size} processes / tensor_parallel {tp}"
+                            + (f" / pipeline_parallel {pp}" if pp > 1 else "") + "); use parallel.zero_stage=0 or "
                             "launch more processes")
         if self.sequence_parallel and tp == 1:
             problems.append("parallel.sequence_parallel: needs parallel.tensor_parallel > 1")
