@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,7 +34,9 @@ def checkpoint_fingerprint(model_dir: str | os.PathLike) -> str:
     """
     from phi1.loading import resolve_model_path
 
-    directory = resolve_model_path(model_dir, what="--embedding-model", verify=False).directory
+    directory = Path(model_dir)
+    if not (directory / "config.json").is_file():  # a run or iter_* directory: the checkpoint it names
+        directory = resolve_model_path(model_dir, what="--embedding-model", verify=False).directory
     digest = hashlib.sha256()
     names = sorted(n for n in os.listdir(directory)
                    if n.endswith((".json", ".safetensors", ".model", ".txt", ".bin", ".distcp", ".metadata"))
