@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,9 +17,8 @@ TOOL = str(ROOT / "tools" / "ablate.py")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
-    sys.path.insert(0, str(ROOT))
+    from phi1.data.tokenizer_training import main as train_tokenizer
     from phi1.quality.stdlib_functions import stdlib_functions
-    from tools.train_tokenizer import main as train_tokenizer
 
     directory = tmp_path_factory.mktemp("ablate")
     functions = stdlib_functions(80, seed=5)

@@ -27,7 +27,7 @@ DOCUMENTS = [
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    from tools.train_tokenizer import main as train
+    from phi1.data.tokenizer_training import main as train
 
     directory = tmp_path_factory.mktemp("tok")
     corpus = directory / "corpus.jsonl"
@@ -93,7 +93,7 @@ def test_gzip_input_and_several_keys(tokenizer_dir, tmp_path) -> None:
 
 
 def test_sentencepiece_workers_identical(tmp_path) -> None:
-    from tools.train_tokenizer import main as train
+    from phi1.data.tokenizer_training import main as train
 
     corpus = tmp_path / "c.jsonl"
     _write_corpus(corpus, [json.dumps({"text": d}) for d in DOCUMENTS[:400]])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import struct
-import sys
 import time
 from pathlib import Path
 
@@ -19,9 +18,6 @@ from phi1.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter
 from phi1.data.sidecar import read_sidecar, write_sidecar
 from phi1.data.tokenizers import build_tokenizer
 from phi1.testing.synthetic import write_word_tokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the tools/ scripts are imported as modules
 
 
 def _dataset(prefix: Path, documents: list[list[int]], dtype=np.uint16) -> str:
@@ -80,7 +76,7 @@ def test_same_vocabulary_size_but_other_ids_refused(tmp_path) -> None:
 
 def test_other_files_with_identical_ids_accepted(tmp_path) -> None:
     """codegen-style: the same BPE as tokenizer.json and as vocab.json + merges.txt hashes differently, same ids."""
-    from tools.train_tokenizer import main as train
+    from phi1.data.tokenizer_training import main as train
 
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n"}) + "\n" for i in range(200)))

@@ -46,7 +46,7 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def _train(corpus: Path, output: Path, *extra: str) -> Path:
-    from tools.train_tokenizer import main
+    from phi1.data.tokenizer_training import main
 
     main(["--input", str(corpus), "--output-dir", str(output), *extra])
     return output

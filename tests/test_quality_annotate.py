@@ -237,7 +237,7 @@ def test_annotate_against_phi1_serve_then_train_on_annotations(tmp_path, capsys)
     from phi1.core.pretrained import save_pretrained
     from phi1.quality.stdlib_functions import documented_labelled_set, stdlib_functions
     from tools.quality_filter import main
-    from tools.train_tokenizer import main as train_tokenizer
+    from phi1.data.tokenizer_training import main as train_tokenizer
 
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": f.source}) + "\n" for f in stdlib_functions(200, seed=4)))

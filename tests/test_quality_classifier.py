@@ -80,7 +80,7 @@ def nano_dir(tmp_path_factory) -> Path:
     from phi1.core.model import PhiForCausalLM
     from phi1.core.pretrained import save_pretrained
     from phi1.quality.stdlib_functions import stdlib_functions
-    from tools.train_tokenizer import main as train_tokenizer
+    from phi1.data.tokenizer_training import main as train_tokenizer
 
     work = tmp_path_factory.mktemp("nano")
     corpus = work / "corpus.jsonl"

@@ -126,8 +126,8 @@ def test_against_phi1_serve_killed_and_restarted(tmp_path) -> None:
     from phi1.core.config import get_preset
     from phi1.core.model import PhiForCausalLM
     from phi1.core.pretrained import save_pretrained
+    from phi1.data.tokenizer_training import main as train_tokenizer
     from phi1.quality.stdlib_functions import stdlib_functions
-    from tools.train_tokenizer import main as train_tokenizer
 
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": f.source}) + "\n" for f in stdlib_functions(200, seed=4)))

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -31,12 +30,11 @@ def _env() -> dict[str, str]:
 def inputs(tmp_path_factory) -> dict[str, Path]:
     """A corpus of stdlib functions with near-duplicates, a tokenizer, a random tiny model (teacher and
     embedder) and held-out exercises: everything tiny_cpu.yaml points at, made here (no hub at run time)."""
-    sys.path.insert(0, str(ROOT))
     from phi1.core.config import get_preset
     from phi1.core.model import PhiForCausalLM
     from phi1.core.pretrained import save_pretrained
+    from phi1.data.tokenizer_training import main as train_tokenizer
     from phi1.quality.stdlib_functions import stdlib_functions
-    from tools.train_tokenizer import main as train_tokenizer
 
     directory = tmp_path_factory.mktemp("recipe-inputs")
     texts = [f.source for f in stdlib_functions(90, seed=3)]
