@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import sysconfig
 from pathlib import Path
 
@@ -11,8 +10,6 @@ import pytest
 
 from phi1.data.tokenizers import _fast_path_refusal, build_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the tools/ scripts are imported as modules
 TRICKY = [
     "",
     "def f(x):\n    return x  # two  spaces\n\n\n",
@@ -24,7 +21,7 @@ TRICKY = [
 
 
 def _stdlib_sample(count: int = 60) -> list[str]:
-    import tools.build_corpus as build_corpus
+    import phi1.data.corpus as build_corpus
 
     files = build_corpus.iter_python_files(sysconfig.get_paths()["stdlib"])[::40][:count]
     texts = []
