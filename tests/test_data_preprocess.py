@@ -1,21 +1,17 @@
-"""tools/preprocess_data.py: worker-count independence, problem lines, --strict, gzip, round trip."""
+"""tools/preprocess_data.py (phi1.data.preprocess): worker-count independence, problem lines, --strict, gzip, round trip."""
 
 from __future__ import annotations
 
 import gzip
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the tools/ scripts are imported as modules
-
-import tools.preprocess_data as preprocess_data  # noqa: E402
-from phi1.data.indexed_dataset import IndexedDataset  # noqa: E402
-from phi1.data.tokenizers import build_tokenizer  # noqa: E402
+import phi1.data.preprocess as preprocess_data
+from phi1.data.indexed_dataset import IndexedDataset
+from phi1.data.tokenizers import build_tokenizer
 
 DOCUMENTS = [
     "def add(a, b):\n    return a + b\n",
