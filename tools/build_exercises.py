@@ -21,11 +21,10 @@ import os
 import sys
 import sysconfig
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from build_corpus import iter_python_files  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from phi1.cli import UserError, run_cli  # noqa: E402
+from phi1.data.corpus import iter_python_files  # noqa: E402
 
 
 def exercises_from_source(source: str, max_solution_lines: int = 40) -> list[dict]:
