@@ -19,6 +19,8 @@ so the metrics, validation, checkpoints and the non-finite guard work alike for 
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +29,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
+from phi1.training.precision import DynamicLossScaler, NoLossScaler, autocast
+
 if TYPE_CHECKING:
     from phi1.core.config import ModelConfig
     from phi1.parallel.state import ParallelState
@@ -34,6 +38,8 @@ if TYPE_CHECKING:
     from phi1.training.fault_injection import FaultHooks
     from phi1.training.guard import StepGuard
     from phi1.training.schedule import LRSchedule
+
+logger = logging.getLogger("phi1.train")
 
 Batch = dict[str, torch.Tensor]
 """One micro-batch: input_ids (B, T) and labels (B, T) on the CPU (phi1.training.data_loading.collate)."""
@@ -131,6 +137,53 @@ class StepStrategy(ABC):
         """This rank's loss on one validation micro-batch (not yet averaged over data-parallel ranks), called
         under `evaluating()` and torch.no_grad()."""
 
+    def micro_batch_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """`model`'s loss on one micro-batch, moved to this rank's device, under the run's autocast (a 0-dim tensor)."""
+        input_ids = batch["input_ids"].to(self.device, non_blocking=True)
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        with autocast(self.config.precision, self.device):
+            return model(input_ids, labels=labels).loss
+
+    def update_or_skip(self, iteration: int, loss: torch.Tensor, loss_value: float, norm: float) -> StepResult:
+        """The end of a step taken with a torch optimizer (DDP, FSDP2, pipeline), once the gradients are reduced,
+        unscaled and clipped and `faults.on_gradients` has run.
+
+        A non-finite loss or norm skips the update (logged; the schedule does not advance), else the learning
+        rate is set and the optimizer steps. Then, in this order: `faults.on_update`, the guard observes the step
+        (an fp16 overflow the loss scaler can still answer by halving is not a bad step), the loss scaler
+        updates, the gradients are zeroed, and the guard stops the run when it must.
+
+        Args:
+            iteration: the 1-based number of this step.
+            loss: the step's loss as the StepResult reports it (a 0-dim float32 tensor).
+            loss_value: the same loss as a Python float; with `norm`, the same on every rank, so every rank
+                takes the same decision.
+            norm: the global gradient norm before clipping.
+        Returns:
+            The step's StepResult (with the loss scale this step's backward used).
+        Raises:
+            NonFiniteTrainingError: through `context.guard.stop()`.
+        """
+        context, scaler, schedule = self.context, self.scaler, self.context.schedule
+        skip = not (math.isfinite(norm) and math.isfinite(loss_value))
+        lr = schedule.next_lr()
+        if skip:
+            logger.warning("iteration %d: loss %s, gradient norm %s, step skipped (loss scale %g)",
+                           iteration, loss_value, norm, scaler.scale)
+        else:
+            schedule.apply(self.optimizer)
+            self.optimizer.step()
+            schedule.step()
+        context.faults.on_update(iteration, self.modules)
+        can_back_off = self.config.precision == "fp16" and scaler.scale > getattr(scaler, "min_scale", 1.0)
+        context.guard.observe(iteration, loss_value, norm, skip, can_back_off, self.train_model)
+        scale_used = scaler.scale
+        scaler.update(skip)
+        self.optimizer.zero_grad(set_to_none=True)
+        if context.guard.must_stop:
+            context.guard.stop()
+        return StepResult(loss=loss, lr=lr, grad_norm=norm, skipped=skip, loss_scale=scale_used)
+
     @property
     def train_model(self) -> nn.Module:
         """The module whose parameters this rank saves and checks (`weights_are_finite`, the phi1 checkpoint
@@ -200,6 +253,14 @@ def configure_model(model: nn.Module, context: StrategyContext) -> nn.Module:
     return model
 
 
+def build_loss_scaler(config: TrainConfig) -> DynamicLossScaler | NoLossScaler:
+    """fp16: the dynamic loss scaler loss_scale.* configures; otherwise the scale-1 one that only counts skips."""
+    if config.precision == "fp16":
+        ls = config.loss_scale
+        return DynamicLossScaler(scale=ls.initial_scale, growth_interval=ls.growth_interval, min_scale=ls.min_scale)
+    return NoLossScaler()
+
+
 def dp_mean(value: torch.Tensor, state: ParallelState) -> torch.Tensor:
     """`value` averaged over the data-parallel group (a copy; `value` itself when dp_size == 1)."""
     import torch.distributed as dist
@@ -211,4 +272,5 @@ def dp_mean(value: torch.Tensor, state: ParallelState) -> torch.Tensor:
     return value
 
 
-__all__ = ["Batch", "StepResult", "StepStrategy", "StrategyContext", "build_model", "configure_model", "dp_mean"]
+__all__ = ["Batch", "StepResult", "StepStrategy", "StrategyContext", "build_loss_scaler", "build_model",
+           "configure_model", "dp_mean"]

@@ -11,6 +11,7 @@ One step:
     global-norm clip over the sharded gradients (summed over DP and, for TP-split parameters, over TP)
     non-finite norm or loss: skip the update; else set the lr and step AdamW on the shards
     the guard counts bad steps and stops the run after guard.max_consecutive_nonfinite in a row
+    (from the skip decision on: `StepStrategy.update_or_skip` in strategies/base.py, as under DDP)
 
 Weights are loaded into the plain model before `setup()` shards it (every DP rank then keeps its slice), the
 optimizer state after; checkpoints are written in the any-layout DCP format (phi1.training.checkpoint_dcp), which
@@ -20,8 +21,6 @@ the reverse. The loss returned is the DP mean of the step's micro-batch losses, 
 
 from __future__ import annotations
 
-import logging
-import math
 from collections.abc import Iterator
 
 import torch
@@ -29,10 +28,14 @@ from torch import nn
 
 from phi1.parallel import fsdp
 from phi1.training.optimizer import build_adamw
-from phi1.training.precision import DynamicLossScaler, NoLossScaler, autocast
-from phi1.training.strategies.base import Batch, StepResult, StepStrategy, build_model, dp_mean
-
-logger = logging.getLogger("phi1.train")
+from phi1.training.strategies.base import (
+    Batch,
+    StepResult,
+    StepStrategy,
+    build_loss_scaler,
+    build_model,
+    dp_mean,
+)
 
 
 class FSDPStrategy(StepStrategy):
@@ -55,58 +58,30 @@ class FSDPStrategy(StepStrategy):
         # Offloaded shards (and so the optimizer state) live in CPU memory: the optimizer steps there.
         self.optimizer, kind = build_adamw(self.model, config.optim, torch.device("cpu") if offload else self.device)
         self.optimizer_kind = f"{kind} over FSDP2 shards" + (" (CPU offload)" if offload else "")
-        if config.precision == "fp16":
-            ls = config.loss_scale
-            self.scaler = DynamicLossScaler(scale=ls.initial_scale, growth_interval=ls.growth_interval,
-                                            min_scale=ls.min_scale)
-        else:
-            self.scaler = NoLossScaler()
-
-    def _forward(self, batch: Batch) -> torch.Tensor:
-        input_ids = batch["input_ids"].to(self.device, non_blocking=True)
-        labels = batch["labels"].to(self.device, non_blocking=True)
-        with autocast(self.config.precision, self.device):
-            return self.model(input_ids, labels=labels).loss
+        self.scaler = build_loss_scaler(config)
 
     def train_step(self, data: Iterator[Batch], iteration: int) -> StepResult:
-        context, scaler, accum, model = self.context, self.scaler, self.accum, self.model
+        scaler, accum, model = self.scaler, self.accum, self.model
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
         for micro in range(accum):
             batch = next(data)
+            # Gradients are reduce-scattered over DP in the backward of the last micro-batch only.
             fsdp.set_gradient_sync(model, micro == accum - 1)
-            loss = self._forward(batch)
+            loss = self.micro_batch_loss(model, batch)
             (loss * (scaler.scale / accum)).backward()
             loss_sum += loss.detach().float()
         fsdp.allreduce_sequence_parallel_grads(model, self.state.tp_group)
         if scaler.scale != 1.0:
             fsdp.scale_gradients_(model, 1.0 / scaler.scale)
-        context.faults.on_gradients(iteration, self.modules)
+        self.context.faults.on_gradients(iteration, self.modules)
         clip = self.config.optim.grad_clip
         norm = fsdp.clip_grad_norm_(model, clip, self.state) if clip > 0 else fsdp.grad_norm(model, self.state)
         loss = dp_mean(loss_sum / accum, self.state)
         loss_value = float(loss)  # the same on every rank (DP mean), as the norm is: every rank decides alike
-        skip = not (math.isfinite(norm) and math.isfinite(loss_value))
-        schedule = context.schedule
-        lr = schedule.next_lr()
-        if skip:
-            logger.warning("iteration %d: loss %s, gradient norm %s, step skipped (loss scale %g)",
-                           iteration, loss_value, norm, scaler.scale)
-        else:
-            schedule.apply(self.optimizer)
-            self.optimizer.step()
-            schedule.step()
-        context.faults.on_update(iteration, self.modules)
-        can_back_off = self.config.precision == "fp16" and scaler.scale > getattr(scaler, "min_scale", 1.0)
-        context.guard.observe(iteration, loss_value, norm, skip, can_back_off, model)
-        scale_used = scaler.scale
-        scaler.update(skip)
-        self.optimizer.zero_grad(set_to_none=True)
-        if context.guard.must_stop:
-            context.guard.stop()
-        return StepResult(loss=loss, lr=lr, grad_norm=norm, skipped=skip, loss_scale=scale_used)
+        return self.update_or_skip(iteration, loss, loss_value, norm)
 
     def eval_loss(self, batch: Batch) -> torch.Tensor:
-        return self._forward(batch)
+        return self.micro_batch_loss(self.model, batch)
 
     def layout_phrase(self) -> str:
         s = self.state

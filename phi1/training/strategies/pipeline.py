@@ -19,7 +19,8 @@ One step:
     -> faults.on_gradients -> global gradient norm over every stage, TP rank and DP rank; clip to optim.grad_clip
     -> a non-finite loss or norm skips the update on every rank alike (the norm and loss are the same on all
        ranks), and the guard counts it; else set the lr and step AdamW (ZeRO-1: torch's ZeroRedundancyOptimizer,
-       AdamW states sharded over the stage's DP group)
+       AdamW states sharded over the stage's DP group): `StepStrategy.update_or_skip` (strategies/base.py),
+       the same end of the step as under DDP and FSDP2
 
 Precision: fp32 or bf16 (autocast around the schedule; the residual stream that crosses stages stays fp32).
 fp16's dynamic loss scaling is not run under a pipeline and is refused by validation, as ZeRO-2/3 are.
@@ -36,7 +37,6 @@ the AdamW (or ZeRO-1) optimizer; the checkpointer writes them in the layout-free
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import torch
@@ -134,28 +134,14 @@ class PipelineStrategy(StepStrategy):
     # -- one step ---------------------------------------------------------------------------------------------------
 
     def train_step(self, data: Iterator[Batch], iteration: int) -> StepResult:
-        context, config = self.context, self.config
         batches = [next(data) for _ in range(self.accum)]
         input_ids = torch.cat([batch["input_ids"] for batch in batches])
         labels = torch.cat([batch["labels"] for batch in batches])
-        lr = context.schedule.next_lr()
         loss = self.runner.forward_backward(input_ids, labels)  # the same on every rank: PP broadcast, DP mean
-        context.faults.on_gradients(iteration, self.modules)
-        clip = config.optim.grad_clip
+        self.context.faults.on_gradients(iteration, self.modules)
+        clip = self.config.optim.grad_clip
         norm = self.runner.clip_grad_norm_(clip) if clip > 0 else self.runner.grad_norm()
-        skip = not (math.isfinite(norm) and math.isfinite(loss))
-        if not skip:
-            context.schedule.apply(self.optimizer)
-            self.optimizer.step()
-            context.schedule.step()
-        context.faults.on_update(iteration, self.modules)
-        context.guard.observe(iteration, loss, norm, skip, False, self.view)
-        self.scaler.update(skip)
-        self.optimizer.zero_grad(set_to_none=True)
-        if context.guard.must_stop:
-            context.guard.stop()
-        return StepResult(loss=torch.tensor(loss, dtype=torch.float32), lr=lr, grad_norm=norm, skipped=skip,
-                          loss_scale=1.0)
+        return self.update_or_skip(iteration, torch.tensor(loss, dtype=torch.float32), loss, norm)
 
     # -- validation -------------------------------------------------------------------------------------------------
 
