@@ -48,6 +48,7 @@ from torch.distributed.fsdp import (
 )
 from torch.distributed.tensor import DTensor
 
+from phi1.parallel.grads import clip_to_global_norm_, sum_over_group_
 from phi1.parallel.layers import tensor_parallel_dims
 from phi1.parallel.mappings import group_size
 
@@ -148,12 +149,7 @@ def allreduce_sequence_parallel_grads(model: nn.Module, tp_group: ProcessGroup |
     grads = [g for g in grads if g.numel() > 0]
     if not grads:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=tp_group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    sum_over_group_(grads, tp_group)
 
 
 def grad_norm(model: nn.Module, state: ParallelState) -> float:
@@ -195,16 +191,8 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, state: ParallelState) -> 
     Raises:
         ValueError: max_norm <= 0.
     """
-    if max_norm <= 0:
-        raise ValueError(f"max_norm (grad_clip) must be > 0, got {max_norm}")
-    norm = grad_norm(model, state)
-    if not math.isfinite(norm):
-        return norm
-    scale = max_norm / (norm + 1e-6)
-    if scale < 1.0:
-        shards = [g for _, g in local_gradients(model) if g.numel() > 0]
-        torch._foreach_mul_(shards, scale)
-    return norm
+    return clip_to_global_norm_(max_norm, lambda: grad_norm(model, state),
+                                lambda: [g for _, g in local_gradients(model) if g.numel() > 0])
 
 
 def scale_gradients_(model: nn.Module, factor: float) -> None:

@@ -7,6 +7,7 @@ Order in a training step (DDP): backward (DDP averages over DP) -> `allreduce_se
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -42,12 +43,19 @@ def allreduce_sequence_parallel_grads(model: nn.Module, state: ParallelState) ->
     grads = [params[name].grad for name in inner.sequence_parallel_param_names() if params[name].grad is not None]
     if not grads:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=state.tp_group)
+    sum_over_group_(grads, state.tp_group)
+
+
+def sum_over_group_(tensors: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
+    """Replace each of `tensors` by its sum over `group`, in place, with one all-reduce of them flattened together
+    (one message instead of one per tensor: sequence-parallel gradients are many small LayerNorm and bias
+    tensors). The tensors must share a dtype and device."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
     offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 def grad_norm(model: nn.Module, state: ParallelState) -> float:
@@ -85,13 +93,34 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, state: ParallelState) -> 
     Raises:
         ValueError: max_norm <= 0.
     """
+    return clip_to_global_norm_(
+        max_norm, lambda: grad_norm(model, state),
+        lambda: [p.grad for p in unwrap_model(model).parameters() if p.grad is not None])
+
+
+@torch.no_grad()
+def clip_to_global_norm_(max_norm: float, global_norm: Callable[[], float],
+                         gradients: Callable[[], list[torch.Tensor]]) -> float:
+    """The clipping rule of `clip_grad_norm_` here and of FSDP2's (phi1.parallel.fsdp), over the norm and the
+    gradient tensors each of them knows how to find: scale by max_norm / (norm + 1e-6) when that is below 1.
+
+    Args:
+        max_norm: the largest global norm allowed (optim.grad_clip).
+        global_norm: computes the global norm (a collective where the gradients are split: called once, on every
+            rank, after max_norm is checked).
+        gradients: the tensors to scale in place (this rank's gradients or gradient shards); called only when
+            they are scaled.
+    Returns:
+        The norm before clipping; a non-finite norm is returned as it is and nothing is scaled.
+    Raises:
+        ValueError: max_norm <= 0.
+    """
     if max_norm <= 0:
         raise ValueError(f"max_norm (grad_clip) must be > 0, got {max_norm}")
-    norm = grad_norm(model, state)
+    norm = global_norm()
     if not math.isfinite(norm):
         return norm
     scale = max_norm / (norm + 1e-6)
     if scale < 1.0:
-        grads = [p.grad for p in unwrap_model(model).parameters() if p.grad is not None]
-        torch._foreach_mul_(grads, scale)
+        torch._foreach_mul_(gradients(), scale)
     return norm
