@@ -84,11 +84,8 @@ def generate(endpoint_url: str, output: Path, *extra: str):
 
 
 def test_choose_max_tokens_fits_the_context() -> None:
-    import importlib.util
+    import phi1.quality.synthetic_cli as tool
 
-    spec = importlib.util.spec_from_file_location("generate_synthetic", REPO / "tools/generate_synthetic.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     assert tool.choose_max_tokens(None, None, "u") == 512           # nothing stated: the usual default
     assert tool.choose_max_tokens(None, 2048, "u") == 512           # a large context: the usual default
     assert tool.choose_max_tokens(None, 256, "u") == 128            # the quickstart model: room for the prompt kept
