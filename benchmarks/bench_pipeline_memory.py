@@ -15,9 +15,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
-from phi1.core.config import get_preset
-from phi1.planning.measure_pipeline import measure_stage_memory
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from phi1.core.config import get_preset  # noqa: E402
+from phi1.planning.measure_pipeline import measure_stage_memory  # noqa: E402
 
 MODEL = dict(n_layer=4, d_model=512, n_head=8, d_mlp=2048, vocab_size=8192, max_seq_len=256)
 MICRO_BATCH, SEQ_LEN = 4, 256

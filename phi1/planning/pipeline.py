@@ -6,7 +6,9 @@ m micro-batches per step and V virtual stages (model chunks) per rank under the 
 - bubble: the share of a step a rank idles, (P-1)/(m+P-1) for 1F1B and GPipe, (P-1)/(V m+P-1) for interleaved
   1F1B (Narayanan et al. 2021), for stages of equal work;
 - activations in flight: under 1F1B pipeline rank r runs min(m, P-r) forwards before its first backward, so the
-  first rank holds P micro-batches of activations for its layers and the last holds one; GPipe holds all m;
+  first rank holds P micro-batches of activations for its layers and the last holds one; GPipe holds all m, but
+  before its first backward, so without the gradients (the runner frees them before each step) that 1F1B's
+  steady state holds next to its P micro-batches;
   interleaved rank r holds min((V-1) x m/rounds + 2 (P-1-r) + 1, V m) chunk micro-batches, each 1/V of its
   layers (torch's `_get_warmup_ops` plus the forward of the 1F1B phase, rounds = max(1, m // P));
 - P2P: each micro-batch's activation crosses P V - 1 stage boundaries forward and its gradient the same
@@ -143,6 +145,11 @@ class StageMemory:
     working: float
     """One block's backward working set."""
     total: float
+    """The peak: model states, receive buffers (and DDP's buckets under DP), and the larger of the two moments
+    `stage_memory` compares."""
+    peak_moment: str = ""
+    """'first backward' (the most activations, gradients only of the chunk being back-propagated) or 'steady
+    state (gradients allocated)'."""
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -156,7 +163,10 @@ def stage_memory(config: ModelConfig, layout: Layout, pipeline_parallel: int, pp
     LayerNorm and lm_head on the last) by ZeRO stage as `phi1.planning.memory` counts them; the activations of
     `in_flight_chunks` chunk micro-batches (block inputs only under activation checkpointing, plus one block
     recomputed); the logits of the micro-batches in flight on the last rank; torch's receive buffers; one block's
-    backward working set. Gradients exist for the whole step (m >= 2 micro-batches accumulate).
+    backward working set; DDP's gradient buckets under DP. Gradients are set to None before each step and appear
+    with the rank's first backward, so the peak is the larger of two moments: that first backward (every
+    micro-batch in flight, gradients only of the chunk being back-propagated: GPipe's peak) and the steady state
+    that follows it (the micro-batches in flight again, every gradient allocated: 1F1B's peak).
 
     Raises:
         ValueError: a schedule that cannot run (see `phi1.parallel.pipeline.check_schedule`) or a split that does
@@ -189,24 +199,56 @@ def stage_memory(config: ModelConfig, layout: Layout, pipeline_parallel: int, pp
     chunk_layers = n_layers / v
     activations = in_flight * chunk_layers * kept_per_layer + recompute
 
-    logits = 0.0
+    # When do the gradients exist? The runner sets every .grad to None before the schedule runs, so they appear
+    # only with the rank's first backward. If a forward still follows that backward (1F1B while m > P - r,
+    # interleaved while m V exceeds its warmup), the rank holds `in_flight` chunk micro-batches again with every
+    # gradient allocated: the peak of the steady state. If not (GPipe, which runs all m forwards first), the most
+    # activations (all m) never meet the gradients: the first backward frees its micro-batch's activations layer
+    # by layer as that chunk's gradients appear, and afterwards at most in_flight - 1 are held.
+    forwards_remain = in_flight < m * v
+    with_gradients = in_flight if forwards_remain else in_flight - 1
+
+    logits_forward = logits_backward = 0.0
+    with_logits = 0
     if last:
-        forward, backward = _logits_bytes(config, layout)
+        logits_forward, logits_backward = _logits_bytes(config, layout)
         last_in_flight = in_flight_chunks(p - 1, p, m, schedule, v)
         # Only the pipeline's last chunk carries logits. Under 1F1B and interleaved 1F1B the last rank runs each
         # last-chunk forward right before its backward (its warmup forwards, (V-1) P of them, are all of its
         # earlier chunks), so one micro-batch's logits are alive at a time; GPipe keeps all m.
         with_logits = last_in_flight if schedule == "gpipe" else 1
+
+    def held_logits(count: int) -> float:
         # the micro-batches waiting for their backward keep what the loss's forward saved; one is in its backward
-        logits = (with_logits - 1) * forward + max(forward, backward)
+        return (count - 1) * logits_forward + max(logits_forward, logits_backward) if count > 0 else 0.0
+
+    logits = held_logits(with_logits)
+    head_grads = grads * (counts.lm_head + 2 * config.d_model) / params if last else 0.0
+    grads_per_layer = grads * counts.per_layer / params
+    first_chunk_layers = len(ranges[held[-1]])  # the first backward is of the rank's last chunk
+    working = _layer_backward_working_set(config, layout)
+    # The first backward: at its start every chunk micro-batch in flight and no block gradient yet (the last
+    # rank has produced its head's); at its end that chunk's layers have traded their activations for their
+    # gradients (both change linearly in between, so the two ends bound it).
+    # (the embedding's gradient comes last, when the first backward is of stage 0).
+    embedding_grads = grads * counts.embedding / params if held[-1] == 0 else 0.0
+    first_backward = activations + working + head_grads + max(
+        logits, first_chunk_layers * (grads_per_layer - kept_per_layer) + embedding_grads
+        + held_logits(with_logits - 1))
+    logits_later = held_logits(with_logits if forwards_remain else with_logits - 1)
+    steady = with_gradients * chunk_layers * kept_per_layer + recompute + grads + logits_later + working
+    peak = max(first_backward, steady)
 
     message = activation_message_bytes(config, layout)
     receive_buffers = sum((s_ != 0) + (s_ != p * v - 1) for s_ in held) * m * message
-    working = _layer_backward_working_set(config, layout)
-    total = weights + grads + optim + activations + logits + receive_buffers + working
+    # Under DP the runner wraps each chunk in torch DDP, which allocates its gradient buckets (as large as the
+    # gradients) once and keeps them; without gradient_as_bucket_view they are apart from the .grad tensors.
+    ddp_buckets = grads if layout.data_parallel > 1 else 0.0
+    total = weights + optim + ddp_buckets + peak + receive_buffers
+    moment = "first backward" if first_backward >= steady else "steady state (gradients allocated)"
     return StageMemory(layers=n_layers, in_flight=in_flight, weights=weights, gradients=grads, optimizer=optim,
                        activations=activations, logits=logits, p2p_buffers=receive_buffers, working=working,
-                       total=total)
+                       total=total, peak_moment=moment)
 
 
 def rank_memory(config: ModelConfig, layout: Layout, split: Sequence[int] | None = None) -> list[tuple[StageMemory, float]]:
