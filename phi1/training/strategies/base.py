@@ -13,7 +13,11 @@ The trainer (phi1.training.trainer) never branches on the layout: it asks `build
         loss = strategy.eval_loss(batch)
 
 What a step does is described in each strategy's module docstring; every strategy returns the same StepResult,
-so the metrics, validation, checkpoints and the non-finite guard work alike for each of them.
+so the metrics, validation, checkpoints and the non-finite guard work alike for each of them. The few pieces that
+are the same code in several strategies live here, each named for what it does: `micro_batch_loss` (a forward
+under autocast), `update_or_skip` (the end of a step with a torch optimizer: skip decision, update, guard, loss
+scaler) and `build_loss_scaler`; what differs (wrapping, the micro-batch loop, gradient reduction, the norm)
+stays in each strategy's file.
 """
 
 from __future__ import annotations
