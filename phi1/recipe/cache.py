@@ -29,9 +29,17 @@ class DigestCache:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self.entries: dict[str, list] = {}
         try:
-            self.entries: dict[str, list] = json.loads(self.path.read_text())
-        except (FileNotFoundError, ValueError):
+            if not self.path.is_symlink():
+                loaded = json.loads(self.path.read_text(encoding="utf-8"))
+                # Only well-formed entries are kept: a damaged or edited file costs a rehash, never a wrong answer
+                # of the wrong type.
+                if isinstance(loaded, dict):
+                    self.entries = {k: v for k, v in loaded.items() if isinstance(k, str) and isinstance(v, list)
+                                    and len(v) == 3 and all(isinstance(n, int) for n in v[:2])
+                                    and isinstance(v[2], str) and len(v[2]) == 64}
+        except (OSError, ValueError):
             self.entries = {}
 
     def file(self, path: str | os.PathLike) -> str:
@@ -66,11 +74,42 @@ class DigestCache:
         prefix = os.path.abspath(folder) + os.sep
         self.entries = {k: v for k, v in self.entries.items() if not k.startswith(prefix)}
 
+    def moved(self, old: str | os.PathLike, new: str | os.PathLike) -> None:
+        """Entries of files under `old` now under `new` (a rename keeps sizes and mtimes, so the hashes hold)."""
+        old_prefix, new_prefix = os.path.abspath(old) + os.sep, os.path.abspath(new) + os.sep
+        self.entries = {(new_prefix + k[len(old_prefix):] if k.startswith(old_prefix) else k): v
+                        for k, v in self.entries.items() if not k.startswith(new_prefix)}
+
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.entries))
-        os.replace(tmp, self.path)
+        write_text_here(self.path, json.dumps(self.entries))
+
+
+def write_text_here(path: str | os.PathLike, text: str) -> None:
+    """Write `path` atomically, never through a link: the text goes to a new file created beside it (O_EXCL, so
+    a link planted under the temporary name is never followed) and is renamed over `path` (a rename replaces a
+    link at `path` itself, not what it points to)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def open_append_here(path: str | os.PathLike):
+    """`path` opened for appending text, refusing to follow a link there (a log planted as a link to a file
+    elsewhere would otherwise be written through)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError:
+        if Path(path).is_symlink():
+            raise ValueError(f"{path}: is a symbolic link; the recipe writes its logs only into its own work "
+                             "folder: remove the link") from None
+        raise
+    return os.fdopen(fd, "a", encoding="utf-8")
 
 
 # Part of every key: raise it when what a step does changes, so results of the old code are not reused.

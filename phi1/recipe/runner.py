@@ -33,7 +33,7 @@ import uuid
 from pathlib import Path
 
 import phi1
-from phi1.recipe.cache import DigestCache, step_key
+from phi1.recipe.cache import DigestCache, open_append_here, step_key, write_text_here
 from phi1.recipe.spec import Recipe
 from phi1.recipe.steps import STEPS, StepContext, StepFailed
 
@@ -41,6 +41,9 @@ REPO_ROOT = Path(phi1.__file__).resolve().parents[1]
 PROVENANCE = "provenance.json"
 # Where each artefact that gets a provenance manifest lives inside its step's folder.
 ARTEFACTS = {"pretrain": "run", "finetune": "run", "evaluate": "eval"}
+# Left out of a step's output hash: what the recipe itself writes after the hash (step.json, provenance), logs, and
+# what later steps add beside the data they read (training's index-cache beside the preprocessed prefix).
+OUTPUT_SKIP = ("logs", "step.json", PROVENANCE, "tensorboard", "index-cache")
 
 
 def _now() -> str:
@@ -60,7 +63,9 @@ class TeacherServer:
             return self.url
         print(f"[recipe] starting the teacher: phi1-serve --model {self.model} (log {self.log})", file=sys.stderr)
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "w") as log:
+        if self.log.is_symlink() or self.log.exists():
+            self.log.unlink()  # a fresh log; a link planted here is removed, never written through
+        with open_append_here(self.log) as log:
             self.process = subprocess.Popen([sys.executable, "-m", "phi1.serve", "--model", self.model, "--port", "0"],
                                             env=child_env(), stdout=subprocess.DEVNULL, stderr=log)
         deadline = time.monotonic() + 300
@@ -164,7 +169,7 @@ class Runner:
         api_key = os.environ.get(self.recipe.teacher.api_key_env)
         if api_key:
             env["OPENAI_API_KEY"] = api_key
-        with open(log_path, "a", encoding="utf-8") as log:
+        with open_append_here(log_path) as log:
             log.write(f"$ {' '.join(argv)}\n")
             log.flush()
             done = subprocess.run(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -177,15 +182,40 @@ class Runner:
 
     def _log(self, entry: dict) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
-        with open(self.work / "recipe_log.jsonl", "a", encoding="utf-8") as handle:
+        with open_append_here(self.work / "recipe_log.jsonl") as handle:
             handle.write(json.dumps({"invocation": self.invocation, "time": _now(), **entry}) + "\n")
 
+    def _check_work_folder(self) -> None:
+        """Refuse a work folder whose step folders were replaced by links: the recipe reads, replaces and deletes
+        its step outputs, which must never happen to whatever a link points at."""
+        for path in (self.work, self.steps_dir, *(self.steps_dir / name for name in STEPS)):
+            if path.is_symlink():
+                raise ValueError(f"{path}: is a symbolic link; a recipe's work folder holds its step outputs itself "
+                                 "(it replaces and deletes them): remove the link, or choose another work_dir")
+            if path.exists() and not path.is_dir():
+                raise ValueError(f"{path}: is not a directory; remove it, or choose another work_dir")
+
     def _finished(self, name: str) -> dict | None:
+        """The record of a finished step, or None when there is none or its step.json is not one the recipe
+        wrote (damaged or edited: the step runs again)."""
         meta = self.steps_dir / name / "step.json"
-        try:
-            return json.loads(meta.read_text())
-        except (FileNotFoundError, ValueError):
+        if meta.is_symlink() or not meta.is_file():
             return None
+        try:
+            record = json.loads(meta.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            return None
+        if not (isinstance(record, dict) and isinstance(record.get("key"), str)
+                and isinstance(record.get("output_sha256"), str) and isinstance(record.get("settings"), dict)
+                and isinstance(record.get("inputs"), dict) and isinstance(record.get("counts"), dict)):
+            return None
+        return record
+
+    def _output_intact(self, name: str, record: dict) -> bool:
+        """Whether step `name`'s output still has the content it finished with (a file deleted or edited since
+        makes the step run again). Hashes are remembered by (size, mtime), so an unchanged output costs a stat
+        per file."""
+        return self.digests.tree(self.steps_dir / name, skip=OUTPUT_SKIP) == record["output_sha256"]
 
     def _upstream_closure(self, name: str) -> list[str]:
         seen: list[str] = []
@@ -221,6 +251,7 @@ class Runner:
 
     def plan(self) -> list[tuple[str, str, str]]:
         """(step, "cached" | "runs", why) for every step, as `run` would decide, without running anything."""
+        self._check_work_folder()
         rows: list[tuple[str, str, str]] = []
         reruns: set[str] = set()
         for name, (_, deps, _) in STEPS.items():
@@ -237,7 +268,11 @@ class Runner:
                     inputs[f"step:{dep}"] = {"sha256": self._finished(dep)["output_sha256"]}
                 settings = self._settings(name)
                 if finished.get("key") == step_key(name, settings, inputs):
-                    rows.append((name, "cached", finished["key"][:12]))
+                    if self._output_intact(name, finished):
+                        rows.append((name, "cached", finished["key"][:12]))
+                        continue
+                    reruns.add(name)
+                    rows.append((name, "runs", "its output was changed or deleted since it finished"))
                     continue
                 moved = [k for k in sorted(set(settings) | set(finished.get("settings", {})))
                          if settings.get(k) != finished.get("settings", {}).get(k)]
@@ -253,6 +288,7 @@ class Runner:
 
     def run(self) -> dict[str, str]:
         """Run every step (up to `until`); returns {step: "ran" | "skipped"}."""
+        self._check_work_folder()
         self.steps_dir.mkdir(parents=True, exist_ok=True)
         actions: dict[str, str] = {}
         try:
@@ -263,7 +299,11 @@ class Runner:
                 settings = self._settings(name)
                 key = step_key(name, settings, inputs)
                 finished = self._finished(name)
-                if finished is not None and finished.get("key") == key and name not in self.force:
+                intact = finished is not None and finished.get("key") == key and self._output_intact(name, finished)
+                if finished is not None and finished.get("key") == key and not intact:
+                    print(f"[recipe] {name}: its output was changed or deleted since it finished: running it again",
+                          file=sys.stderr)
+                if intact and name not in self.force:
                     self.records[name] = finished
                     actions[name] = "skipped"
                     print(f"[recipe] {name}: unchanged, skipped ({key[:12]})", file=sys.stderr)
@@ -282,7 +322,9 @@ class Runner:
     def _run_step(self, name: str, function, key: str, settings: dict, inputs: dict) -> dict:
         partial = self.steps_dir / f".{name}.partial-{key[:16]}"
         for stale in self.steps_dir.glob(f".{name}.partial-*"):
-            if stale != partial:
+            if stale.is_symlink() or not stale.is_dir():
+                stale.unlink()  # not a folder the recipe made: the entry itself goes, never what a link points at
+            elif stale != partial:
                 shutil.rmtree(stale)
         resumed = partial.exists()
         partial.mkdir(exist_ok=True)
@@ -296,11 +338,11 @@ class Runner:
         seconds = round(time.perf_counter() - start, 1)
         record = {"step": name, "key": key, "settings": settings, "inputs": inputs, "counts": counts,
                   "finished": _now(), "seconds": seconds, "resumed": resumed,
-                  "output_sha256": self.digests.tree(partial, skip=("logs", "step.json", PROVENANCE, "tensorboard"))}
+                  "output_sha256": self.digests.tree(partial, skip=OUTPUT_SKIP)}
         self.records[name] = record
         if name in ARTEFACTS:
-            (partial / ARTEFACTS[name] / PROVENANCE).write_text(json.dumps(self.provenance(name), indent=1))
-        (partial / "step.json").write_text(json.dumps(record, indent=1))
+            write_text_here(partial / ARTEFACTS[name] / PROVENANCE, json.dumps(self.provenance(name), indent=1))
+        write_text_here(partial / "step.json", json.dumps(record, indent=1))
         final = self.steps_dir / name
         if final.exists():
             old = self.steps_dir / f".{name}.old-{self.invocation}"
@@ -309,7 +351,7 @@ class Runner:
             shutil.rmtree(old)
         else:
             partial.rename(final)
-        self.digests.forget(partial)
+        self.digests.moved(partial, final)
         self._log({"step": name, "action": "ran", "key": key, "seconds": seconds, "resumed": resumed, "counts": counts})
         print(f"[recipe] {name}: done in {seconds:.0f}s: {json.dumps(counts)[:300]}", file=sys.stderr)
         return record

@@ -1,28 +1,37 @@
 """The recipe file: one YAML document naming the inputs, the teacher and every step's settings.
 
-A recipe is read with `yaml.safe_load` (no Python objects are constructed), then checked against the dataclasses
-below: an unknown key, a value of the wrong type, a missing required input or an input path that does not exist
-is a `ConfigError` naming the recipe file and the key (`phi1-recipe` prints it as one line and exits 2).
-Relative paths in the recipe are relative to the directory `phi1-recipe` runs in, as for training configs.
+A recipe is read as training configs are (`phi1.training.config.read_config_file`: a regular UTF-8 file of at
+most 1 MiB, YAML with no Python objects, tags, anchors, aliases or duplicate keys), then checked against the
+dataclasses below: an unknown key, a value of the wrong type, a size below its minimum, a missing required input
+or an input path that does not exist is a `ConfigError` naming the recipe file and the key (`phi1-recipe` prints
+it as one line and exits 2). Everything is checked before the first step runs, so a bad value never surfaces
+after hours of earlier steps. Relative paths in the recipe are relative to the directory `phi1-recipe` runs in,
+as for training configs.
 
-Overrides on the command line (`steps.filter.threshold=0.7`) are parsed as YAML values and applied before the
-check, so they are checked the same way.
+Overrides on the command line (`steps.filter.threshold=0.7`) are parsed as YAML values by the same loader and
+applied before the check, so they are checked the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import glob
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 
-import yaml
-
 
 class ConfigError(ValueError):
     """A recipe that cannot run: the message names the file and the key."""
+
+
+# Training-config keys a step's `overrides` may not set: the recipe sets them to its own inputs and outputs, so an
+# override would either be silently replaced or send the run's data or checkpoints outside the work folder.
+RECIPE_SET_KEYS = {"checkpoint.dir", "data.path", "data.tokenizer_model", "finetune.init_from", "finetune.data"}
+_OVERRIDE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
 @dataclass
@@ -251,6 +260,13 @@ def _coerce(value, hint, where: str, source: str):
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {where}: expected a mapping of key: value, got {value!r}")
+        for key, item in value.items():
+            if not isinstance(key, str) or not _OVERRIDE_KEY.match(key):
+                raise ConfigError(f"{source}: {where}: key {key!r} is not a dotted config key (section.field)")
+            if key in RECIPE_SET_KEYS:
+                raise ConfigError(f"{source}: {where}.{key}: set by the recipe itself (its inputs and the step's "
+                                  "own output folder); remove it")
+            _check_plain(item, f"{where}.{key}", source)
         return dict(value)
     if hint is typing.Any:
         return value
@@ -263,6 +279,24 @@ def _coerce(value, hint, where: str, source: str):
     if not isinstance(value, hint):
         raise ConfigError(f"{source}: {where}: expected {_type_name(hint)}, got {type(value).__name__} {value!r}")
     return value
+
+
+def _check_plain(value, where: str, source: str) -> None:
+    """Refuse a value that is not plain JSON data (a date, bytes or set from a YAML tag, NaN): the step passes it
+    on as text the trainer reads back, which only plain data survives."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ConfigError(f"{source}: {where}: key {key!r} is not a string")
+            _check_plain(item, f"{where}.{key}", source)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_plain(item, f"{where}[{index}]", source)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{source}: {where}: {value!r} is not a finite number")
+    elif value is not None and not isinstance(value, (str, int, float, bool)):
+        raise ConfigError(f"{source}: {where}: a {type(value).__name__} value; give a string, number, true/false, "
+                          "list or mapping (quote dates and other text)")
 
 
 def _build(cls, raw, where: str, source: str):
@@ -289,13 +323,16 @@ def _build(cls, raw, where: str, source: str):
 
 def apply_override(raw: dict, override: str, source: str) -> None:
     """Set `a.b.c=value` (value parsed as YAML) in the nested mapping `raw`."""
+    from phi1.training.config import ConfigError as YAMLConfigError
+    from phi1.training.config import parse_yaml
+
     key, sep, text = override.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {override!r}: expected key.sub=value, e.g. steps.filter.threshold=0.7")
     try:
-        value = yaml.safe_load(text) if text else ""
-    except yaml.YAMLError as error:
-        raise ConfigError(f"override {override!r}: the value is not YAML ({str(error).splitlines()[0]})") from None
+        value = parse_yaml(text, f"override {override[:200]!r}") if text else ""
+    except YAMLConfigError as error:
+        raise ConfigError(str(error)) from None
     node = raw
     parts = key.split(".")
     if "overrides" in parts[:-1]:  # a training override's own key keeps its dots: steps.pretrain.overrides.a.b=1
@@ -317,21 +354,25 @@ def load_recipe(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recip
         ConfigError: naming the file and key: not YAML, unknown key, wrong type, bad choice, missing or absent input.
         FileNotFoundError: no recipe file.
     """
-    if not os.path.isfile(path):
+    # The training configs' reader: a bounded regular UTF-8 file, YAML without objects, tags, aliases (a "billion
+    # laughs" document) or duplicate keys (which yaml.safe_load would resolve silently to the last one).
+    from phi1.training.config import ConfigError as YAMLConfigError
+    from phi1.training.config import read_config_file
+
+    if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such recipe file")
     try:
-        with open(path, encoding="utf-8") as handle:
-            raw = yaml.safe_load(handle)
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text; a recipe is a YAML file") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', None) or error}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (name, work_dir, teacher, inputs, steps)")
+        raw = read_config_file(path)
+    except YAMLConfigError as error:
+        message = str(error)
+        for config_words, recipe_words in (
+                ("the top level must be a mapping of sections (model:, data:, optim:, ...)",
+                 "expected a mapping of sections (name, work_dir, teacher, inputs, steps)"),
+                ("--config takes a YAML file of a few KiB", "a recipe is a YAML file of a few KiB"),
+                ("--config takes a YAML file", "a recipe is a YAML file"), ("no such config file (see configs/ for "
+                                                                              "examples)", "no such recipe file")):
+            message = message.replace(config_words, recipe_words)
+        raise ConfigError(message) from None
     for override in overrides:
         apply_override(raw, override, path)
     recipe = _build(Recipe, raw, "", path)
@@ -398,16 +439,62 @@ def check_recipe(recipe: Recipe) -> None:
         if step.nproc < 1:
             problems.append(f"steps.{name}.nproc: {step.nproc}: must be at least 1")
     steps = recipe.steps
-    for key, value, low in (("annotate.sample", steps.annotate.sample, 1), ("textbooks.count", steps.textbooks.count, 0),
-                            ("exercises.count", steps.exercises.count, 0), ("classifier.folds", steps.classifier.folds, 2),
-                            ("classifier.trees", steps.classifier.trees, 1),
-                            ("preprocess.textbook_repeats", steps.preprocess.textbook_repeats, 0)):
-        if value < low:
-            problems.append(f"steps.{key}: {value}: must be at least {low}")
+    # Every count and size the tools take, at its minimum: a zero worker count or a negative token budget is
+    # refused here, before any step runs, not by the step's tool after hours of earlier steps.
+    for key, value, low in (
+            ("teacher.concurrency", teacher.concurrency, 1), ("teacher.requests_per_minute", teacher.requests_per_minute, 0),
+            ("steps.annotate.sample", steps.annotate.sample, 1), ("steps.annotate.max_tokens", steps.annotate.max_tokens, 1),
+            ("steps.annotate.max_chars", steps.annotate.max_chars, 1),
+            ("steps.annotate.max_attempts", steps.annotate.max_attempts, 1),
+            ("steps.classifier.min_labels", steps.classifier.min_labels, 0),
+            ("steps.classifier.proxy_count", steps.classifier.proxy_count, 2),
+            ("steps.classifier.folds", steps.classifier.folds, 2), ("steps.classifier.trees", steps.classifier.trees, 1),
+            ("steps.classifier.max_tokens", steps.classifier.max_tokens, 1),
+            ("steps.classifier.batch_size", steps.classifier.batch_size, 1),
+            ("steps.filter.workers", steps.filter.workers, 1), ("steps.dedup.workers", steps.dedup.workers, 1),
+            ("steps.textbooks.count", steps.textbooks.count, 0), ("steps.exercises.count", steps.exercises.count, 0),
+            ("steps.textbooks.max_tokens", steps.textbooks.max_tokens, 1),
+            ("steps.exercises.max_tokens", steps.exercises.max_tokens, 1),
+            ("steps.textbooks.max_attempts", steps.textbooks.max_attempts, 1),
+            ("steps.exercises.max_attempts", steps.exercises.max_attempts, 1),
+            ("steps.decontaminate.ngram_n", steps.decontaminate.ngram_n, 1),
+            ("steps.decontaminate.workers", steps.decontaminate.workers, 1),
+            ("steps.preprocess.workers", steps.preprocess.workers, 1),
+            ("steps.preprocess.textbook_repeats", steps.preprocess.textbook_repeats, 0),
+            ("steps.evaluate.limit", steps.evaluate.limit, 1), ("steps.evaluate.n_samples", steps.evaluate.n_samples, 1),
+            ("steps.evaluate.max_new_tokens", steps.evaluate.max_new_tokens, 1)):
+        if value is not None and value < low:
+            problems.append(f"{key}: {value}: must be at least {low}")
+    for key, value in (("steps.annotate.scale", steps.annotate.scale),
+                       ("steps.textbooks.temperature", steps.textbooks.temperature),
+                       ("steps.exercises.temperature", steps.exercises.temperature),
+                       ("steps.evaluate.temperature", steps.evaluate.temperature),
+                       ("steps.decontaminate.embedding_threshold", steps.decontaminate.embedding_threshold)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            problems.append(f"{key}: {value}: must be a finite number >= 0")
+    if steps.annotate.scale == 0:
+        problems.append("steps.annotate.scale: 0: must be above 0 (the teacher's answers are divided by it)")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", teacher.api_key_env):
+        problems.append(f"teacher.api_key_env: {teacher.api_key_env[:80]!r}: must be an environment variable name")
+    seen_inputs: dict[str, int] = {}
+    for index, path in enumerate(inputs.corpus):
+        real = os.path.realpath(path)
+        if real in seen_inputs:
+            problems.append(f"inputs.corpus[{index}]: {path}: the same file as inputs.corpus[{seen_inputs[real]}]; "
+                            "list each shard once (a repeated shard repeats its documents)")
+        seen_inputs.setdefault(real, index)
+    names = [os.path.basename(path) for path in inputs.corpus]
+    for index, name in enumerate(names):
+        if name in names[:index] and os.path.realpath(inputs.corpus[index]) not in [
+                os.path.realpath(p) for p in inputs.corpus[:index]]:
+            problems.append(f"inputs.corpus[{index}]: {inputs.corpus[index]}: shares its file name with "
+                            f"inputs.corpus[{names.index(name)}]; the filter step writes one output per name, rename one")
+    if recipe.work_dir and os.path.exists(recipe.work_dir) and not os.path.isdir(recipe.work_dir):
+        problems.append(f"work_dir: {recipe.work_dir}: exists and is not a directory")
     for key, value in (("filter.threshold", steps.filter.threshold), ("dedup.threshold", steps.dedup.threshold),
                        ("classifier.threshold", steps.classifier.threshold),
                        ("annotate.label_threshold", steps.annotate.label_threshold), ("decontaminate.tau", steps.decontaminate.tau)):
-        if value is not None and not 0 <= value <= 1:
+        if value is not None and not 0 <= value <= 1:  # NaN fails this too
             problems.append(f"steps.{key}: {value}: must be in [0, 1]")
     if steps.evaluate.data is not None and not os.path.isfile(steps.evaluate.data):
         problems.append(f"steps.evaluate.data: {steps.evaluate.data}: no such file")

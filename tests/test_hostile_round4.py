@@ -1,0 +1,255 @@
+"""Hostile input against what round 4 added, one case per class of bad input: recipe files and their work folder,
+DCP checkpoints on every path that reads them, the `selected` pointer of a run, the data pipeline's shards and
+the contamination index. Each case runs the real command (`run_bounded`) and expects one line naming the file or
+option, exit status 2, and no code run from the file; cases that need no subprocess call the library."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from phi1.testing.hostile import assert_clear_error, python, run_bounded
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _one_line(outcome, names) -> None:
+    assert_clear_error(outcome, names=names)
+    lines = [line for line in outcome.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, outcome.describe()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recipes: the file, its overrides, and the work folder between runs
+
+
+@pytest.fixture()
+def recipe_inputs(tmp_path) -> dict[str, Path]:
+    """Files a recipe points at (existence is all load_recipe checks) and a recipe over them."""
+    for name in ("a.jsonl", "b.jsonl", "tok.model"):
+        (tmp_path / name).write_text(json.dumps({"text": "def f():\n    return 1\n"}) + "\n")
+    (tmp_path / "model").mkdir()
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""name: hostile
+work_dir: {tmp_path / 'work'}
+teacher:
+  base_url: http://127.0.0.1:9/v1
+inputs:
+  corpus: [{tmp_path / 'a.jsonl'}]
+  tokenizer: {tmp_path / 'tok.model'}
+  embedding_model: {tmp_path / 'model'}
+steps:
+  textbooks:
+    count: 0
+  exercises:
+    count: 0
+  pretrain:
+    config: {ROOT / 'configs' / 'quickstart_pretrain.yaml'}
+  finetune:
+    config: {ROOT / 'configs' / 'quickstart_finetune.yaml'}
+""")
+    return {"dir": tmp_path, "recipe": recipe, "work": tmp_path / "work"}
+
+
+def _alias_bomb() -> str:
+    lines = ['      a0: &a0 ["x","x","x","x","x","x","x","x","x","x"]']
+    lines += [f"      a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    return "\n".join(lines)
+
+
+# case: (how the recipe text changes or which overrides are given, what the message must name)
+RECIPE_CASES = {
+    "duplicate-key": (lambda text: text.replace("name: hostile\n", "name: hostile\nname: other\n"), [],
+                      "duplicate key 'name'"),
+    "alias-bomb": (lambda text: text.replace("    config: " + str(ROOT / "configs" / "quickstart_pretrain.yaml"),
+                                             "    config: " + str(ROOT / "configs" / "quickstart_pretrain.yaml")
+                                             + "\n    overrides:\n" + _alias_bomb()), [], "anchor &a0"),
+    "python-tag": (None, ['name=!!python/object/apply:os.system ["touch ran-code"]'], "python/object/apply"),
+    "binary-tag": (None, ["steps.pretrain.overrides={a: !!binary aGVsbG8=}"], "binary"),
+    "date-override": (None, ["steps.pretrain.overrides.schedule.train_steps=2001-12-14"],
+                      "steps.pretrain.overrides.schedule.train_steps"),
+    "override-sets-output": (None, ["steps.finetune.overrides.checkpoint.dir=/tmp/elsewhere"],
+                             "steps.finetune.overrides.checkpoint.dir"),
+    "override-bad-key": (None, ['steps.pretrain.overrides={"a=b": 1}'], "steps.pretrain.overrides"),
+    "zero-workers": (None, ["steps.dedup.workers=0"], "steps.dedup.workers"),
+    "negative-concurrency": (None, ["teacher.concurrency=-3"], "teacher.concurrency"),
+    "zero-eval-samples": (None, ["steps.evaluate.n_samples=0"], "steps.evaluate.n_samples"),
+    "nan-threshold": (None, ["steps.filter.threshold=.nan"], "steps.filter.threshold"),
+    "repeated-shard": ("repeat", [], "inputs.corpus[1]"),
+    "work-dir-is-a-file": ("work-file", [], "work_dir"),
+    "huge-file": ("huge", [], "1 MiB"),
+    "empty-file": ("empty", [], "work_dir"),
+    "fifo": ("fifo", [], "not a regular file"),
+}
+
+
+@pytest.mark.parametrize("case", list(RECIPE_CASES))
+def test_hostile_recipe_file_is_one_line_before_any_step(recipe_inputs, case) -> None:
+    change, overrides, names = RECIPE_CASES[case]
+    recipe: Path = recipe_inputs["recipe"]
+    text = recipe.read_text()
+    if callable(change):
+        recipe.write_text(change(text))
+    elif change == "repeat":
+        overrides = [f"inputs.corpus=[{recipe_inputs['dir'] / 'a.jsonl'},{recipe_inputs['dir'] / 'a.jsonl'}]"]
+    elif change == "work-file":
+        overrides = [f"work_dir={recipe_inputs['dir'] / 'b.jsonl'}"]
+    elif change == "huge":
+        recipe.write_text(text + "#" * (2 << 20) + "\n")
+    elif change == "empty":
+        recipe.write_text("")
+    elif change == "fifo":
+        recipe.unlink()
+        os.mkfifo(recipe)
+    outcome = run_bounded(python("-m", "phi1.recipe", "run", str(recipe), *overrides), timeout_s=120)
+    _one_line(outcome, names)
+    assert not (ROOT / "ran-code").exists()
+    assert not (recipe_inputs["work"] / "steps").exists()  # refused before any step ran
+
+
+def _finish_steps(recipe_inputs, monkeypatch, until: str) -> None:
+    """Run the recipe in this process up to `until` with stand-in step functions (each writes one small file),
+    so the work folder holds finished steps exactly as the runner records them."""
+    from phi1.recipe import steps as recipe_steps
+    from phi1.recipe.runner import Runner
+    from phi1.recipe.spec import load_recipe
+
+    def stand_in(name):
+        def run(ctx):
+            (ctx.out / f"{name}.jsonl").write_text(json.dumps({"text": name}) + "\n")
+            return {"kept": 1}
+        return run
+
+    for name, (_, deps, teacher) in list(recipe_steps.STEPS.items()):
+        monkeypatch.setitem(recipe_steps.STEPS, name, (stand_in(name), deps, teacher))
+    actions = Runner(load_recipe(str(recipe_inputs["recipe"])), until=until).run()
+    assert set(actions.values()) == {"ran"}
+
+
+def _status(recipe_inputs) -> dict[str, tuple[str, str]]:
+    outcome = run_bounded(python("-m", "phi1.recipe", "status", str(recipe_inputs["recipe"])), timeout_s=120)
+    assert outcome.returncode == 0, outcome.describe()
+    rows = [line.split(None, 2) for line in outcome.stdout.splitlines() if line.strip()]
+    return {row[0]: (row[1], row[2] if len(row) > 2 else "") for row in rows}
+
+
+def test_finished_steps_are_cached_when_untouched(recipe_inputs, monkeypatch) -> None:
+    _finish_steps(recipe_inputs, monkeypatch, until="classifier")
+    status = _status(recipe_inputs)
+    assert status["annotate"][0] == status["classifier"][0] == "cached"
+    assert status["filter"] == ("runs", "not run yet")
+
+
+def _delete_output(work: Path) -> None:
+    (work / "steps" / "annotate" / "annotate.jsonl").unlink()
+
+
+def _edit_output(work: Path) -> None:
+    (work / "steps" / "annotate" / "annotate.jsonl").write_text("edited\n")
+
+
+def _step_json_list(work: Path) -> None:
+    (work / "steps" / "annotate" / "step.json").write_text("[1, 2]")
+
+
+def _step_json_half(work: Path) -> None:
+    meta = work / "steps" / "annotate" / "step.json"
+    meta.write_text(meta.read_text()[:40])
+
+
+def _step_json_no_hash(work: Path) -> None:
+    meta = work / "steps" / "annotate" / "step.json"
+    record = json.loads(meta.read_text())
+    del record["output_sha256"]
+    meta.write_text(json.dumps(record))
+
+
+def _digests_list(work: Path) -> None:
+    (work / "digests.json").write_text("[1]")
+
+
+def _digests_wrong_types(work: Path) -> None:
+    entries = json.loads((work / "digests.json").read_text())
+    (work / "digests.json").write_text(json.dumps({key: 5 for key in entries}))
+
+
+# case: (tamper, what status says of annotate afterwards)
+TAMPERED = {
+    "output-deleted": (_delete_output, ("runs", "its output was changed or deleted since it finished")),
+    "output-edited": (_edit_output, ("runs", "its output was changed or deleted since it finished")),
+    "step-json-not-an-object": (_step_json_list, ("runs", "not run yet")),
+    "step-json-truncated": (_step_json_half, ("runs", "not run yet")),
+    "step-json-without-hash": (_step_json_no_hash, ("runs", "not run yet")),
+    "digests-not-an-object": (_digests_list, ("cached", None)),
+    "digests-wrong-types": (_digests_wrong_types, ("cached", None)),
+}
+
+
+@pytest.mark.parametrize("case", list(TAMPERED))
+def test_tampered_cache_reruns_what_it_cannot_trust(recipe_inputs, monkeypatch, case) -> None:
+    """A work folder changed between runs: what no longer matches runs again (and what reads it); a damaged
+    digest cache only costs rehashing. Never a traceback."""
+    _finish_steps(recipe_inputs, monkeypatch, until="classifier")
+    tamper, (state, why) = TAMPERED[case]
+    tamper(recipe_inputs["work"])
+    status = _status(recipe_inputs)
+    assert status["annotate"][0] == state, status
+    if why is not None:
+        assert status["annotate"][1] == why
+    if state == "runs":
+        assert status["classifier"] == ("runs", "annotate reruns, and it reads its output")
+    else:
+        assert status["classifier"][0] == "cached"
+
+
+def test_a_deleted_output_is_made_again(recipe_inputs, monkeypatch) -> None:
+    _finish_steps(recipe_inputs, monkeypatch, until="classifier")
+    _delete_output(recipe_inputs["work"])
+    _finish_steps(recipe_inputs, monkeypatch, until="annotate")  # asserts the step ran again
+    assert (recipe_inputs["work"] / "steps" / "annotate" / "annotate.jsonl").read_text() == '{"text": "annotate"}\n'
+
+
+def _link_step_dir(work: Path, outside: Path) -> None:
+    shutil.move(work / "steps" / "annotate", outside / "annotate")
+    os.symlink(outside / "annotate", work / "steps" / "annotate")
+
+
+def _link_log(work: Path, outside: Path) -> None:
+    os.symlink(outside / "victim.txt", work / "recipe_log.jsonl.new")
+    (work / "recipe_log.jsonl").unlink()
+    os.replace(work / "recipe_log.jsonl.new", work / "recipe_log.jsonl")
+
+
+def _link_partial(work: Path, outside: Path) -> None:
+    (outside / "partial").mkdir()
+    os.symlink(outside / "partial", work / "steps" / ".annotate.partial-0123456789abcdef")
+
+
+@pytest.mark.parametrize("case", ["step-dir-link", "log-link", "partial-link"])
+def test_links_in_the_work_folder_never_lead_writes_outside(recipe_inputs, monkeypatch, tmp_path_factory,
+                                                            case) -> None:
+    _finish_steps(recipe_inputs, monkeypatch, until="annotate")
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "victim.txt").write_text("keep me\n")
+    work = recipe_inputs["work"]
+    if case == "step-dir-link":
+        _link_step_dir(work, outside)
+        outcome = run_bounded(python("-m", "phi1.recipe", "status", str(recipe_inputs["recipe"])), timeout_s=120)
+        _one_line(outcome, [str(work / "steps" / "annotate"), "symbolic link"])
+        assert (outside / "annotate" / "step.json").exists()
+        return
+    if case == "log-link":
+        _link_log(work, outside)
+        with pytest.raises(ValueError, match="symbolic link"):
+            _finish_steps(recipe_inputs, monkeypatch, until="annotate")
+    else:
+        _link_partial(work, outside)
+        (work / "steps" / "annotate" / "annotate.jsonl").unlink()
+        _finish_steps(recipe_inputs, monkeypatch, until="annotate")
+        assert (outside / "partial").is_dir() and not list((outside / "partial").iterdir())
+        assert not (work / "steps" / ".annotate.partial-0123456789abcdef").exists()
+    assert (outside / "victim.txt").read_text() == "keep me\n"
