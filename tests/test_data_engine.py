@@ -68,10 +68,8 @@ def classifier(corpus) -> Path:
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast, RobertaConfig, RobertaModel
 
+    from phi1.quality.filter_cli import main as quality_filter
     from phi1.quality.stdlib_functions import documented_labelled_set
-
-    sys.path.insert(0, str(ROOT))
-    from tools.quality_filter import main as quality_filter
 
     work = corpus["work"]
     embedder = work / "roberta"

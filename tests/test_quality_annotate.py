@@ -9,7 +9,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,7 +20,6 @@ from phi1.quality.annotate import REMINDER, parse_score
 from phi1.testing.hostile import assert_clear_error, python, run_bounded
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 TOOL = str(ROOT / "tools" / "quality_filter.py")
 
 
@@ -105,7 +103,7 @@ def test_parse_score(answer, expected) -> None:
 
 
 def test_annotate_scripted_endpoint_styles_reasks_and_retries(tmp_path) -> None:
-    from tools.quality_filter import main, read_labelled
+    from phi1.quality.filter_cli import main, read_labelled
 
     inputs = tmp_path / "files.jsonl"
     _files(inputs, 7)
@@ -140,7 +138,7 @@ def test_annotate_scripted_endpoint_styles_reasks_and_retries(tmp_path) -> None:
 
 
 def test_annotate_prompt_file_and_ids_from_text(tmp_path) -> None:
-    from tools.quality_filter import main
+    from phi1.quality.filter_cli import main
 
     inputs = tmp_path / "files.jsonl"
     _files(inputs, 3, with_ids=False)
@@ -235,9 +233,9 @@ def test_annotate_against_phi1_serve_then_train_on_annotations(tmp_path, capsys)
     from phi1.core.config import get_preset
     from phi1.core.model import PhiForCausalLM
     from phi1.core.pretrained import save_pretrained
-    from phi1.quality.stdlib_functions import documented_labelled_set, stdlib_functions
-    from tools.quality_filter import main
     from phi1.data.tokenizer_training import main as train_tokenizer
+    from phi1.quality.filter_cli import main
+    from phi1.quality.stdlib_functions import documented_labelled_set, stdlib_functions
 
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": f.source}) + "\n" for f in stdlib_functions(200, seed=4)))
@@ -301,7 +299,7 @@ def test_annotate_against_phi1_serve_then_train_on_annotations(tmp_path, capsys)
 
 
 def test_annotate_is_rate_limited(tmp_path) -> None:
-    from tools.quality_filter import main
+    from phi1.quality.filter_cli import main
 
     inputs = tmp_path / "files.jsonl"
     _files(inputs, 6)

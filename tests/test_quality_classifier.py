@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +17,6 @@ from phi1.quality.classifier import (
     fit_forest,
     forest_scores,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def _data(seed: int = 0, rows: int = 300, columns: int = 12):
@@ -79,8 +75,8 @@ def nano_dir(tmp_path_factory) -> Path:
     from phi1.core.config import get_preset
     from phi1.core.model import PhiForCausalLM
     from phi1.core.pretrained import save_pretrained
-    from phi1.quality.stdlib_functions import stdlib_functions
     from phi1.data.tokenizer_training import main as train_tokenizer
+    from phi1.quality.stdlib_functions import stdlib_functions
 
     work = tmp_path_factory.mktemp("nano")
     corpus = work / "corpus.jsonl"
@@ -94,8 +90,8 @@ def nano_dir(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_train_then_filter_shards_with_two_workers(tmp_path, nano_dir, capsys) -> None:
+    from phi1.quality.filter_cli import main
     from phi1.quality.stdlib_functions import documented_labelled_set
-    from tools.quality_filter import main
 
     labelled = tmp_path / "labels.jsonl"
     records = documented_labelled_set(60, seed=2)

@@ -5,14 +5,10 @@ random CodeGen decoder (last-token pooled), built and saved in the test (no hub)
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def _tokenizer(texts: list[str], directory: Path, **special):
@@ -74,8 +70,8 @@ def test_embedders_pool_batch_and_cut(models) -> None:
 @pytest.mark.parametrize("name, pooling", [("roberta", "mean"), ("codegen", "last")])
 def test_train_and_filter_with_a_transformers_embedder(tmp_path, models, name, pooling, capsys) -> None:
     from phi1.quality.embeddings import checkpoint_fingerprint
+    from phi1.quality.filter_cli import main
     from phi1.quality.stdlib_functions import documented_labelled_set
-    from tools.quality_filter import main
 
     records = documented_labelled_set(40, seed=2)
     labelled = tmp_path / "labels.jsonl"
