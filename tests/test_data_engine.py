@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -184,9 +183,7 @@ def _kill_while_publishing(function: str, target: str, argv: list[str]) -> None:
     publishes an output ending in `target`, half of that output is written to its `.partial` file and the
     process group is SIGKILLed (a task killed mid-write). Runs in a subprocess started by the test below."""
     import phi1.quality.engine as engine
-
-    sys.path.insert(0, str(ROOT))
-    from tools.data_pipeline import main
+    from phi1.quality.pipeline_cli import main
 
     original = getattr(engine, function)
 
