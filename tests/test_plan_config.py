@@ -26,6 +26,8 @@ CASES = {
     "paper-chunked-loss-zero1": ("configs/pretrain_phi1.yaml", 8, ["loss_chunk_size=1024", "parallel.zero_stage=1"]),
     "small-tp2-sp": ("configs/pretrain_phi1_small.yaml", 4, ["parallel.tensor_parallel=2", "parallel.zero_stage=1",
                                                             "parallel.sequence_parallel=true"]),
+    "small-fsdp2-offload": ("configs/pretrain_phi1_small.yaml", 4, ["parallel.zero_stage=0", "parallel.fsdp=true",
+                                                                   "parallel.fsdp_cpu_offload=true"]),
 }
 
 

@@ -15,7 +15,9 @@ the other layouts of the same model, batch, sequence length, precision and loss 
 
 Without --config, the layout options are given as in a training config and pin that choice of the search:
 `parallel.tensor_parallel=2`, `parallel.pipeline_parallel=4` (1F1B; the search tries every size that divides
-the GPUs left after TP, with the bubble and the busiest stage's memory), `parallel.zero_stage=1`, `parallel.sequence_parallel=true`,
+the GPUs left after TP, with the bubble and the busiest stage's memory), `parallel.zero_stage=1`,
+`parallel.fsdp=true|false` (FSDP2, searched beside DDP and ZeRO where DP > 1 and there is no pipeline),
+`parallel.sequence_parallel=true`,
 `batch.micro_batch_size=4`, `activation_checkpointing=true|false`, `loss_chunk_size=N` (default 0, as in
 training); `model.FIELD=VALUE` changes the model (e.g. `model.resid_dropout=0.1`). Choices not given are
 searched.
@@ -45,7 +47,7 @@ PAPER_DAYS = 4.0  # "under 4 days" (770 GPU-hours for ~51B tokens on 8 A100)
 PAPER_TOKENS = 50e9
 
 # Training-config options that pin one choice of the layout search (the rest of a config needs --config).
-LAYOUT_OPTIONS = ("parallel.tensor_parallel", "parallel.pipeline_parallel", "parallel.zero_stage",
+LAYOUT_OPTIONS = ("parallel.tensor_parallel", "parallel.pipeline_parallel", "parallel.zero_stage", "parallel.fsdp",
                   "parallel.sequence_parallel", "batch.micro_batch_size", "activation_checkpointing", "loss_chunk_size")
 
 
@@ -92,7 +94,9 @@ def config_report(source: str, model_config: ModelConfig, layout: Layout, global
     memory = estimate_memory(model_config, layout)
     time = predict_on_cluster(model_config, layout, global_batch, hardware, utilisation)
     plan = Plan(layout, memory, time, memory.total <= hardware.gpu.memory_gib * GIB, layout.gradient_accumulation)
-    parts = ", ".join(f"{k} {v:.2f} GiB" for k, v in memory.gib().items() if k != "total")
+    parts = ", ".join(f"{k} {v:.2f} GiB" for k, v in memory.gib().items() if k not in ("total", "host"))
+    if memory.host:
+        parts += f" (and {memory.host / GIB:.2f} GiB in CPU memory: fsdp_cpu_offload)"
     return "\n".join([
         f"config      {source}: {model_config.name}, {plan.describe()}, gradient accumulation "
         f"{layout.gradient_accumulation}, {layout.precision}, seq_len {layout.seq_len}, global batch {global_batch}",
@@ -177,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_search:
             return 0
         global_batch, seq_len, precision = config.batch.global_batch_size, config.data.seq_len, config.precision
-        search = {"loss_chunk_size": config.loss_chunk_size}
+        search = {"loss_chunk_size": config.loss_chunk_size, "fsdp": (False, True)}
         header = "\nother layouts of this model, batch, sequence length and precision:\n"
     else:
         pinned = _search_options(args.overrides)
@@ -192,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
             search["pipeline_parallel"] = (config.parallel.pipeline_parallel,)
         if "parallel.zero_stage" in pinned:
             stages = (config.parallel.zero_stage,)
+        if "parallel.fsdp" in pinned:
+            search["fsdp"] = (config.parallel.fsdp,)
+        else:  # a pinned ZeRO stage asks for that stage, not FSDP2 beside it
+            search["fsdp"] = (False,) if "parallel.zero_stage" in pinned else (False, True)
         if "parallel.sequence_parallel" in pinned:
             search["sequence_parallel"] = (config.parallel.sequence_parallel,)
         if "batch.micro_batch_size" in pinned:

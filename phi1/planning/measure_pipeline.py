@@ -5,8 +5,8 @@
 `phi1.parallel.pipeline.PipelineRunner`, and runs a few optimizer steps of m micro-batches through the schedule.
 Its peak resident memory above the baseline taken just before the stages were built is what the stage used.
 The processes start with `MALLOC_MMAP_THRESHOLD_=65536`, so every tensor over 64 KiB is its own mmap returned to
-the kernel when freed and the resident set follows the live tensors; the peak is reset at the baseline by writing
-5 to /proc/self/clear_refs (Linux), as `phi1.training.measure_memory` does for whole-model runs.
+the kernel when freed and the resident set follows the live tensors; the peak is reset at the baseline
+(`phi1.planning.rss`, shared with `phi1.training.measure_memory`, which does the same for whole-model runs).
 
 It drives the runner rather than the trainer so that what is measured is the stage itself: weights, gradients,
 AdamW states, the activations the schedule keeps in flight (the first rank holds P micro-batches under 1F1B),
@@ -21,23 +21,7 @@ from dataclasses import dataclass
 from phi1.core.config import ModelConfig
 from phi1.planning.memory import make_layout
 from phi1.planning.pipeline import stage_memory
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
+from phi1.planning.rss import MALLOC_ENV, peak_resident_bytes, reset_peak, resident_bytes
 
 
 def _warm_up(config: ModelConfig) -> None:
@@ -70,8 +54,8 @@ def _worker(rank: int, world_size: int, config_values: dict, micro_batches: int,
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (micro_batches * micro_batch_size, seq_len + 1), generator=generator)
     input_ids, labels = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
-    baseline = _status_kib("VmRSS") * 1024
-    reset = _reset_peak()
+    baseline = resident_bytes()
+    reset = reset_peak()
     chunks = build_stages(config, groups.pp_rank, world_size, virtual_stages)
     for chunk in chunks:
         chunk.activation_checkpointing = checkpointing
@@ -81,7 +65,7 @@ def _worker(rank: int, world_size: int, config_values: dict, micro_batches: int,
                             optimizer=optimizer, grad_clip=1.0)
     for _ in range(steps):
         runner.step(input_ids, labels)
-    peak = _status_kib("VmHWM") * 1024
+    peak = peak_resident_bytes()
     return {"pp_rank": groups.pp_rank, "measured": peak - baseline, "peak_reset": reset}
 
 
@@ -111,16 +95,17 @@ def measure_stage_memory(config: ModelConfig, pipeline_parallel: int, micro_batc
     """
     from phi1.testing.spawn import run_on_gloo
 
-    previous = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by glibc when each spawned worker starts
+    previous = {key: os.environ.get(key) for key in MALLOC_ENV}
+    os.environ.update(MALLOC_ENV)  # read by glibc when each spawned worker starts
     try:
         results = run_on_gloo(_worker, pipeline_parallel, config.to_dict(), micro_batches, micro_batch_size, seq_len,
                               schedule, virtual_stages, checkpointing, steps, timeout_s=timeout_s)
     finally:
-        if previous is None:
-            os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
-        else:
-            os.environ["MALLOC_MMAP_THRESHOLD_"] = previous
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     layout = make_layout(config, tensor_parallel=1, data_parallel=1, zero_stage=0, micro_batch_size=micro_batch_size,
                          gradient_accumulation=micro_batches, seq_len=seq_len, precision="fp32",
                          activation_checkpointing=checkpointing, sequence_parallel=False, loss_chunk_size=0, gpu=False)

@@ -139,6 +139,12 @@ class Layout:
     """'1f1b', 'interleaved' or 'gpipe' (parallel.pipeline_schedule)."""
     virtual_stages: int = 1
     """Model chunks per pipeline rank under 'interleaved' (parallel.virtual_stages)."""
+    fsdp: bool = False
+    """PyTorch FSDP2 over the DP group (parallel.fsdp): parameters, gradients and AdamW states sharded, one block
+    all-gathered at a time (phi1.planning.fsdp.fsdp_memory); zero_stage must be 0."""
+    fsdp_cpu_offload: bool = False
+    """Under fsdp: the sharded parameters, gradients and AdamW states live in CPU memory (parallel.fsdp_cpu_offload);
+    on a GPU they leave the device's estimate and are reported as `MemoryEstimate.host`."""
 
 
 @dataclass
@@ -157,6 +163,8 @@ class MemoryEstimate:
     buffers: float
     total: float
     peak_moment: str
+    host: float = 0.0
+    """Bytes kept in CPU memory instead of the device's (FSDP2's CPU offload on a GPU); not in `total`."""
 
     def as_dict(self) -> dict[str, float | str]:
         return asdict(self)
@@ -259,6 +267,27 @@ def _layer_backward_working_set(config: ModelConfig, layout: Layout) -> float:
     return 8 * s * b * h + 2 * c * s * b * f / t + 3 * c * s * b * h / t
 
 
+def block_activations(config: ModelConfig, layout: Layout) -> tuple[list[float], list[float], float]:
+    """(kept, recomputed, final_norm): per block, the bytes it keeps from its forward until its backward and
+    what its recomputation adds while that backward runs (activation checkpointing), and the final LayerNorm's
+    saved input and output; one micro-batch, one TP rank."""
+    L = config.n_layer
+    s, b, h, t = layout.seq_len, layout.micro_batch_size, config.d_model, layout.tensor_parallel
+    sp = layout.sequence_parallel and t > 1
+    per_layer = saved_bytes_per_layer(config, layout)
+    block_input = 4 * s * b * h / (t if sp else 1)
+    final_norm = 4 * s * b * h / (t if sp else 1) + (4 if layout.precision == "fp32" else 2) * s * b * h
+    if layout.activation_checkpointing and layout.checkpoint_mode == "selective":
+        sac_kept = min(per_layer, selective_saved_bytes_per_layer(config, layout))
+        return [sac_kept] * L, [per_layer - sac_kept] * L, final_norm
+    if layout.activation_checkpointing:
+        every = max(1, layout.checkpoint_every)
+        kept = [block_input if i % every == 0 else per_layer for i in range(L)]
+        recomputed = [per_layer if i % every == 0 else 0.0 for i in range(L)]  # the block's activations again
+        return kept, recomputed, final_norm
+    return [per_layer] * L, [0.0] * L, final_norm
+
+
 def model_state_bytes(counts: ParameterCounts, layout: Layout) -> tuple[float, float, float]:
     """(weights, gradients, optimizer states) in bytes for one process."""
     p, dp, zero = counts.per_rank, layout.data_parallel, layout.zero_stage
@@ -287,26 +316,16 @@ def estimate_memory(config: ModelConfig, layout: Layout) -> MemoryEstimate:
         from phi1.planning.pipeline import pipeline_memory  # it builds on this module
 
         return pipeline_memory(config, layout)
+    if layout.fsdp:
+        from phi1.planning.fsdp import fsdp_memory  # it builds on this module
+
+        return fsdp_memory(config, layout)
     counts = parameter_counts(config, layout.tensor_parallel)
     weights, grads, optim = model_state_bytes(counts, layout)
     L = config.n_layer
-    s, b, h, t = layout.seq_len, layout.micro_batch_size, config.d_model, layout.tensor_parallel
-    sp = layout.sequence_parallel and t > 1
+    h, t = config.d_model, layout.tensor_parallel
     c = _compute_bytes(layout.precision)
-    per_layer = saved_bytes_per_layer(config, layout)
-    block_input = 4 * s * b * h / (t if sp else 1)
-    final_norm = 4 * s * b * h / (t if sp else 1) + (4 if layout.precision == "fp32" else 2) * s * b * h
-    # Per block: what it keeps until its backward, and what its recomputation adds while that backward runs.
-    if layout.activation_checkpointing and layout.checkpoint_mode == "selective":
-        sac_kept = min(per_layer, selective_saved_bytes_per_layer(config, layout))
-        kept = [sac_kept] * L
-        recomputed = [per_layer - sac_kept] * L
-    elif layout.activation_checkpointing:
-        every = max(1, layout.checkpoint_every)
-        kept = [block_input if i % every == 0 else per_layer for i in range(L)]
-        recomputed = [per_layer if i % every == 0 else 0.0 for i in range(L)]  # the block's activations again
-    else:
-        kept, recomputed = [per_layer] * L, [0.0] * L
+    kept, recomputed, final_norm = block_activations(config, layout)
     activations = sum(kept) + final_norm
     logits_forward, logits_backward = _logits_bytes(config, layout)
     working = _layer_backward_working_set(config, layout)
@@ -360,7 +379,8 @@ def make_layout(config: ModelConfig, *, tensor_parallel: int, data_parallel: int
                 micro_batch_size: int, gradient_accumulation: int, seq_len: int, precision: str,
                 activation_checkpointing: bool | str, sequence_parallel: bool, loss_chunk_size: int, gpu: bool = True,
                 runtime_overhead_bytes: float = 0.0, activation_checkpointing_every: int = 1,
-                pipeline_parallel: int = 1, pipeline_schedule: str = "1f1b", virtual_stages: int = 1) -> Layout:
+                pipeline_parallel: int = 1, pipeline_schedule: str = "1f1b", virtual_stages: int = 1,
+                fsdp: bool = False, fsdp_cpu_offload: bool = False) -> Layout:
     """The Layout of one training setup, with what the model decides filled from `config`: whether attention
     keeps s x s scores (`attention_backend == 'math'`) and the dropout masks (`attn_dropout`, `resid_dropout`).
 
@@ -390,6 +410,8 @@ def make_layout(config: ModelConfig, *, tensor_parallel: int, data_parallel: int
         pipeline_parallel=pipeline_parallel,
         pipeline_schedule=pipeline_schedule,
         virtual_stages=virtual_stages,
+        fsdp=fsdp,
+        fsdp_cpu_offload=fsdp and fsdp_cpu_offload,
     )
 
 
@@ -406,7 +428,16 @@ def assumptions(layout: Layout, per_layout: bool = True) -> str:
               "slack" if layout.gpu else "a CPU rank (no CUDA context)")
     if not per_layout:
         states = ("DDP: fp32 weights, gradients and AdamW states; ZeRO: 16-bit weights and gradients plus fp32 "
-                  "master and AdamW states, partitioned as the stage does, ")
+                  "master and AdamW states, partitioned as the stage does; FSDP2: fp32 weights, gradients and AdamW "
+                  "states sharded over DP, the root's and one block's parameters gathered at a time (two in the "
+                  "backward), full fp32 gradients held while accumulating, ")
+    elif layout.fsdp:
+        offload = (" and kept in CPU memory (fsdp_cpu_offload)" if layout.fsdp_cpu_offload and layout.gpu
+                   else "")
+        states = (f"FSDP2 over {layout.data_parallel} ranks: fp32 weights, gradients and AdamW states sharded{offload}, "
+                  "the root's and one block's parameters gathered at a time (two in the backward: torch's prefetch)"
+                  + (", full fp32 gradients held while accumulating" if layout.gradient_accumulation > 1 else "")
+                  + ", ")
     elif layout.zero_stage == 0:
         states = "DDP: fp32 weights, gradients and AdamW states, "
     else:

@@ -38,7 +38,8 @@ class Plan:
         lay = self.layout
         pipeline = [f"PP{lay.pipeline_parallel}"] if lay.pipeline_parallel > 1 else []
         parts = [f"TP{lay.tensor_parallel}", *pipeline, f"DP{lay.data_parallel}",
-                 "DDP" if lay.zero_stage == 0 else f"ZeRO-{lay.zero_stage}", f"mb{lay.micro_batch_size}"]
+                 ("FSDP2" + ("-offload" if lay.fsdp_cpu_offload else "") if lay.fsdp
+                  else "DDP" if lay.zero_stage == 0 else f"ZeRO-{lay.zero_stage}"), f"mb{lay.micro_batch_size}"]
         if lay.activation_checkpointing:
             parts.append("AC")
         if lay.sequence_parallel:
@@ -81,6 +82,7 @@ def enumerate_plans(
     sequence_parallel: tuple[bool, ...] | None = None,
     loss_chunk_size: int = 0,
     pipeline_parallel: tuple[int, ...] | None = None,
+    fsdp: tuple[bool, ...] = (False,),
 ) -> list[Plan]:
     """Every layout choice with its memory and time, best first (see the module docstring).
 
@@ -92,6 +94,8 @@ def enumerate_plans(
         loss_chunk_size: tokens per chunk of the fused lm_head + loss, as `loss_chunk_size` in a training config.
         pipeline_parallel: pipeline sizes to try (1F1B schedule); None tries every divisor of GPUs / TP that is
             at most n_layer.
+        fsdp: with True, FSDP2 (parallel.fsdp, ZeRO stage 0) is tried too wherever it can run (DP > 1, no
+            pipeline); (True,) alone tries only FSDP2 layouts.
 
     Raises:
         ValueError: seq_len beyond the model's max_seq_len, or no layout divides the global batch.
@@ -109,7 +113,10 @@ def enumerate_plans(
         per_replica, remainder = divmod(global_batch, dp)
         if remainder:
             continue
-        for zero in zero_stages:
+        sharding = [(zero, False) for zero in zero_stages if False in fsdp]
+        if True in fsdp and dp > 1 and pp == 1:  # FSDP2 shards over DP; phi1 runs it without pipeline stages
+            sharding.append((0, True))
+        for zero, fully_sharded in sharding:
             if zero > 0 and dp == 1:
                 continue  # ZeRO partitions over DP: nothing to partition
             if zero > 1 and pp > 1:
@@ -126,7 +133,7 @@ def enumerate_plans(
                             gradient_accumulation=per_replica // micro, seq_len=seq_len, precision=precision,
                             activation_checkpointing=checkpointing, sequence_parallel=sp,
                             loss_chunk_size=loss_chunk_size, gpu=True, runtime_overhead_bytes=overhead,
-                            pipeline_parallel=pp,
+                            pipeline_parallel=pp, fsdp=fully_sharded,
                         )
                         memory = estimate_memory(config, layout)
                         time = predict_on_cluster(config, layout, global_batch, cluster, utilisation)

@@ -141,7 +141,11 @@ def predict_step_time(
 
     counts = parameter_counts(config, tp)
     p = counts.per_rank / pp
-    if layout.zero_stage == 0:
+    if layout.fsdp:
+        # FSDP2: every micro-batch all-gathers the parameters (compute dtype) for its forward and again for its
+        # backward; the fp32 gradients are reduce-scattered once, after the last micro-batch
+        dp_comm = accum * 2 * all_gather_seconds(c * p, dp, dp_link) + reduce_scatter_seconds(4.0 * p, dp, dp_link)
+    elif layout.zero_stage == 0:
         full = all_reduce_seconds(4.0 * p, dp, dp_link)  # fp32 gradients (autocast keeps them fp32)
         bucket = min(ddp_bucket_mb * 2**20, 4.0 * p) / (dp_link.gbps * 1e9) if dp > 1 else 0.0
         dp_comm = max(full - backward_of_last_micro, bucket)
@@ -152,7 +156,7 @@ def predict_step_time(
     else:
         per_micro = reduce_scatter_seconds(c * p, dp, dp_link) + 2 * all_gather_seconds(c * p, dp, dp_link)
         dp_comm = accum * per_micro
-    partition = p / dp if layout.zero_stage > 0 else p
+    partition = p / dp if layout.zero_stage > 0 or layout.fsdp else p
     optimizer = 28.0 * partition / (memory_gbps * 1e9)
 
     total = compute + tp_comm + dp_comm + optimizer + bubble + pp_comm

@@ -7,14 +7,15 @@ It lives in `training`, not `planning`, because it runs the Trainer (phi1.planni
 steps of its strategy (`trainer.strategy.train_step`), and report the peak resident memory above that baseline
 next to the planner's prediction for the same layout. Every process runs with `MALLOC_MMAP_THRESHOLD_=65536`, so every tensor larger
 than 64 KiB is its own mmap returned to the kernel when freed and the resident set follows the live tensors;
-the peak is reset at the baseline by writing 5 to /proc/self/clear_refs (Linux), so the import and start-up
-transients do not count.
+the peak is reset at the baseline (`phi1.planning.rss`: 5 written to /proc/self/clear_refs on Linux), so the
+import and start-up transients do not count.
 
     python -m phi1.training.measure_memory model.n_layer=4 batch.micro_batch_size=4 ...   (one worker; see below)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -22,26 +23,10 @@ import sys
 from pathlib import Path
 
 from phi1.planning.memory import estimate_memory
+from phi1.planning.rss import MALLOC_ENV, peak_resident_bytes, reset_peak, resident_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 RESULT_PREFIX = "PHI1_MEMORY_RESULT "
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _warm_up_runtime() -> None:
@@ -76,13 +61,13 @@ def worker(overrides: list[str], steps: int) -> dict:
     state = init_distributed(config.parallel.tensor_parallel)
     try:
         _warm_up_runtime()
-        baseline = _status_kib("VmRSS") * 1024
-        reset = _reset_peak()
+        baseline = resident_bytes()
+        reset = reset_peak()
         trainer = Trainer(config, model_config, state)
         data = micro_batches(trainer.train_data, config, state, 0)
         for step in range(steps):
             trainer.strategy.train_step(data, step + 1)
-        peak = _status_kib("VmHWM") * 1024
+        peak = peak_resident_bytes()
         trainer.close()
         from phi1.training.plan import memory_layout
 
@@ -90,6 +75,8 @@ def worker(overrides: list[str], steps: int) -> dict:
         estimate = estimate_memory(model_config, layout)
         result = {"rank": state.rank, "measured": peak - baseline, "baseline": baseline, "peak_reset": reset,
                   "predicted": estimate.total, "peak_moment": estimate.peak_moment, "parts": estimate.as_dict()}
+        if layout.fsdp:  # what the planner counted before it modelled FSDP2: the same layout as DDP
+            result["as_ddp"] = estimate_memory(model_config, dataclasses.replace(layout, fsdp=False)).total
         if dist.is_initialized():
             gathered = [None] * state.world_size
             dist.all_gather_object(gathered, result)
@@ -108,8 +95,7 @@ def measure_peak_memory(overrides: list[str], nproc: int = 1, steps: int = 3, ti
         RuntimeError: the workers failed (their output is in the message).
         subprocess.TimeoutExpired: they ran longer than `timeout` seconds.
     """
-    env = dict(os.environ, PYTHONPATH=str(REPO), MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(threads),
-               DS_ACCELERATOR="cpu")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(threads), DS_ACCELERATOR="cpu", **MALLOC_ENV)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     module = ["-m", "phi1.training.measure_memory", f"--steps={steps}", *overrides]
@@ -158,6 +144,16 @@ CONFIGS: dict[str, tuple[int, list[str]]] = {
     "mb4-bf16": (1, ["batch.micro_batch_size=4", "batch.global_batch_size=4", "precision=bf16"]),
     "tp2-mb4": (2, ["batch.micro_batch_size=4", "batch.global_batch_size=4", "parallel.tensor_parallel=2"]),
     "dp2-mb4": (2, ["batch.micro_batch_size=4", "batch.global_batch_size=8"]),
+}
+# FSDP2 (parallel.fsdp=true) over 2 processes, measured by benchmarks/bench_fsdp_memory.py (and
+# tests/test_planner_fsdp.py one of): the planner's phi1.planning.fsdp against the peak.
+FSDP_CONFIGS: dict[str, tuple[int, list[str]]] = {
+    "fsdp-dp2-mb4": (2, ["batch.micro_batch_size=4", "batch.global_batch_size=8", "parallel.fsdp=true"]),
+    "fsdp-dp2-mb4-accum2": (2, ["batch.micro_batch_size=4", "batch.global_batch_size=16", "parallel.fsdp=true"]),
+    "fsdp-dp2-mb8-ac": (2, ["batch.micro_batch_size=8", "batch.global_batch_size=16", "parallel.fsdp=true",
+                            "activation_checkpointing=true"]),
+    "fsdp-dp2-mb4-bf16": (2, ["batch.micro_batch_size=4", "batch.global_batch_size=8", "parallel.fsdp=true",
+                              "precision=bf16"]),
 }
 ZERO_CONFIGS: dict[str, tuple[int, list[str]]] = {
     "dp2-zero1-mb4": (2, ["batch.micro_batch_size=4", "batch.global_batch_size=8", "parallel.zero_stage=1"]),

@@ -51,6 +51,8 @@ def memory_layout(config: TrainConfig, model_config: ModelConfig, world_size: in
         loss_chunk_size=config.loss_chunk_size,
         gpu=gpu,
         runtime_overhead_bytes=overhead * GIB,
+        fsdp=bool(par.fsdp),
+        fsdp_cpu_offload=bool(par.fsdp_cpu_offload),
     )
 
 
@@ -87,7 +89,11 @@ def dry_run_report(config: TrainConfig, model_config: ModelConfig, world_size: i
     n_total = model_config.num_parameters()
     n_flops = model_config.num_parameters(exclude_embedding=True)
     memory = memory_estimate(config, model_config, world_size)
-    parallel = "DDP" if config.parallel.zero_stage == 0 else f"DeepSpeed ZeRO-{config.parallel.zero_stage}"
+    par = config.parallel
+    if par.fsdp:
+        parallel = "FSDP2" + (" with CPU offload" if par.fsdp_cpu_offload else "")
+    else:
+        parallel = "DDP" if par.zero_stage == 0 else f"DeepSpeed ZeRO-{par.zero_stage}"
     lines = [
         f"model       {model_config.name}: {n_total:,} parameters ({n_flops:,} without the input embedding); "
         f"{model_config.n_layer} layers, d_model {model_config.d_model}, {model_config.n_head} heads, "
@@ -104,7 +110,8 @@ def dry_run_report(config: TrainConfig, model_config: ModelConfig, world_size: i
         f"{model_config.flops_per_token(seq) * g * seq / 1e15:.3f} PFLOP per step",
         "memory      estimate per device (phi1.planning.memory; a GPU, with "
         f"{GPU_RUNTIME_OVERHEAD_GIB:g} GiB of CUDA context and NCCL buffers): "
-        + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in memory.items() if k != "total")
+        + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in memory.items() if k not in ("total", "host"))
+        + (f" ({memory['host'] / GIB:.2f} GiB more in CPU memory: offloaded)" if memory.get("host") else "")
         + f"; peak {memory['total'] / GIB:.2f} GiB",
         f"assumes     {assumptions(memory_layout(config, model_config, world_size))}",
     ]
