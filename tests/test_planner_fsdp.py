@@ -57,8 +57,10 @@ def test_cpu_offload_moves_the_sharded_states_to_host_memory() -> None:
     cpu = dict(gpu=False)
     assert (estimate_memory(config, _layout(config, fsdp_cpu_offload=True, **cpu)).total
             == estimate_memory(config, _layout(config, **cpu)).total)
-    with pytest.raises(ValueError, match="data_parallel"):
-        estimate_memory(config, _layout(config, data_parallel=1))
+    from phi1.planning.fsdp import fsdp_memory
+
+    with pytest.raises(ValueError, match="zero_stage 0"):
+        fsdp_memory(config, _layout(config, zero_stage=2))
 
 
 def test_dry_run_counts_fsdp2_not_ddp() -> None:

@@ -47,15 +47,17 @@ def fsdp_memory(config: ModelConfig, layout: Layout) -> MemoryEstimate:
     """Peak bytes of one FSDP2 process (see the module docstring); what `estimate_memory` returns when
     `layout.fsdp`.
 
+    One data-parallel rank is counted as FSDP2 over a group of one (nothing sharded); the training config refuses
+    that layout with its own message, and the estimate stays defined for it.
+
     Raises:
-        ValueError: a ZeRO stage or pipeline with FSDP2 (phi1 refuses both), or fewer than 2 DP ranks.
+        ValueError: a ZeRO stage or pipeline with FSDP2 (phi1 refuses both; `estimate_memory` sends those layouts
+            to their own models).
     """
     if layout.zero_stage != 0 or layout.pipeline_parallel != 1:
         raise ValueError("FSDP2 runs with zero_stage 0 and pipeline_parallel 1 only, as parallel.fsdp validates")
-    if layout.data_parallel < 2:
-        raise ValueError(f"FSDP2 shards over the data-parallel ranks; data_parallel is {layout.data_parallel}")
     counts = parameter_counts(config, layout.tensor_parallel)
-    L, dp, h = config.n_layer, layout.data_parallel, config.d_model
+    L, dp, h = config.n_layer, max(1, layout.data_parallel), config.d_model
     P, B = counts.per_rank, counts.per_layer
     R = P - L * B  # the root's own parameters: embedding, final LayerNorm, lm_head
     c = _compute_bytes(layout.precision)  # the gathered parameters' dtype (the mixed-precision policy's)

@@ -316,7 +316,7 @@ def estimate_memory(config: ModelConfig, layout: Layout) -> MemoryEstimate:
         from phi1.planning.pipeline import pipeline_memory  # it builds on this module
 
         return pipeline_memory(config, layout)
-    if layout.fsdp:
+    if layout.fsdp and layout.zero_stage == 0:  # (the config refuses FSDP2 with ZeRO or pipeline stages)
         from phi1.planning.fsdp import fsdp_memory  # it builds on this module
 
         return fsdp_memory(config, layout)
