@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from phi1.quality.ast_match import function_sequences, similarity
 from phi1.quality.stdlib_functions import stdlib_functions
 from phi1.testing.hostile import assert_clear_error, python, run_bounded
 
-ROOT = Path(__file__).resolve().parents[1]
 TAUS = (0.95, 0.9, 0.85, 0.8)
 PROBLEMS = list(read_problems().values())[:10]
 VERBATIM = PROBLEMS[2]  # copied word for word: 13-gram overlap and AST match 1.0
@@ -101,8 +99,7 @@ def test_console_shows_the_split_and_no_index_says_so(built) -> None:
 
 
 def test_index_written_by_decontaminate_gives_the_same_split(built, tmp_path) -> None:
-    sys.path.insert(0, str(ROOT))
-    from tools.decontaminate import main as decontaminate
+    from phi1.quality.decontaminate_cli import main as decontaminate
 
     index_path = tmp_path / "index" / "decontamination_index.json"
     summary = decontaminate(["--input", str(built["training"]), "--output", str(tmp_path / "clean.jsonl"),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +14,6 @@ from phi1.quality.ast_match import ASTIndex, function_sequences, levenshtein, si
 from phi1.quality.ngrams import NGramIndex, ngram_hashes, tokenize
 from phi1.quality.rewriting import rename_and_reformat
 from phi1.quality.stdlib_functions import stdlib_functions
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the tools/ scripts are imported as modules
 
 
 def _edit_distance_table(a, b) -> int:
@@ -91,7 +87,7 @@ def _salted_corpus(path: Path, seed: int = 7) -> tuple[list[str], list[str]]:
 
 @pytest.mark.slow
 def test_salted_corpus_flags_every_copy_and_no_library_function(tmp_path, capsys) -> None:
-    from tools.decontaminate import main
+    from phi1.quality.decontaminate_cli import main
 
     corpus = tmp_path / "salted.jsonl"
     task_ids, ids = _salted_corpus(corpus)
@@ -119,7 +115,7 @@ def test_salted_corpus_flags_every_copy_and_no_library_function(tmp_path, capsys
 
 
 def test_bad_lines_are_counted_and_named(tmp_path, capsys) -> None:
-    from tools.decontaminate import main
+    from phi1.quality.decontaminate_cli import main
 
     corpus = tmp_path / "bad.jsonl"
     lines = [
