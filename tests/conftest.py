@@ -8,7 +8,8 @@ C++ static destructor finding a still-joinable std::thread in one of the many na
 with no Python frame. Results are unaffected: every test has run and been reported, and a failing session still
 exits non-zero. Set PHI1_TEST_NATIVE_TEARDOWN=1 to keep the normal teardown when hunting that crash, and
 PHI1_TEST_THREAD_REPORT=1 to print, at exit, every thread still alive with the frames nearest its start
-routine (through gdb when installed): the library whose thread outlives the session is the suspect.
+routine (through gdb when installed): the library whose thread outlives the session is the suspect; with it, each
+test that leaves a new Python thread running is named, with that thread's stack, as the test ends.
 """
 
 from __future__ import annotations
@@ -39,15 +40,46 @@ def _threads_alive() -> dict[str, int]:
     return counts
 
 
+def _python_thread_stack(ident: int) -> str:
+    import traceback
+
+    frame = sys._current_frames().get(ident)
+    return "".join(traceback.format_stack(frame, limit=6)) if frame is not None else "    (no Python frame)\n"
+
+
+@pytest.fixture(autouse=True)
+def _report_leaked_threads(request: pytest.FixtureRequest):
+    """With PHI1_TEST_THREAD_REPORT=1: name the test that leaves a new Python thread alive, with its stack."""
+    if os.environ.get("PHI1_TEST_THREAD_REPORT") != "1":
+        yield
+        return
+    import threading
+
+    before = {thread.ident for thread in threading.enumerate()}
+    yield
+    left = [thread for thread in threading.enumerate() if thread.ident not in before and thread.is_alive()]
+    if left:
+        capture = request.config.pluginmanager.getplugin("capturemanager")
+        with capture.global_and_fixture_disabled():  # past pytest's capture, so the report is seen as it happens
+            for thread in left:
+                print(f"\nthread left by {request.node.nodeid}: {thread.name!r} daemon={thread.daemon}\n"
+                      f"{_python_thread_stack(thread.ident)}", file=sys.stderr)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config: pytest.Config) -> None:
     if os.environ.get("PHI1_TEST_THREAD_REPORT") == "1":
         print(f"\nthreads alive at exit: {_threads_alive()}", file=sys.stderr)
+        import threading
+
+        for thread in threading.enumerate():
+            print(f"python thread {thread.name!r} daemon={thread.daemon}\n{_python_thread_stack(thread.ident)}",
+                  file=sys.stderr)
         import shutil
         import subprocess
 
         if shutil.which("gdb"):  # which library started each thread: the frames nearest its start routine
-            trace = subprocess.run(["gdb", "-p", str(os.getpid()), "-batch", "-ex", "thread apply all bt -6"],
+            trace = subprocess.run(["gdb", "-p", str(os.getpid()), "-batch", "-ex", "thread apply all bt 10"],
                                    capture_output=True, text=True, timeout=120).stdout
             print("\n".join(line for line in trace.splitlines() if line.startswith(("Thread", "#"))), file=sys.stderr)
     if _exit_status is None or os.environ.get("PHI1_TEST_NATIVE_TEARDOWN") == "1":
