@@ -64,7 +64,8 @@ def fsdp_memory(config: ModelConfig, layout: Layout) -> MemoryEstimate:
     offloaded = layout.fsdp_cpu_offload and layout.gpu  # on a CPU rank "offloaded" is the same memory
 
     weights, grads, optim = 4.0 * P / dp, 4.0 * P / dp, 8.0 * P / dp
-    step_temporaries = 0.0 if layout.gpu else 4.0 * counts.decay / dp  # foreach AdamW's sqrt(v) list (CPU)
+    # foreach AdamW's sqrt(v) list: on a CPU rank, and in CPU memory when offloaded (the step runs there)
+    step_temporaries = 0.0 if layout.gpu and not offloaded else 4.0 * counts.decay / dp
     host = weights + grads + optim + step_temporaries if offloaded else 0.0
     resident = 0.0 if offloaded else weights + optim
 
