@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--dir", default="/tmp/phi1-bench-decontaminate")
     args = parser.parse_args()
-    from phi1.quality.decontaminate_cli import main as decontaminate
+    from phi1.commands.decontaminate import main as decontaminate
 
     os.makedirs(args.dir, exist_ok=True)
     corpus = os.path.join(args.dir, "corpus.jsonl")

@@ -84,7 +84,7 @@ def generate(endpoint_url: str, output: Path, *extra: str):
 
 
 def test_choose_max_tokens_fits_the_context() -> None:
-    import phi1.quality.synthetic_cli as tool
+    import phi1.quality.endpoint_models as tool
 
     assert tool.choose_max_tokens(None, None, "u") == 512           # nothing stated: the usual default
     assert tool.choose_max_tokens(None, 2048, "u") == 512           # a large context: the usual default

@@ -99,7 +99,7 @@ def test_console_shows_the_split_and_no_index_says_so(built) -> None:
 
 
 def test_index_written_by_decontaminate_gives_the_same_split(built, tmp_path) -> None:
-    from phi1.quality.decontaminate_cli import main as decontaminate
+    from phi1.commands.decontaminate import main as decontaminate
 
     index_path = tmp_path / "index" / "decontamination_index.json"
     summary = decontaminate(["--input", str(built["training"]), "--output", str(tmp_path / "clean.jsonl"),

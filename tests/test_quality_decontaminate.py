@@ -87,7 +87,7 @@ def _salted_corpus(path: Path, seed: int = 7) -> tuple[list[str], list[str]]:
 
 @pytest.mark.slow
 def test_salted_corpus_flags_every_copy_and_no_library_function(tmp_path, capsys) -> None:
-    from phi1.quality.decontaminate_cli import main
+    from phi1.commands.decontaminate import main
 
     corpus = tmp_path / "salted.jsonl"
     task_ids, ids = _salted_corpus(corpus)
@@ -115,7 +115,7 @@ def test_salted_corpus_flags_every_copy_and_no_library_function(tmp_path, capsys
 
 
 def test_bad_lines_are_counted_and_named(tmp_path, capsys) -> None:
-    from phi1.quality.decontaminate_cli import main
+    from phi1.commands.decontaminate import main
 
     corpus = tmp_path / "bad.jsonl"
     lines = [

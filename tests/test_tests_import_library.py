@@ -37,10 +37,10 @@ THIN_SCRIPTS = {
     "train_tokenizer.py": "phi1.data.tokenizer_training",
     "build_corpus.py": "phi1.data.corpus",
     "preprocess_data.py": "phi1.data.preprocess",
-    "generate_synthetic.py": "phi1.quality.synthetic_cli",
+    "generate_synthetic.py": "phi1.commands.synthetic",
     "quality_filter.py": "phi1.quality.filter_cli",
     "data_pipeline.py": "phi1.quality.pipeline_cli",
-    "decontaminate.py": "phi1.quality.decontaminate_cli",
+    "decontaminate.py": "phi1.commands.decontaminate",
 }
 
 

@@ -16,11 +16,11 @@ corpus (down to AST tau 0.8, whatever --tau prunes at) and the document reaching
 --contamination-index` reads it to split pass@k into problems with and without a near match in the training
 data (phi1/eval/contamination.py).
 
-The logic lives in `phi1.quality.decontaminate_cli`; this script is its command line.
+The logic lives in `phi1.commands.decontaminate`; this script is its command line.
 """
 
 from phi1.cli import run_cli
-from phi1.quality.decontaminate_cli import main
+from phi1.commands.decontaminate import main
 
 if __name__ == "__main__":
     run_cli(main, prog="decontaminate.py")

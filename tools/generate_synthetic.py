@@ -13,11 +13,11 @@ Output lines are appended with fsync; rerunning the same command resumes: finish
 line is cut. Every id ends as one line with status "ok" or "rejected" (see phi1/quality/synthetic.py). The run
 ends with counts per kind/status, topic and audience; --counts writes them as JSON.
 
-The logic lives in `phi1.quality.synthetic_cli`; this script is its command line.
+The logic lives in `phi1.commands.synthetic`; this script is its command line.
 """
 
 from phi1.cli import run_cli
-from phi1.quality.synthetic_cli import main
+from phi1.commands.synthetic import main
 
 if __name__ == "__main__":
     run_cli(main, prog="generate_synthetic.py")

@@ -111,7 +111,7 @@ def annotate(args: argparse.Namespace) -> dict:
 
     from phi1.quality.annotate import DEFAULT_PROMPT, AnnotateConfig, Annotator, read_prompt
     from phi1.quality.endpoint import EndpointConfig, EndpointUnavailable
-    from phi1.quality.synthetic_cli import list_models, refused
+    from phi1.quality.endpoint_models import list_models, refused
 
     if not args.base_url:
         raise UserError("--base-url (or OPENAI_BASE_URL) is needed, e.g. http://127.0.0.1:8000/v1")
