@@ -6,49 +6,25 @@ On CPU the inductor backend compiles C++ (a minute or more on a busy machine), s
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from phi1.testing.synthetic import write_synthetic_dataset
+from phi1.testing.runs import assert_succeeded, run_overrides, run_train, synthetic_data_dir
 from phi1.training.config import ConfigError, load_config, validate_config
 from phi1.training.metrics import read_jsonl
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 10
 
 
-def _env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
 def _args(data_dir: Path, run_dir: Path, **extra) -> list[str]:
-    values = {
-        "model.preset": "phi-1-nano", "data.path": data_dir / "counting_text_document",
-        "data.tokenizer_model": data_dir / "tokenizer.json", "data.seq_len": 32, "data.split": "90,10,0",
-        "batch.global_batch_size": 4, "batch.micro_batch_size": 2, "schedule.train_steps": STEPS,
-        "schedule.warmup_steps": 2, "checkpoint.dir": run_dir, "checkpoint.interval": 0, "logging.interval": 1,
-        "eval.interval": 0, "logging.tensorboard_dir": "", "precision": "fp32", "loss_chunk_size": 16,
-        "activation_checkpointing": "full",
-    }
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
+    return run_overrides(data_dir, run_dir, **{
+        "batch.global_batch_size": 4, "schedule.train_steps": STEPS, "checkpoint.interval": 0,
+        "loss_chunk_size": 16, "activation_checkpointing": "full", **extra})
 
 
 def _train(args: list[str], nproc: int) -> None:
-    if nproc == 1:
-        command = [sys.executable, "-m", "phi1.train", *args]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                   "-m", "phi1.train", *args]
-    result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert_succeeded(run_train(args, nproc, timeout=900), tail=3000)
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -57,9 +33,7 @@ def _records(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("data")
-    write_synthetic_dataset(directory)
-    return directory
+    return synthetic_data_dir(tmp_path_factory)
 
 
 @pytest.mark.slow

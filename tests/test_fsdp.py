@@ -11,7 +11,6 @@ fsdp step strategy, the DCP checkpoints it writes, and the non-finite guard.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,12 +24,20 @@ from phi1.parallel import fsdp
 from phi1.parallel.optim import param_groups
 from phi1.parallel.state import init_distributed
 from phi1.testing.hostile import assert_clear_error, python, run_bounded
+from phi1.testing.runs import (
+    REPO,
+    assert_succeeded,
+    counting_batches,
+    one_process_reference,
+    run_overrides,
+    run_train,
+    step_losses,
+    synthetic_data_dir,
+    train_env,
+)
 from phi1.testing.spawn import run_on_gloo
-from phi1.testing.synthetic import write_synthetic_dataset
 from phi1.training.checkpointing import find_checkpoint, read_trainer_state
 from phi1.training.metrics import read_jsonl
-
-REPO = Path(__file__).resolve().parents[1]
 
 STEPS, GLOBAL_BATCH, SEQ = 10, 4, 32
 LR, WEIGHT_DECAY, MAX_NORM = 3e-3, 0.1, 0.5
@@ -38,10 +45,7 @@ REL_TOL = 1e-5
 
 
 def _batches(vocab: int) -> torch.Tensor:
-    """Arithmetic sequences from random starts: learnable within a few steps, so the losses fall."""
-    g = torch.Generator().manual_seed(2024)
-    starts = torch.randint(0, vocab, (STEPS, GLOBAL_BATCH, 1), generator=g)
-    return (starts + 3 * torch.arange(SEQ + 1)) % vocab
+    return counting_batches(vocab, STEPS, GLOBAL_BATCH, SEQ)
 
 
 def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -50,17 +54,7 @@ def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
 
 def _reference() -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
     """Losses, pre-clip norms and final weights of one process over the whole global batch (torch's clipping)."""
-    model = PhiForCausalLM(get_preset("phi-1-nano"))
-    optimizer = _optimizer(model)
-    losses, norms = [], []
-    for batch in _batches(model.config.vocab_size):
-        loss = model(batch[:, :-1], labels=batch[:, 1:]).loss
-        loss.backward()
-        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM).item())
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses, norms, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return one_process_reference(_optimizer, MAX_NORM, steps=STEPS, global_batch=GLOBAL_BATCH, seq_len=SEQ)
 
 
 def _fsdp_train(rank: int, world_size: int, tp: int, sequence_parallel: bool, accum: int, checkpointing: str = "none",
@@ -197,37 +191,16 @@ def test_fsdp_training_equals_one_process(reference, world_size, tp, sequence_pa
 TRAIN_STEPS = 10
 
 
-def _env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
 def _args(data_dir: Path, run_dir: Path, **extra) -> list[str]:
-    values = {
-        "model.preset": "phi-1-nano", "data.path": data_dir / "counting_text_document",
-        "data.tokenizer_model": data_dir / "tokenizer.json", "data.seq_len": 32, "data.split": "90,10,0",
-        "batch.global_batch_size": 8, "batch.micro_batch_size": 2, "schedule.train_steps": TRAIN_STEPS,
-        "schedule.warmup_steps": 2, "optim.grad_clip": 1.0, "precision": "fp32", "checkpoint.dir": run_dir,
-        "checkpoint.interval": 5, "checkpoint.keep_last": 0, "logging.interval": 1, "eval.interval": 0,
-        "logging.tensorboard_dir": "",
-    }
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
+    return run_overrides(data_dir, run_dir, **{
+        "batch.global_batch_size": 8, "schedule.train_steps": TRAIN_STEPS, "optim.grad_clip": 1.0,
+        "checkpoint.interval": 5, "checkpoint.keep_last": 0, **extra})
 
 
 def _train(args: list[str], nproc: int) -> subprocess.CompletedProcess:
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-                if nproc > 1 else [sys.executable])
-    result = subprocess.run([*launcher, "-m", "phi1.train", *args], cwd=REPO, env=_env(), capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    result = run_train(args, nproc)
+    assert_succeeded(result)
     return result
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    return {r["iteration"]: r["step_losses"][-1] for r in read_jsonl(run_dir / "metrics.jsonl") if "step_losses" in r}
 
 
 def _close(got: dict[int, float], expected: dict[int, float], iterations) -> None:
@@ -238,9 +211,7 @@ def _close(got: dict[int, float], expected: dict[int, float], iterations) -> Non
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("data")
-    write_synthetic_dataset(directory)
-    return directory
+    return synthetic_data_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +219,7 @@ def one_process(data_dir, tmp_path_factory) -> dict[int, float]:
     """10 steps in one process (the DDP strategy, no process group): the reference losses."""
     run = tmp_path_factory.mktemp("one")
     _train(_args(data_dir, run), 1)
-    losses = _losses(run)
+    losses = step_losses(run)
     assert losses[TRAIN_STEPS] < 0.9 * losses[1]  # it learns: equal losses are not two constants
     return losses
 
@@ -264,7 +235,7 @@ def fsdp_run(data_dir, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_trainer_fsdp_equals_one_process(one_process, fsdp_run):
-    _close(_losses(fsdp_run), one_process, range(1, TRAIN_STEPS + 1))
+    _close(step_losses(fsdp_run), one_process, range(1, TRAIN_STEPS + 1))
     state = read_trainer_state(find_checkpoint(fsdp_run))
     assert state["iteration"] == TRAIN_STEPS and state["consumed_samples"] == TRAIN_STEPS * 8
     assert (find_checkpoint(fsdp_run) / ".metadata").is_file()  # written in the any-layout (DCP) format
@@ -274,7 +245,7 @@ def test_trainer_fsdp_equals_one_process(one_process, fsdp_run):
 def test_trainer_tp2_by_fsdp2_equals_one_process(data_dir, tmp_path, one_process):
     result = _train(_args(data_dir, tmp_path, **{"parallel.fsdp": "true", "parallel.tensor_parallel": 2}), 4)
     assert "tensor parallel 2 x data parallel 2 (FSDP2)" in result.stdout
-    _close(_losses(tmp_path), one_process, range(1, TRAIN_STEPS + 1))
+    _close(step_losses(tmp_path), one_process, range(1, TRAIN_STEPS + 1))
 
 
 @pytest.mark.slow
@@ -287,7 +258,7 @@ def test_fsdp_checkpoint_resumes_at_tp2(data_dir, tmp_path, fsdp_run, layout, np
     result = _train(_args(data_dir, tmp_path, **layout, **{"checkpoint.format": "dcp",
                                                          "checkpoint.load": fsdp_run / "iter_0000005"}), nproc)
     assert "resuming from" in result.stdout
-    _close(_losses(tmp_path), _losses(fsdp_run), range(6, TRAIN_STEPS + 1))
+    _close(step_losses(tmp_path), step_losses(fsdp_run), range(6, TRAIN_STEPS + 1))
 
 
 @pytest.mark.slow
@@ -298,8 +269,8 @@ def test_tp2_checkpoint_resumes_under_fsdp(data_dir, tmp_path, one_process):
     resumed = tmp_path / "fsdp"
     result = _train(_args(data_dir, resumed, **{"parallel.fsdp": "true", "checkpoint.load": tp2 / "iter_0000005"}), 2)
     assert "resuming from" in result.stdout
-    _close(_losses(resumed), _losses(tp2), range(6, TRAIN_STEPS + 1))
-    _close(_losses(resumed), one_process, range(6, TRAIN_STEPS + 1))
+    _close(step_losses(resumed), step_losses(tp2), range(6, TRAIN_STEPS + 1))
+    _close(step_losses(resumed), one_process, range(6, TRAIN_STEPS + 1))
 
 
 @pytest.mark.slow
@@ -312,7 +283,7 @@ def test_fsdp_resume_is_bit_exact_with_dropout(data_dir, tmp_path):
     _train(_args(data_dir, split, **dropout, **{"checkpoint.exit_at_iteration": 4}), 2)
     second = _train(_args(data_dir, split, **dropout), 2)
     assert "resuming from" in second.stdout
-    expected, got = _losses(full), _losses(split)
+    expected, got = step_losses(full), step_losses(split)
     assert sorted(got) == sorted(expected) == list(range(1, 9))
     for i in range(1, 9):
         assert got[i] == expected[i], f"iteration {i}: {got[i]!r} != {expected[i]!r}"
@@ -329,11 +300,9 @@ def test_fsdp_nonfinite_gradient_is_skipped_and_named(data_dir, tmp_path):
     assert records[TRAIN_STEPS]["nonfinite_steps"] == 1
     assert records[3]["skipped_in_interval"] == 1 and records[4]["skipped_in_interval"] == 0
     stop = tmp_path / "stop"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "phi1.train",
-               *_args(data_dir, stop, **{"parallel.fsdp": "true", "faults.inject_nan_at": "[3,4]",
-                                         "guard.max_consecutive_nonfinite": 2,
-                                         "faults.inject_nan_param": "layers.0.mlp.fc1.weight"})]
-    result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    result = run_train(_args(data_dir, stop, **{"parallel.fsdp": "true", "faults.inject_nan_at": "[3,4]",
+                                                 "guard.max_consecutive_nonfinite": 2,
+                                                 "faults.inject_nan_param": "layers.0.mlp.fc1.weight"}), 2)
     assert result.returncode != 0
     diagnosis = (stop / "nonfinite_diagnosis.json").read_text()
     assert "layers.0.mlp.fc1.weight" in diagnosis
@@ -351,7 +320,7 @@ def test_fsdp_combinations_refused(data_dir, tmp_path, overrides, world_size, na
     """Combinations that cannot run: one line naming the option and the reason, exit 2, before any work."""
     args = _args(data_dir, tmp_path / "run", **{"batch.global_batch_size": 8, "batch.micro_batch_size": 1})
     outcome = run_bounded(python("-m", "phi1.train", "--dry-run", "--world-size", str(world_size), *args, *overrides),
-                          timeout_s=120, memory_mb=4096, env=_env())
+                          timeout_s=120, memory_mb=4096, env=train_env())
     assert_clear_error(outcome, names=names)
 
 
@@ -361,7 +330,7 @@ def test_throughput_benchmark_fsdp_row(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                str(REPO / "benchmarks" / "train_throughput.py"), "--preset", "phi-1-nano", "--micro-batch", "2",
                "--steps", "2", "--warmup", "1", "--fsdp", "--json-out", str(out)]
-    result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     import json
 

@@ -24,6 +24,7 @@ from phi1.parallel.data_parallel import wrap_data_parallel
 from phi1.parallel.grads import allreduce_sequence_parallel_grads, clip_grad_norm_
 from phi1.parallel.optim import param_groups
 from phi1.parallel.state import ParallelState, init_distributed
+from phi1.testing.runs import counting_batches, one_process_reference
 from phi1.testing.spawn import run_on_gloo
 
 STEPS, GLOBAL_BATCH, SEQ = 10, 4, 32
@@ -32,10 +33,7 @@ TOL = 1e-5
 
 
 def _batches(vocab: int) -> torch.Tensor:
-    """Arithmetic sequences from random starts: learnable within a few steps, so the losses fall."""
-    g = torch.Generator().manual_seed(2024)
-    starts = torch.randint(0, vocab, (STEPS, GLOBAL_BATCH, 1), generator=g)
-    return (starts + 3 * torch.arange(SEQ + 1)) % vocab
+    return counting_batches(vocab, STEPS, GLOBAL_BATCH, SEQ)
 
 
 def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -44,16 +42,8 @@ def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
 
 def reference_losses() -> tuple[list[float], list[float]]:
     """Losses and pre-clip gradient norms of one process over the whole global batch."""
-    model = PhiForCausalLM(get_preset("phi-1-nano"))
-    optimizer = _optimizer(model)
-    losses, norms = [], []
-    for batch in _batches(model.config.vocab_size):
-        loss = model(batch[:, :-1], labels=batch[:, 1:]).loss
-        loss.backward()
-        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM).item())
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses, norms, _ = one_process_reference(_optimizer, MAX_NORM, steps=STEPS, global_batch=GLOBAL_BATCH,
+                                             seq_len=SEQ)
     return losses, norms
 
 

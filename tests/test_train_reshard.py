@@ -20,6 +20,15 @@ from phi1.loading.manifest import CheckpointCorruptError, verify_checkpoint, wri
 from phi1.parallel.layers import tensor_parallel_dims
 from phi1.parallel.optim import param_groups
 from phi1.parallel.state import ParallelState
+from phi1.testing.runs import (
+    REPO,
+    assert_succeeded,
+    run_overrides,
+    run_train,
+    step_losses,
+    synthetic_data_dir,
+    train_env,
+)
 from phi1.training import checkpoint_dcp, checkpointing
 from phi1.training.checkpointing import SaveRequest
 
@@ -309,53 +318,22 @@ def test_checkpoint_options_that_cannot_work_are_one_line(data_dir, tmp_path, ov
 # Through the trainer (python -m phi1.train under torchrun, gloo): save at one layout, resume at another
 
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS, SAVED_AT, GLOBAL_BATCH = 6, 3, 8
 
 
 def _env() -> dict:
-    import os
-
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
+    return train_env(DS_ACCELERATOR="cpu")
 
 
 def _args(data_dir: Path, run_dir: Path, **extra) -> list[str]:
     """A phi-1-nano run: fp32, dropout off, no evaluation, a checkpoint every SAVED_AT steps, all kept."""
-    values = {
-        "model.preset": "phi-1-nano", "data.path": data_dir / "counting_text_document",
-        "data.tokenizer_model": data_dir / "tokenizer.json", "data.seq_len": 32, "data.split": "90,10,0",
-        "batch.global_batch_size": GLOBAL_BATCH, "batch.micro_batch_size": 2, "schedule.train_steps": STEPS,
-        "schedule.warmup_steps": 2, "checkpoint.dir": run_dir, "checkpoint.interval": SAVED_AT,
-        "checkpoint.keep_last": 0, "logging.interval": 1, "eval.interval": 0, "logging.tensorboard_dir": "",
-        "precision": "fp32",
-    }
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
+    return run_overrides(data_dir, run_dir, **{
+        "batch.global_batch_size": GLOBAL_BATCH, "schedule.train_steps": STEPS, "checkpoint.interval": SAVED_AT,
+        "checkpoint.keep_last": 0, **extra})
 
 
 def _train(args: list[str], nproc: int, timeout: float = 600):
-    import subprocess
-    import sys
-
-    if nproc == 1:
-        command = [sys.executable, "-m", "phi1.train", *args]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                   "-m", "phi1.train", *args]
-    return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def _check(result) -> None:
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    from phi1.training.metrics import read_jsonl
-
-    return {r["iteration"]: r["step_losses"][-1] for r in read_jsonl(run_dir / "metrics.jsonl") if "step_losses" in r}
+    return run_train(args, nproc, env=_env(), timeout=timeout)
 
 
 LAYOUTS = {
@@ -370,19 +348,15 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    from phi1.testing.synthetic import write_synthetic_dataset
-
-    directory = tmp_path_factory.mktemp("data")
-    write_synthetic_dataset(directory)
-    return directory
+    return synthetic_data_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory) -> Path:
     """The uninterrupted run: one process, dcp checkpoints at iterations 3 and 6."""
     run = tmp_path_factory.mktemp("reference") / "run"
-    _check(_train(_args(data_dir, run, **{"checkpoint.format": "dcp"}), 1))
-    assert sorted(_losses(run)) == list(range(1, STEPS + 1))
+    assert_succeeded(_train(_args(data_dir, run, **{"checkpoint.format": "dcp"}), 1))
+    assert sorted(step_losses(run)) == list(range(1, STEPS + 1))
     return run
 
 
@@ -412,23 +386,23 @@ def test_resume_at_another_layout_continues_the_run(data_dir, reference, tmp_pat
         if async_save:
             extra["checkpoint.async_save"] = "true"
         result = _train(_args(data_dir, first, **extra), nproc)
-        _check(result)
+        assert_succeeded(result)
         if async_save:
             assert "in the background" in result.stdout
         source = find_checkpoint(first)
         assert source == first / f"iter_{SAVED_AT:07d}"
         verify_checkpoint(source)
-        before = _losses(first)
+        before = step_losses(first)
         for iteration in range(1, SAVED_AT + 1):  # the layouts agree before the save too
-            assert before[iteration] == pytest.approx(_losses(reference)[iteration], rel=1e-5, abs=0)
+            assert before[iteration] == pytest.approx(step_losses(reference)[iteration], rel=1e-5, abs=0)
     assert checkpoint_dcp.format_of(source) == fmt
 
     nproc, layout = LAYOUTS[resumed_at]
     second = tmp_path / "second"
     result = _train(_args(data_dir, second, **layout, **{"checkpoint.load": source, "checkpoint.format": "dcp"}), nproc)
-    _check(result)
+    assert_succeeded(result)
     assert f"resuming from {source}" in result.stdout
-    expected, got = _losses(reference), _losses(second)
+    expected, got = step_losses(reference), step_losses(second)
     assert sorted(got) == list(range(SAVED_AT + 1, STEPS + 1))
     for iteration in got:
         assert got[iteration] == pytest.approx(expected[iteration], rel=1e-5, abs=0), \
@@ -459,7 +433,7 @@ def test_export_of_a_trainer_checkpoint_loads_in_transformers(reference, tmp_pat
     checkpoint, out = reference / f"iter_{STEPS:07d}", tmp_path / "hf"
     result = subprocess.run([sys.executable, str(REPO / "tools" / "export_dcp.py"), "export", str(checkpoint), str(out)],
                             cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    _check(result)
+    assert_succeeded(result)
     hf = transformers.PhiForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
     config = ModelConfig.from_dict(json.loads((checkpoint / "model_config.json").read_text()))
     ours = PhiForCausalLM(config).eval()
@@ -486,7 +460,7 @@ def test_kill_during_dcp_save_leaves_previous_checkpoint(data_dir, tmp_path):
     verify_checkpoint(run / "iter_0000002")
 
     resumed = _train(args, 1)
-    _check(resumed)
+    assert_succeeded(resumed)
     assert f"resuming from {run / 'iter_0000002'}" in resumed.stdout
     assert not (run / "iter_0000004.tmp").exists()
     assert read_trainer_state(find_checkpoint(run))["iteration"] == STEPS
