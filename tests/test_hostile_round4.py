@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -18,9 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _one_line(outcome, names) -> None:
+    """The rule for a user error, and exactly one error line (progress and log lines before it may be there)."""
     assert_clear_error(outcome, names=names)
-    lines = [line for line in outcome.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, outcome.describe()
+    errors = [line for line in outcome.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and outcome.stderr.strip().endswith(errors[0].strip()), outcome.describe()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -253,3 +255,211 @@ def test_links_in_the_work_folder_never_lead_writes_outside(recipe_inputs, monke
         assert (outside / "partial").is_dir() and not list((outside / "partial").iterdir())
         assert not (work / "steps" / ".annotate.partial-0123456789abcdef").exists()
     assert (outside / "victim.txt").read_text() == "keep me\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DCP checkpoints: every command that reads one goes through the checked reader
+
+
+def _train_overrides(prefix: str, tokenizer: str, run: Path, **extra) -> list[str]:
+    values = {
+        "model.preset": "phi-1-nano", "data.path": prefix, "data.tokenizer_model": tokenizer, "data.seq_len": 32,
+        "data.split": "100,0,0", "batch.global_batch_size": 4, "batch.micro_batch_size": 2,
+        "schedule.train_steps": 4, "schedule.warmup_steps": 1, "checkpoint.dir": run, "checkpoint.interval": 2,
+        "checkpoint.keep_last": 0, "checkpoint.format": "dcp", "logging.interval": 1, "eval.interval": 0,
+        "logging.tensorboard_dir": "",
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="module")
+def dcp_run(tmp_path_factory) -> dict:
+    """A training run of phi-1-nano with DCP checkpoints at iterations 2 and 4 (tokenizer inside each)."""
+    from phi1.testing.synthetic import write_synthetic_dataset
+    from phi1.training.config import load_config
+    from phi1.training.trainer import train
+
+    root = tmp_path_factory.mktemp("dcp-run")
+    prefix, tokenizer = write_synthetic_dataset(root / "data")
+    run = root / "run"
+    train(load_config(None, _train_overrides(prefix, tokenizer, run)))
+    assert (run / "iter_0000004" / ".metadata").is_file() and (run / "iter_0000002" / ".metadata").is_file()
+    return {"root": root, "run": run, "prefix": prefix, "tokenizer": tokenizer}
+
+
+class _RunsCode:
+    """A pickle that runs a command when loaded: it must never be loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _metadata_code(checkpoint: Path, marker: Path) -> None:
+    (checkpoint / ".metadata").write_bytes(pickle.dumps(_RunsCode(marker)))
+
+
+def _distcp_code(checkpoint: Path, marker: Path) -> None:
+    for payload in checkpoint.glob("*.distcp"):
+        size = payload.stat().st_size
+        code = pickle.dumps(_RunsCode(marker))
+        payload.write_bytes(code + b"\0" * (size - len(code)))  # same size: every .metadata offset stays valid
+
+
+def _metadata_truncated(checkpoint: Path, marker: Path) -> None:
+    data = (checkpoint / ".metadata").read_bytes()
+    (checkpoint / ".metadata").write_bytes(data[: len(data) // 2])
+
+
+def _metadata_oversize(checkpoint: Path, marker: Path) -> None:
+    with open(checkpoint / ".metadata", "r+b") as handle:
+        handle.truncate(8 << 30)  # sparse: 8 GiB on paper, nothing on disk
+
+
+def _json_nested(checkpoint: Path, marker: Path) -> None:
+    (checkpoint / "format.json").write_text("[" * 100000 + "]" * 100000)
+
+
+def _rank_file_missing(checkpoint: Path, marker: Path) -> None:
+    for payload in checkpoint.glob("*.distcp"):
+        payload.unlink()
+
+
+def _other_preset(checkpoint: Path, marker: Path) -> None:
+    from phi1.core.config import get_preset
+
+    (checkpoint / "model_config.json").write_text(json.dumps(get_preset("phi-1-tiny").to_dict()))
+
+
+def _latest_escapes(checkpoint: Path, marker: Path) -> None:
+    (checkpoint.parent / "latest").write_text("../../etc\n")
+
+
+def _payload_link_out(checkpoint: Path, marker: Path) -> None:
+    payload = next(checkpoint.glob("*.distcp"))
+    outside = checkpoint.parent.parent / "elsewhere.distcp"
+    shutil.move(payload, outside)
+    os.symlink(outside, payload)
+
+
+def _rank_state_garbage(checkpoint: Path, marker: Path) -> None:
+    (checkpoint / "rank_state" / "rank00000.safetensors").write_bytes(b"\xff" * 64)
+
+
+def _command(which: str, run: Path, scratch: Path, dcp_run: dict, **train_extra) -> list[str]:
+    if which == "export":
+        return python(str(ROOT / "tools" / "export_dcp.py"), "export", str(run / "iter_0000004"), str(scratch / "hf"))
+    if which == "convert":
+        return python(str(ROOT / "tools" / "convert_checkpoint.py"), "--input", str(run), "--output",
+                      str(scratch / "hf"), "--output-format", "hf")
+    if which == "eval":
+        return python("-m", "phi1.eval", "--model", str(run), "--output-dir", str(scratch / "eval"), "--limit", "1")
+    if which == "serve":
+        return python("-m", "phi1.serve", "--model", str(run), "--port", "0")
+    assert which == "resume"
+    return python("-m", "phi1.train", *_train_overrides(dcp_run["prefix"], dcp_run["tokenizer"], run,
+                                                         **{"schedule.train_steps": 6, **train_extra}))
+
+
+READERS = ["export", "convert", "eval", "serve", "resume"]
+# (damage, the commands it is tried with, what the message must name, training overrides for the resume)
+DCP_CASES = {
+    "metadata-pickle-code": (_metadata_code, READERS, "is not part of DCP metadata", {}),
+    "distcp-pickle-code": (_distcp_code, READERS, "not a tensor", {}),
+    "metadata-truncated": (_metadata_truncated, ["resume"], "unreadable DCP metadata", {}),
+    "metadata-oversize": (_metadata_oversize, ["eval"], "over the", {}),
+    "json-nested": (_json_nested, ["convert"], "nested too deeply", {}),
+    "rank-file-missing": (_rank_file_missing, ["resume"], "missing or not a regular file", {}),
+    "other-preset-config": (_other_preset, ["eval"], "do not fit", {}),
+    "other-preset-resume": (None, ["resume"], "does not fit this model", {"model.preset": "phi-1-tiny"}),
+    "latest-escapes": (_latest_escapes, ["eval", "resume"], "latest", {}),
+    "payload-link-out": (_payload_link_out, ["serve"], "symlink", {}),
+    "rank-state-garbage": (_rank_state_garbage, ["resume"], "rank00000.safetensors", {}),
+}
+
+
+@pytest.mark.parametrize(("case", "which"), [(case, which) for case, (_, readers, _, _) in DCP_CASES.items()
+                                             for which in readers])
+def test_hostile_dcp_checkpoint_is_refused_by_every_reader(dcp_run, tmp_path, case, which) -> None:
+    """Damage or forgery of the newest checkpoint (its manifest rewritten to match, as a forger would): export,
+    convert, eval, serve and resume each say one line naming it, exit 2, and run nothing from it."""
+    from phi1.loading import write_manifest
+
+    damage, _, names, train_extra = DCP_CASES[case]
+    run = tmp_path / "run"
+    shutil.copytree(dcp_run["run"], run, symlinks=True)
+    checkpoint = run / "iter_0000004"
+    marker = tmp_path / "code-ran"
+    if damage is not None:
+        damage(checkpoint, marker)
+    if case == "metadata-oversize":
+        (checkpoint / "manifest.json").unlink()  # a forger drops it rather than hash 8 GiB
+    elif case not in ("latest-escapes", "payload-link-out"):
+        write_manifest(checkpoint)
+    outcome = run_bounded(_command(which, run, tmp_path, dcp_run, **train_extra), timeout_s=240)
+    _one_line(outcome, names)
+    assert not marker.exists(), "code from the checkpoint ran"
+    assert not (run / "iter_0000006").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The `selected` pointer: a run directory stands for the checkpoint finetune.select_by chose
+
+
+def _copy_run_with_selected(dcp_run, tmp_path, text: str | None) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(dcp_run["run"], run, symlinks=True)
+    if text is not None:
+        (run / "selected").write_text(text)
+    return run
+
+
+def test_a_run_directory_loads_its_selected_checkpoint(dcp_run, tmp_path) -> None:
+    """`selected` (written by finetune.select_by) wins over `latest` for loading a model; an explicit iter_* path
+    is never redirected; the command says which checkpoint it loads and why; resuming still takes `latest`."""
+    from safetensors.torch import load_file
+
+    from phi1.loading import load_state, resolve_model_path
+    from phi1.training.checkpointing import find_checkpoint
+
+    run = _copy_run_with_selected(dcp_run, tmp_path, "2\n")
+    source = resolve_model_path(run)
+    assert source.directory == run / "iter_0000002" and "selected" in source.reason
+    assert resolve_model_path(run / "iter_0000004").directory == run / "iter_0000004"
+    assert find_checkpoint(run) == run / "iter_0000004"  # training resumes from latest
+
+    outcome = run_bounded(_command("convert", run, tmp_path, dcp_run), timeout_s=240)
+    assert outcome.returncode == 0, outcome.describe()
+    assert f"loading checkpoint iter_0000002, the one {run / 'selected'} names" in outcome.stderr
+    assert "latest is iter_0000004" in outcome.stderr
+    exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    _, selected = load_state(run / "iter_0000002")
+    _, latest = load_state(run / "iter_0000004")
+    name = "model.embed_tokens.weight"
+    assert name in exported and exported[name].shape == selected["embed_tokens.weight"].shape
+    assert exported[name].equal(selected["embed_tokens.weight"])
+    assert not exported[name].equal(latest["embed_tokens.weight"])
+
+    (run / "selected").unlink()
+    plain = resolve_model_path(run)
+    assert plain.directory == run / "iter_0000004" and "latest" in plain.reason
+
+
+@pytest.mark.parametrize("case", ["escapes", "not-a-number", "stale", "fifo", "link-out"])
+def test_hostile_or_stale_selected_is_one_line(dcp_run, tmp_path, case) -> None:
+    """A `selected` that leaves the run, is no iteration number, is not a file, or names a checkpoint that is
+    gone: one line naming it and what to do, never another checkpoint loaded in its place."""
+    run = _copy_run_with_selected(dcp_run, tmp_path, {"escapes": "../../etc\n", "not-a-number": "best\n",
+                                                      "stale": "8\n", "fifo": None, "link-out": None}[case])
+    if case == "fifo":
+        os.mkfifo(run / "selected")
+    elif case == "link-out":
+        (tmp_path / "outside").write_text("2\n")
+        os.symlink(tmp_path / "outside", run / "selected")
+    outcome = run_bounded(_command("eval", run, tmp_path, dcp_run), timeout_s=240)
+    _one_line(outcome, [str(run / "selected"), f"{run}: a pointer", f"{run}: pointer"])
+    if case == "stale":
+        assert "python -m phi1.training.checkpoint_selection" in outcome.stderr

@@ -34,6 +34,8 @@ logger = logging.getLogger("phi1.loading")
 
 ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 TRAINER_STATE = "trainer_state.json"
+SELECTED = "selected"
+"""The run directory's pointer to the checkpoint `finetune.select_by` chose (as `latest` names the newest)."""
 _SHARD_NAME = re.compile(r"^model_tp(\d{2,})-of-(\d{2,})\.safetensors$")
 MAX_TP_SIZE = 4096
 
@@ -70,25 +72,54 @@ def complete_iterations(run_dir: str | os.PathLike) -> list[int]:
     return sorted(found)
 
 
-def _read_latest(run_dir: Path) -> int:
-    """The iteration `run_dir/latest` names.
+def _read_pointer(run_dir: Path, name: str, remedy: str) -> int:
+    """The iteration the pointer file `run_dir/name` (`latest`, `selected`) names.
 
     Raises:
-        ValueError: `latest` leaves the directory, is not a small regular file, or holds anything but an
-            iteration number.
+        ValueError: the pointer leaves the directory, is not a small regular file, or holds anything but an
+            iteration number (`remedy` says what to do).
     """
-    inside(run_dir, "latest", "pointer")
-    text = read_bounded_text(run_dir / "latest", run_dir / "latest", MAX_POINTER_BYTES)
+    inside(run_dir, name, "pointer")
+    text = read_bounded_text(run_dir / name, run_dir / name, MAX_POINTER_BYTES)
     value = text.strip()
     if not value.isascii() or not value.isdigit():
-        raise ValueError(f"{run_dir / 'latest'}: holds {len(text)} characters that are not an iteration number; it "
-                         "must name the iteration of a complete iter_* checkpoint (delete it to use the newest one)")
+        raise ValueError(f"{run_dir / name}: holds {len(text)} characters that are not an iteration number; it "
+                         f"must name the iteration of a complete iter_* checkpoint ({remedy})")
     return int(value)
+
+
+def _read_latest(run_dir: Path) -> int:
+    """The iteration `run_dir/latest` names (ValueError as `_read_pointer`)."""
+    return _read_pointer(run_dir, "latest", "delete it to use the newest one")
+
+
+def find_selected(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint `run_dir/selected` names (written by `finetune.select_by`, phi1.training.checkpoint_selection),
+    or None when the run has no `selected`.
+
+    Raises:
+        ValueError: `selected` leaves the run directory, is not a small regular file holding an iteration
+            number, or names no complete checkpoint (pruned or deleted since the selection): a choice that can
+            no longer be honoured is reported, never replaced by another checkpoint in silence.
+    """
+    run_dir = Path(run_dir)
+    if not os.path.lexists(run_dir / SELECTED):
+        return None
+    remedy = (f"delete it to use latest, or choose again with python -m phi1.training.checkpoint_selection {run_dir}")
+    iteration = _read_pointer(run_dir, SELECTED, remedy)
+    candidate = iteration_dir(run_dir, iteration)
+    inside(run_dir, candidate.name, "entry named by selected")
+    if not (candidate.is_dir() and is_checkpoint(candidate)):
+        raise ValueError(f"{run_dir / SELECTED}: names iteration {iteration}, which has no complete checkpoint in "
+                         f"{run_dir} (pruned or deleted since the selection); {remedy}, or pass an iter_* directory")
+    return candidate
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path | None:
     """The checkpoint directory a path stands for: `path` itself when it is one, else the run directory's
     `latest`; when `latest` is missing or names a directory that is gone, the newest complete checkpoint.
+    (Resuming training continues from here; loading a model for inference prefers `selected`, see
+    `phi1.loading.model_path.resolve_model_path`.)
 
     Returns:
         The checkpoint directory (inside `path`), or None when the run directory holds none.

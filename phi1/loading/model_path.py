@@ -10,7 +10,9 @@ Accepted kinds:
     phi1        config.json {"format": "phi1", "model": {...}} + model.safetensors
     hf          config.json (model_type "phi") + model.safetensors | model.safetensors.index.json + shards
                 | pytorch_model.bin (read with weights_only=True)
-    run         a training run directory: `latest` (or the newest complete iter_*), verified by its manifest
+    run         a training run directory: the checkpoint `selected` names when fine-tuning chose one by pass@1
+                (finetune.select_by), else `latest` (or the newest complete iter_*); verified by its manifest, and
+                the choice and its reason logged
     checkpoint  one iter_* directory: trainer_state.json + model_tpNN-of-NN.safetensors (any TP size, merged),
                 or a torch.distributed.checkpoint (DCP) checkpoint of any TP x PP x DP layout
 
@@ -20,6 +22,7 @@ one line saying what was found there and what is accepted.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from dataclasses import dataclass
@@ -32,9 +35,11 @@ from phi1.core.hf_interop import config_from_hf, hf_expected_shapes, state_dict_
 from phi1.core.pretrained import FORMAT_VERSION, HF_FORMAT, PHI1_FORMAT, load_state_dict_into
 from phi1.data.tokenizers import describe_directory
 from phi1.loading.checkpoints import (
+    SELECTED,
     compare_tensors,
     expected_tensor_shapes,
     find_checkpoint,
+    find_selected,
     is_checkpoint,
     load_checkpoint_state,
     load_shard_config,
@@ -43,7 +48,10 @@ from phi1.loading.manifest import verify_checkpoint
 from phi1.loading.paths import describe_kind, inside, read_json_object, regular_file
 from phi1.loading.safetensors_file import SafetensorsHeader, check_weight_dtypes, load_tensors, read_header
 
+logger = logging.getLogger("phi1.loading")
+
 KINDS = (PHI1_FORMAT, HF_FORMAT, "run", "checkpoint")
+SELECTION_FILE = "selection.json"
 ACCEPTED = ("accepted: a phi1 model directory (config.json with \"format\": \"phi1\" + model.safetensors), a "
             "HuggingFace phi directory (config.json + model.safetensors or model.safetensors.index.json), a training "
             "run directory (latest + iter_*/), or one iter_* checkpoint (trainer_state.json + model_tp*.safetensors or "
@@ -63,10 +71,12 @@ class ModelSource:
     """One of KINDS."""
     directory: Path
     """Where the weights and the tokenizer are: the model directory, or the checkpoint directory of a run."""
+    reason: str = ""
+    """For a run: why this checkpoint (the one `selected` names, or `latest`)."""
 
     def describe(self) -> str:
         if self.kind == "run":
-            return f"{self.path} (training run; checkpoint {self.directory.name})"
+            return f"{self.path} (training run; checkpoint {self.directory.name}: {self.reason})"
         return f"{self.path} ({self.kind} {'checkpoint' if self.kind == 'checkpoint' else 'model directory'})"
 
 
@@ -111,16 +121,49 @@ def resolve_model_path(path: str | os.PathLike, what: str = "--model", verify: b
         if verify:
             verify_checkpoint(path)
         return ModelSource(path, "checkpoint", path)
-    checkpoint = find_checkpoint(path)
+    checkpoint, reason = _run_checkpoint(path)
     if checkpoint is not None:
         if verify:
             verify_checkpoint(checkpoint)
-        return ModelSource(path, "run", checkpoint)
+        _announce(path, checkpoint, reason)
+        return ModelSource(path, "run", checkpoint, reason)
     if os.path.lexists(path / "latest"):
         raise ValueError(f"{what} {path}: a training run directory with no complete checkpoint (no iter_*/ holding "
                          "trainer_state.json); train until a checkpoint is saved, or pass another path")
     raise ValueError(f"{what} {path}: found {describe_directory(path, shown=6)}, but no config.json, latest, iter_*/ or "
                      f"trainer_state.json; {ACCEPTED}")
+
+
+def _run_checkpoint(run_dir: Path) -> tuple[Path | None, str]:
+    """(the checkpoint a run directory stands for when a model is loaded from it, why that one).
+
+    A run whose fine-tuning chose a checkpoint by pass@1 (`finetune.select_by`, which writes `selected` and
+    `selection.json`) stands for that checkpoint: it is the model the run produced. Otherwise `latest` (else the
+    newest complete checkpoint). An explicit iter_* path is never redirected.
+    """
+    latest = find_checkpoint(run_dir)
+    selected = find_selected(run_dir)
+    if selected is None:
+        return latest, "latest (the run has no selected checkpoint)"
+    reason = f"the one {run_dir / SELECTED} names (chosen by finetune.select_by, scores in {SELECTION_FILE})"
+    if latest is not None and latest != selected:
+        reason += f"; latest is {latest.name}: pass {latest} to load it"
+    return selected, reason
+
+
+_ANNOUNCED: set[tuple[str, str]] = set()
+
+
+def _announce(path: Path, checkpoint: Path, reason: str) -> None:
+    """Say once per process which checkpoint of a run is loaded and why (callers resolve a path several times:
+    the weights, then the tokenizer). A selected checkpoint other than latest is a warning, so that it shows
+    even where no logging is configured."""
+    key = (str(path), str(checkpoint))
+    if key in _ANNOUNCED:
+        return
+    _ANNOUNCED.add(key)
+    level = logging.WARNING if "; latest is" in reason else logging.INFO
+    logger.log(level, "%s: loading checkpoint %s, %s", path, checkpoint.name, reason)
 
 
 def _as_source(path_or_source: str | os.PathLike | ModelSource, what: str) -> ModelSource:

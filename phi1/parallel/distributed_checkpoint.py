@@ -119,6 +119,11 @@ FORMAT_FILE = "format.json"
 MODEL_CONFIG_FILE = "model_config.json"
 TRAINER_STATE_FILE = "trainer_state.json"
 RANK_STATE_DIR = "rank_state"
+# Caps on what is read whole from an untrusted checkpoint, checked before the read: the JSON files are a few KB,
+# and `.metadata` grows with tensors x chunks (a 7B model saved by 1,024 ranks needs some 100 MB); a forged
+# multi-gigabyte file is refused by its size instead of being read into memory.
+MAX_JSON_BYTES = 16 << 20
+MAX_METADATA_BYTES = 1 << 30
 MODEL_PREFIX = "model."
 OPTIM_PREFIX = "optim."
 ADAMW_KEYS = ("exp_avg", "exp_avg_sq")
@@ -358,9 +363,9 @@ class SafeFileSystemReader(dcp.FileSystemReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         directory = Path(self.path)
         path = _inside(directory, ".metadata", "DCP metadata")
+        data = _read_bounded(path, MAX_METADATA_BYTES, "DCP metadata")
         try:
-            with open(path, "rb") as handle:
-                metadata = _MetadataUnpickler(io.BytesIO(handle.read())).load()
+            metadata = _MetadataUnpickler(io.BytesIO(data)).load()
         except Exception as e:  # UnpicklingError, EOFError, a class with the wrong fields...
             raise ValueError(f"{path}: unreadable DCP metadata ({type(e).__name__}: {e}); refused") from None
         if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
@@ -600,11 +605,8 @@ def read_format(directory: str | os.PathLike) -> dict:
         ValueError: naming the file and what to do.
     """
     directory = Path(directory)
-    path = _inside(directory, FORMAT_FILE, "format file")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not JSON ({e})") from None
+    info = _read_json(directory, FORMAT_FILE, "format file")
+    path = directory / FORMAT_FILE
     if not isinstance(info, dict) or info.get("format") != DCP_FORMAT:
         raise ValueError(f"{path}: not a {DCP_FORMAT} checkpoint (an iter_* shard checkpoint converts with "
                          "tools/export_dcp.py convert)")
@@ -614,12 +616,27 @@ def read_format(directory: str | os.PathLike) -> dict:
     return info
 
 
+def _read_bounded(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (its size checked before the read)."""
+    size = path.stat().st_size
+    if size > limit:
+        raise ValueError(f"{path}: {size} bytes, over the {limit}-byte limit for a checkpoint's {what}; a forged or "
+                         "damaged checkpoint, refused")
+    with open(path, "rb") as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:  # grew between the check and the read
+        raise ValueError(f"{path}: over the {limit}-byte limit for a checkpoint's {what}; refused")
+    return data
+
+
 def _read_json(directory: Path, name: str, what: str) -> Any:
     path = _inside(directory, name, what)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(_read_bounded(path, MAX_JSON_BYTES, what).decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply; a forged or damaged checkpoint, refused") from None
 
 
 def read_rank_state(directory: str | os.PathLike, rank: int) -> dict | None:
@@ -634,8 +651,16 @@ def read_rank_state(directory: str | os.PathLike, rank: int) -> dict | None:
     if not (directory / f"{base}.json").exists():
         return None
     tree = _read_json(directory, f"{base}.json", "rank state")
-    tensors = load_file(str(_inside(directory, f"{base}.safetensors", "rank state tensors")))
-    return _join_tensors(tree, tensors, directory / f"{base}.json")
+    tensors_path = _inside(directory, f"{base}.safetensors", "rank state tensors")
+    try:
+        tensors = load_file(str(tensors_path))
+    except Exception as e:  # safetensors' SafetensorError, OSError: a damaged or forged file
+        raise ValueError(f"{tensors_path}: not a readable safetensors file ({type(e).__name__}: {str(e)[:200]}); "
+                         "a damaged checkpoint: load an older one") from None
+    try:
+        return _join_tensors(tree, tensors, directory / f"{base}.json")
+    except RecursionError:
+        raise ValueError(f"{directory / base}.json: nested too deeply; a forged or damaged checkpoint, refused") from None
 
 
 def _check_against_metadata(directory: Path, state: dict[str, torch.Tensor], metadata: Metadata) -> None:
@@ -702,13 +727,23 @@ def load_checkpoint(
 
 def _read_tensors(directory: Path, state: dict[str, torch.Tensor], no_dist: bool) -> None:
     """DCP's load of `state` in place, with a damaged payload named instead of a traceback from DCP's insides."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
-        with _single_process_warning_silenced():
+        with _single_process_warning_silenced(), warnings.catch_warnings():
+            # torch.load(weights_only=True) warns about the pickle protocol of a forged payload before refusing it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)), no_dist=no_dist)
     except ValueError:
         raise
-    except Exception as e:  # CheckpointException (every rank's failures), RuntimeError from a damaged payload
-        lines = [line for line in str(e).splitlines() if line.strip()]
+    # CheckpointException (every rank's failures, a BaseException), RuntimeError from a damaged payload
+    except (Exception, CheckpointException) as e:
+        text = str(e)
+        if "Weights only load failed" in text:
+            raise ValueError(f"{directory}: a tensor file (*.distcp) holds a pickled object that is not a tensor; "
+                             "refused by torch.load(weights_only=True), nothing in it ran. A forged or damaged "
+                             "checkpoint: load an older one") from None
+        lines = [line for line in text.splitlines() if line.strip()]
         detail = next((line.strip() for line in reversed(lines) if "Error" in line), lines[-1] if lines else "")
         raise ValueError(f"{directory}: its tensor files cannot be read ({type(e).__name__}: {detail[:300]}); "
                          "the checkpoint is damaged: load an older one") from None

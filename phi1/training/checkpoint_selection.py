@@ -4,7 +4,9 @@ With `finetune.select_by: pass@1` the trainer, once the run reaches its last ste
 in the run directory on `finetune.select_problems` (greedy completions, each judged in the sandbox of
 phi1/eval/sandbox.py, out of the model's process) and keeps the best:
 
-    RUN_DIR/selected         text: the chosen iteration (like `latest` and `best`)
+    RUN_DIR/selected         text: the chosen iteration (like `latest` and `best`); phi1-eval, phi1-serve,
+                             convert_checkpoint.py and finetune.init_from given RUN_DIR load this checkpoint
+                             (phi1.loading.model_path); resuming training still continues from `latest`
     RUN_DIR/selection.json   the rule, the problem file, each checkpoint's pass@1 and per-problem results, the choice
 
 The highest pass@1 wins; among equals the later checkpoint (more training). The same runs by hand on any run
@@ -35,13 +37,12 @@ import os
 import time
 from pathlib import Path
 
-from phi1.loading.checkpoints import complete_iterations, iteration_dir, read_trainer_state
+from phi1.loading.checkpoints import SELECTED, complete_iterations, iteration_dir, read_trainer_state
+from phi1.loading.model_path import SELECTION_FILE
 
 logger = logging.getLogger("phi1.train")
 
 SELECT_BY = ("none", "pass@1")
-SELECTED = "selected"
-SELECTION_FILE = "selection.json"
 
 
 def load_selection_problems(path: str | os.PathLike) -> list:
@@ -133,8 +134,14 @@ def score_checkpoint(checkpoint_dir: str | os.PathLike, problems: list, device: 
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
+    """Write `path` through a new temporary file (O_EXCL: a link planted under its name is never followed) renamed
+    over it (which replaces a link at `path` itself, never its target)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if os.path.lexists(temporary):
+        temporary.unlink()
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
     os.replace(temporary, path)
 
 
