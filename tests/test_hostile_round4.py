@@ -463,3 +463,69 @@ def test_hostile_or_stale_selected_is_one_line(dcp_run, tmp_path, case) -> None:
     _one_line(outcome, [str(run / "selected"), f"{run}: a pointer", f"{run}: pointer"])
     if case == "stale":
         assert "python -m phi1.training.checkpoint_selection" in outcome.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The data pipeline (tools/data_pipeline.py over phi1.quality.engine): shards, options and the output folder
+
+
+def _shards(directory: Path, count: int = 2) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for n in range(count):
+        (directory / f"part-{n}.jsonl").write_text(
+            "".join(json.dumps({"text": f"def f{n}_{i}():\n    return {i}\n"}) + "\n" for i in range(5)))
+    return directory
+
+
+def _truncated_gzip(tmp_path: Path) -> tuple[list[str], str]:
+    import gzip
+
+    shards = _shards(tmp_path / "in")
+    data = gzip.compress(b"".join(json.dumps({"text": f"x = {i}"}).encode() + b"\n" for i in range(400)))
+    (shards / "part-9.jsonl.gz").write_bytes(data[: len(data) // 2])  # its first lines read fine
+    return ["--input-dir", str(shards), "--glob", "*.jsonl*"], str(shards / "part-9.jsonl.gz")
+
+
+def _too_many_tasks(tmp_path: Path) -> tuple[list[str], str]:
+    return ["--input-dir", str(_shards(tmp_path / "in")), "--tasks", "100000000"], "--tasks"
+
+
+def _damaged_record(tmp_path: Path) -> tuple[list[str], str]:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "engine.json").write_text("[1]")
+    return ["--input-dir", str(_shards(tmp_path / "in"))], str(tmp_path / "out" / "engine.json")
+
+
+def _half_written_record(tmp_path: Path) -> tuple[list[str], str]:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "engine.json").write_text('{"format": "phi1-data-eng')
+    return ["--input-dir", str(_shards(tmp_path / "in"))], str(tmp_path / "out" / "engine.json")
+
+
+def _input_is_the_result(tmp_path: Path) -> tuple[list[str], str]:
+    return ["--input-dir", str(_shards(tmp_path / "out" / "result"))], "--input-dir"
+
+
+def _output_is_the_input_through_a_link(tmp_path: Path) -> tuple[list[str], str]:
+    shards = _shards(tmp_path / "in")
+    os.symlink(shards, tmp_path / "out")
+    return ["--input-dir", str(shards)], "--output-dir"
+
+
+ENGINE_CASES = {
+    "gzip-truncated": _truncated_gzip,
+    "tasks-beyond-shards": _too_many_tasks,
+    "record-not-an-object": _damaged_record,
+    "record-half-written": _half_written_record,
+    "input-is-the-result": _input_is_the_result,
+    "output-is-input-via-link": _output_is_the_input_through_a_link,
+}
+
+
+@pytest.mark.parametrize("case", list(ENGINE_CASES))
+def test_data_pipeline_bad_input_is_one_line_before_any_task(tmp_path, case) -> None:
+    args, names = ENGINE_CASES[case](tmp_path)
+    outcome = run_bounded(python(str(ROOT / "tools" / "data_pipeline.py"), "--steps", "decontaminate",
+                                 "--output-dir", str(tmp_path / "out"), *args), timeout_s=120)
+    _one_line(outcome, names)
+    assert not (tmp_path / "out" / "steps").exists() or case == "output-is-input-via-link"

@@ -45,9 +45,11 @@ import abc
 import contextlib
 import dataclasses
 import fnmatch
+import gzip
 import json
 import os
 import shutil
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -234,8 +236,14 @@ class ShardStep(PipelineStep):
                 continue
             work = os.path.join(self.work_dir, shard_output_name(name))
             os.makedirs(work, exist_ok=True)
+            path = os.path.join(self.input_dir, name)
             with self.track_time("shard"):
-                self.process_shard(os.path.join(self.input_dir, name), output, work)
+                try:
+                    self.process_shard(path, output, work)
+                except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+                    raise ValueError(f"{path}: cannot be read to its end ({type(error).__name__}: {error}); a "
+                                     "truncated or damaged gzip shard: replace it and rerun (finished shards are "
+                                     "kept)") from None
             shutil.rmtree(work, ignore_errors=True)
             self.stat_update("shards")
         if data:
@@ -560,6 +568,26 @@ def input_shards(input_dir: str, glob: str = "*.jsonl") -> list[str]:
     return names
 
 
+def check_gzip_shards(input_dir: str, names: list[str]) -> None:
+    """Read every gzip shard to its end (decompression only, nothing kept), so that a truncated or damaged one is
+    refused before any task starts rather than failing a task midway.
+
+    Raises:
+        ValueError: naming the shard.
+    """
+    for name in names:
+        if not name.endswith(".gz"):
+            continue
+        path = os.path.join(input_dir, name)
+        try:
+            with gzip.open(path, "rb") as handle:
+                while handle.read(1 << 22):
+                    pass
+        except (OSError, EOFError, zlib.error) as error:
+            raise ValueError(f"{path}: cannot be read to its end as gzip ({type(error).__name__}: {error}); a "
+                             "truncated or damaged shard: replace it") from None
+
+
 def check_first_lines(input_dir: str, names: list[str], text_key: str) -> None:
     """Refuse shards that are not JSONL at all: the first non-blank line must be a JSON object with a string
     `text_key`. (Later bad lines are counted and reported by the steps, as the single-machine tools do.)
@@ -567,8 +595,6 @@ def check_first_lines(input_dir: str, names: list[str], text_key: str) -> None:
     Raises:
         ValueError: naming the file and line.
     """
-    import gzip
-
     for name in names:
         path = os.path.join(input_dir, name)
         opener = gzip.open if name.endswith(".gz") else open
@@ -716,9 +742,18 @@ def _engine_record(chain: list[str], input_dir: str, shard_names: list[str], opt
 
 def _check_rerun(output_dir: str, record: dict) -> None:
     path = os.path.join(output_dir, ENGINE_FILE)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as handle:
-            previous = json.load(handle)
+    if os.path.lexists(path):
+        try:
+            if os.path.islink(path) or not os.path.isfile(path) or os.path.getsize(path) > 16 << 20:
+                raise ValueError("not a regular file of at most 16 MiB")
+            with open(path, encoding="utf-8") as handle:
+                previous = json.load(handle)
+            if not isinstance(previous, dict) or not isinstance(previous.get("options", {}), dict):
+                raise ValueError("not the JSON object phi1 writes")
+        except (ValueError, RecursionError) as error:
+            raise ValueError(f"{path}: unreadable record of an earlier run ({error}); it was edited or damaged, so "
+                             "what the earlier run finished cannot be trusted: use another --output-dir, or delete "
+                             f"{output_dir} to start over") from None
         if previous != record:
             changed = sorted(k for k in set(previous) | set(record) if previous.get(k) != record.get(k))
             if "options" in changed:
@@ -729,8 +764,11 @@ def _check_rerun(output_dir: str, record: dict) -> None:
                              "same settings")
     else:
         os.makedirs(output_dir, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as handle:
+        # Written whole or not at all: a run killed here leaves no half-written record to trip the next one.
+        partial = path + ".partial"
+        with open(partial, "w", encoding="utf-8") as handle:
             json.dump(record, handle, indent=2)
+        os.replace(partial, path)
 
 
 def _make_executor(options: ExecutorOptions, stage: Stage, logging_dir: str, previous):
@@ -830,11 +868,24 @@ def run_pipeline(chain: list[str], input_dir: str, output_dir: str, options: Ste
     shard_names = input_shards(input_dir, glob)
     check_first_lines(input_dir, shard_names, options.text_key)
     check_chain(chain, options)
+    if executor.tasks > len(shard_names):
+        # Each task takes whole shards: the extra tasks would only be started (and, for a huge number, never end).
+        raise ValueError(f"--tasks {executor.tasks}: more than the {len(shard_names)} input shard(s) in --input-dir; "
+                         f"each task takes whole shards, give --tasks {len(shard_names)} or fewer (or split the input)")
     input_dir, output_dir = os.path.abspath(input_dir), os.path.abspath(output_dir)
-    if output_dir == input_dir or output_dir.startswith(input_dir + os.sep):
-        raise ValueError(f"--output-dir {output_dir}: inside --input-dir; its files would be read as input")
-    _check_rerun(output_dir, _engine_record(chain, input_dir, shard_names, options, executor.tasks))
     logging_root = os.path.abspath(executor.logging_dir or os.path.join(output_dir, "logs"))
+    # Compared with links resolved: a link must not hide that the folders overlap.
+    real_input, real_output = os.path.realpath(input_dir), os.path.realpath(output_dir)
+    if real_output == real_input or real_output.startswith(real_input + os.sep):
+        raise ValueError(f"--output-dir {output_dir}: inside --input-dir; its files would be read as input")
+    for written in (os.path.join(real_output, "steps"), os.path.join(real_output, "result"),
+                    os.path.realpath(logging_root)):
+        if real_input == written or real_input.startswith(written + os.sep):
+            raise ValueError(f"--input-dir {input_dir}: inside {written}, which this run writes (replaces); copy the "
+                             "shards elsewhere, or choose another --output-dir")
+    if executor.kind == "local":  # the tasks run here and now: a damaged gzip shard is named before any starts
+        check_gzip_shards(input_dir, shard_names)
+    _check_rerun(output_dir, _engine_record(chain, input_dir, shard_names, options, executor.tasks))
     stages, final_dir, pattern = build_stages(chain, input_dir, output_dir, shard_names, options, executor.tasks)
     result_dir = os.path.join(output_dir, "result")
     stages.append(Stage("publish", [PublishStep(final_dir, result_dir, pattern)], 1,
