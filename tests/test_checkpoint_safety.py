@@ -437,7 +437,10 @@ def test_serve_loads_a_training_run_directory(bases) -> None:
     from phi1.serve import build_service, parse_args
 
     service = build_service(parse_args(["--model", str(bases["run"]), "--device", "cpu"]))
-    assert service.served_model == "run" and service.context == 128
-    assert service.tokenizer.encode("w3 w4") == [5, 6]  # the run's word-level tokenizer, from its checkpoint
-    model_state = service.model.state_dict()
-    assert all(torch.equal(model_state[k], v) for k, v in bases["state"].items())
+    try:
+        assert service.served_model == "run" and service.context == 128
+        assert service.tokenizer.encode("w3 w4") == [5, 6]  # the run's word-level tokenizer, from its checkpoint
+        model_state = service.model.state_dict()
+        assert all(torch.equal(model_state[k], v) for k, v in bases["state"].items())
+    finally:
+        service.engine.stop()

@@ -14,14 +14,23 @@ requests are all cancelled stops early, so abandoned requests do not keep the mo
 
 Events reach a request through `Submission.deliver`: a thread-safe queue by default, or a callback (the ASGI
 server passes one that hands the event to its event loop with `call_soon_threadsafe`).
+
+The worker is a daemon thread, and a daemon thread must not be inside a torch op when the interpreter exits:
+CPython (before 3.14) ends such a thread with `pthread_exit` when the op's GIL-release guard tries to take the
+GIL back, the unwind runs through that guard's destructor, and the process aborts with "terminate called without
+an active exception" (pytorch/pytorch#38228; the three-line reproduction is in tests/test_exit_teardown.py).
+So every engine is stopped at exit (`atexit`, before the interpreter tears down): the running batch ends at its
+next token with an error event, and the worker returns.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import astuple, dataclass, field
 
@@ -140,8 +149,11 @@ class BatchingEngine:
         """Requests dropped before their batch started because their client left."""
         self.batches_stopped = 0
         """Batches ended early because all their clients left."""
+        self._closing = threading.Event()
+        """Set by `stop`: the running batch ends at its next token and no further batch starts."""
         self._thread = threading.Thread(target=self._loop, name="phi1-batching-engine", daemon=True)
         self._thread.start()
+        atexit.register(_stop_at_exit, weakref.ref(self))
 
     def submit(self, prompts: list[list[int]], params: SamplingParams,
                on_event: Callable[[Event], None] | None = None) -> Submission:
@@ -150,13 +162,16 @@ class BatchingEngine:
         return submission
 
     def stop(self) -> None:
+        """End the worker: requests still waiting, and the batch running, get an error event. Idempotent."""
+        self._closing.set()
         self.pending.put(None)
         self._thread.join(timeout=30)
 
     def _loop(self) -> None:
         while True:
             first = self.pending.get()
-            if first is None:
+            if first is None or self._closing.is_set():
+                self._refuse_waiting(first)
                 return
             collected = [first]
             sequences = len(first.prompts)
@@ -183,6 +198,19 @@ class BatchingEngine:
             for group in groups.values():
                 self._run(group)
 
+    def _refuse_waiting(self, first: Submission | None) -> None:
+        """Stopping: every request not yet started gets an error event instead of waiting forever."""
+        waiting = [first] if first is not None else []
+        while True:
+            try:
+                item = self.pending.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                waiting.append(item)
+        for submission in waiting:
+            submission.deliver(Event("error", text="the server is shutting down"))
+
     def _token_logprob(self, row: _Row, token: int, logprob: float, top: list[tuple[int, float]], start: int) -> None:
         row.token_logprobs.append(TokenLogprob(self.decode([token]), logprob, start,
                                                [(self.decode([t]), value) for t, value in top]))
@@ -203,6 +231,10 @@ class BatchingEngine:
         try:
             for index, token, completion in iter_generate(self.model, prompts, params, self.decode,
                                                           vocab_size=self.vocab_size):
+                if self._closing.is_set():
+                    for submission in group:
+                        submission.deliver(Event("error", text="the server is shutting down"))
+                    return
                 if all(submission.cancelled for submission in group):
                     log.info("batch of %d sequences stopped: all its clients went away", len(rows))
                     self.batches_stopped += 1
@@ -235,3 +267,10 @@ class BatchingEngine:
             log.exception("generation failed")
             for submission in group:
                 submission.deliver(Event("error", text=f"generation failed: {error}"))
+
+
+def _stop_at_exit(engine_ref: weakref.ref) -> None:
+    """atexit hook: stop an engine that is still alive, so its worker is out of torch before teardown."""
+    engine = engine_ref()
+    if engine is not None and engine._thread.is_alive():
+        engine.stop()
