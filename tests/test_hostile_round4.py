@@ -529,3 +529,61 @@ def test_data_pipeline_bad_input_is_one_line_before_any_task(tmp_path, case) -> 
                                  "--output-dir", str(tmp_path / "out"), *args), timeout_s=120)
     _one_line(outcome, names)
     assert not (tmp_path / "out" / "steps").exists() or case == "output-is-input-via-link"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Contamination index and checkpoint selection
+
+
+def _index_of_other_benchmark(path: Path) -> Path:
+    path.write_text(json.dumps({
+        "format": "phi1-contamination-index", "version": 1,
+        "thresholds": {"ngram_n": 13, "ngram_min_shared": 1, "ast_taus": [0.95, 0.9, 0.85, 0.8], "ast_min_tokens": 16,
+                       "constant_values": False, "embedding_model": None, "embedding_threshold": 0.05},
+        "references": ["Mbpp/11", "Mbpp/12"], "training_data": ["t.jsonl"], "documents": 3, "near": {}}))
+    return path
+
+
+def test_index_of_another_benchmark_is_refused_before_generation(dcp_run, tmp_path) -> None:
+    """An index that checked none of the problems used to be refused when the report was written, after every
+    completion had been generated and run; now before the model is loaded."""
+    index = _index_of_other_benchmark(tmp_path / "index.json")
+    outcome = run_bounded(python("-m", "phi1.eval", "--model", str(dcp_run["run"]), "--limit", "2",
+                                 "--output-dir", str(tmp_path / "eval"), "--contamination-index", str(index)),
+                          timeout_s=240)
+    _one_line(outcome, ["--contamination-index", "checked none of the evaluated problems"])
+    assert "loading checkpoint" not in outcome.stderr and not (tmp_path / "eval").exists()
+
+
+def _problems_file(tmp_path: Path, case: str) -> Path:
+    path = tmp_path / f"{case}.jsonl"
+    if case == "binary":
+        path.write_bytes(b"\xff\xfe\x00\x89PNG")
+    elif case == "nested":
+        path.write_text("[" * 100000 + "]" * 100000 + "\n")
+    elif case == "fifo":
+        os.mkfifo(path)
+    elif case == "directory":
+        path.mkdir()
+    elif case == "null-byte-tests":
+        path.write_text(json.dumps({"prompt": "def f():\n", "tests": "assert 1\0"}) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("case", ["binary", "nested", "fifo", "directory", "null-byte-tests",
+                                  "saved-config-not-yaml", "saved-config-wrong-shape"])
+def test_selection_command_hostile_files_are_one_line(dcp_run, tmp_path, case) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(dcp_run["run"], run, symlinks=True)
+    args = [str(run)]
+    if case.startswith("saved-config"):
+        saved = run / "iter_0000004" / "config.yaml"
+        saved.write_text("finetune: [unclosed\n" if case == "saved-config-not-yaml" else "finetune: [1, 2]\n")
+        names = str(saved)
+    else:
+        problems = _problems_file(tmp_path, case)
+        args += ["--problems", str(problems)]
+        names = str(problems)
+    outcome = run_bounded(python("-m", "phi1.training.checkpoint_selection", *args), timeout_s=120)
+    _one_line(outcome, names)
+    assert not (run / "selected").exists() and not (run / "selection.json").exists()

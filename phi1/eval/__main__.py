@@ -39,6 +39,7 @@ from phi1.eval.contamination import (
     INDEX_NAME,
     ContaminationIndex,
     build_index,
+    check_index_covers,
     load_index,
     split_table,
     write_index,
@@ -170,7 +171,9 @@ def _contamination_index(args: argparse.Namespace, problems: list, progress: boo
     """The index named by --contamination-index, or one built from --training-data (and saved in the output
     directory), or None."""
     if args.contamination_index is not None:
-        return load_index(args.contamination_index)
+        index = load_index(args.contamination_index)
+        check_index_covers(index, [problem.task_id for problem in problems])
+        return index
     if args.training_data is None or launched_rank() != 0:
         return None  # only rank 0 scores and reports
     config = DecontaminationConfig(report_taus=PAPER_TAUS, text_key=args.training_text_key,

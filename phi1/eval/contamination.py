@@ -290,6 +290,20 @@ def _scores(rows: list[dict], ks: Sequence[int]) -> dict:
     return part
 
 
+def check_index_covers(index: ContaminationIndex, task_ids: Sequence[str]) -> None:
+    """Refuse an index that checked none of the problems to be evaluated (built for another benchmark, or for
+    none): called before generation, so the mismatch costs seconds, not a whole evaluation.
+
+    Raises:
+        ValueError: naming the index, a few of the task ids it knows and a few of these.
+    """
+    checked = set(index.references)
+    if not any(task_id in checked for task_id in task_ids):
+        raise ValueError(f"--contamination-index {index.source}: checked none of the evaluated problems (it knows "
+                         f"{', '.join(index.references[:3]) or 'no problem'}...; these are "
+                         f"{', '.join(list(task_ids)[:3])}...); build it against this benchmark")
+
+
 def contamination_split(index: ContaminationIndex, per_problem: list[dict], ks: Sequence[int]) -> dict:
     """The report's `contamination` section: for each check, pass@k of the clean and the contaminated problems.
 
@@ -301,13 +315,10 @@ def contamination_split(index: ContaminationIndex, per_problem: list[dict], ks: 
     Raises:
         ValueError: none of the evaluated problems was checked by the index (built for another benchmark).
     """
+    check_index_covers(index, [row["task_id"] for row in per_problem])
     checked = set(index.references)
     rows = [row for row in per_problem if row["task_id"] in checked]
     unchecked = [row["task_id"] for row in per_problem if row["task_id"] not in checked]
-    if not rows:
-        raise ValueError(f"--contamination-index {index.source}: checked none of the evaluated problems (it knows "
-                         f"{', '.join(index.references[:3]) or 'no problem'}...; these are "
-                         f"{', '.join(unchecked[:3])}...); build it against this benchmark")
     split = {}
     for check in [*index.checks(), "any"]:
         dirty = [row for row in rows if index.contaminated(row["task_id"], check)]

@@ -249,10 +249,16 @@ def _configured_problems(run_dir: Path) -> str:
     checkpoint = find_checkpoint(run_dir)
     if checkpoint is None:
         raise ValueError(f"{run_dir}: no checkpoint; pass --problems FILE")
-    saved = yaml.safe_load(read_bounded_text(checkpoint / "config.yaml", checkpoint / "config.yaml"))
-    problems = ((saved or {}).get("finetune") or {}).get("select_problems") if isinstance(saved, dict) else None
+    path = checkpoint / "config.yaml"
+    try:
+        saved = yaml.safe_load(read_bounded_text(path, path))
+    except (yaml.YAMLError, RecursionError) as error:
+        raise ValueError(f"{path}: not the YAML config phi1 saves ({' '.join(str(error).split())[:200]}); "
+                         "pass --problems FILE") from None
+    finetune = saved.get("finetune") if isinstance(saved, dict) else None
+    problems = finetune.get("select_problems") if isinstance(finetune, dict) else None
     if not isinstance(problems, str):
-        raise ValueError(f"{checkpoint / 'config.yaml'}: no finetune.select_problems; pass --problems FILE")
+        raise ValueError(f"{path}: no finetune.select_problems; pass --problems FILE")
     return problems
 
 
