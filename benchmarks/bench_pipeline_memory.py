@@ -5,7 +5,8 @@
 
 Each case launches P fresh processes, one per pipeline rank, that run `--steps` optimizer steps of real phi
 stages (4 blocks, d_model 512, 8 heads, MLP 2048, vocabulary 8192; micro-batches of 4 x 256 tokens; fp32; torch
-AdamW) through torch.distributed.pipelining's schedule (phi1.planning.measure_pipeline). Printed per rank: the
+AdamW) through torch.distributed.pipelining's schedule (phi1.planning.measure_pipeline); pp2-dp2-m4 runs two such
+pipelines side by side, each stage wrapped in DDP, and reports each pipeline rank's larger peak. Printed per rank: the
 activations in flight the planner counts (under 1F1B the first rank holds P micro-batches, the last one), the
 predicted and measured peak MiB above the baseline, and the error. Exits 1 when an error passes --tolerance.
 """
@@ -25,14 +26,15 @@ from phi1.planning.measure_pipeline import measure_stage_memory  # noqa: E402
 MODEL = dict(n_layer=4, d_model=512, n_head=8, d_mlp=2048, vocab_size=8192, max_seq_len=256)
 MICRO_BATCH, SEQ_LEN = 4, 256
 
-# name: (pipeline ranks, micro-batches, schedule, virtual stages, activation checkpointing)
-CASES: dict[str, tuple[int, int, str, int, str]] = {
-    "pp2-m4": (2, 4, "1f1b", 1, "none"),
-    "pp2-m8": (2, 8, "1f1b", 1, "none"),
-    "pp4-m8": (4, 8, "1f1b", 1, "none"),
-    "pp2-m4-ac": (2, 4, "1f1b", 1, "full"),
-    "pp2-m4-gpipe": (2, 4, "gpipe", 1, "none"),
-    "pp2-m4-interleaved": (2, 4, "interleaved", 2, "none"),
+# name: (pipeline ranks, micro-batches, schedule, virtual stages, activation checkpointing, data-parallel replicas)
+CASES: dict[str, tuple[int, int, str, int, str, int]] = {
+    "pp2-m4": (2, 4, "1f1b", 1, "none", 1),
+    "pp2-m8": (2, 8, "1f1b", 1, "none", 1),
+    "pp4-m8": (4, 8, "1f1b", 1, "none", 1),
+    "pp2-m4-ac": (2, 4, "1f1b", 1, "full", 1),
+    "pp2-m4-gpipe": (2, 4, "gpipe", 1, "none", 1),
+    "pp2-m4-interleaved": (2, 4, "interleaved", 2, "none", 1),
+    "pp2-dp2-m4": (2, 4, "1f1b", 1, "none", 2),
 }
 
 
@@ -51,10 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     worst = 0.0
     print(f"{'case':<20} {'rank':>4} {'in flight':>9} {'predicted MiB':>13} {'measured MiB':>12} {'error':>7}")
     for name in names:
-        pp, micro_batches, schedule, virtual, checkpointing = CASES[name]
+        pp, micro_batches, schedule, virtual, checkpointing, dp = CASES[name]
         start = time.perf_counter()
         rows = measure_stage_memory(config, pp, micro_batches, MICRO_BATCH, SEQ_LEN, schedule, virtual, checkpointing,
-                                    steps=args.steps)
+                                    steps=args.steps, data_parallel=dp)
         for row in rows:
             worst = max(worst, abs(row.error))
             print(f"{name:<20} {row.pp_rank:>4} {row.in_flight:>9} {row.predicted / 2**20:>13.1f} "

@@ -39,8 +39,9 @@ def _warm_up(config: ModelConfig) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def _worker(rank: int, world_size: int, config_values: dict, micro_batches: int, micro_batch_size: int,
-            seq_len: int, schedule: str, virtual_stages: int, checkpointing: str, steps: int) -> dict:
+def _worker(rank: int, world_size: int, config_values: dict, pipeline_parallel: int, micro_batches: int,
+            micro_batch_size: int, seq_len: int, schedule: str, virtual_stages: int, checkpointing: str,
+            steps: int) -> dict:
     import torch
     from torch import nn
 
@@ -49,14 +50,14 @@ def _worker(rank: int, world_size: int, config_values: dict, micro_batches: int,
     from phi1.parallel.pipeline import PipelineRunner, build_pipeline_groups
 
     config = ModelConfig(**config_values)
-    groups = build_pipeline_groups(1, world_size)
+    groups = build_pipeline_groups(1, pipeline_parallel)
     _warm_up(config)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (micro_batches * micro_batch_size, seq_len + 1), generator=generator)
     input_ids, labels = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
     baseline = resident_bytes()
     reset = reset_peak()
-    chunks = build_stages(config, groups.pp_rank, world_size, virtual_stages)
+    chunks = build_stages(config, groups.pp_rank, pipeline_parallel, virtual_stages)
     for chunk in chunks:
         chunk.activation_checkpointing = checkpointing
     optimizer = torch.optim.AdamW(param_groups(nn.ModuleList(chunks), 0.1), lr=1e-4, foreach=True)
@@ -66,7 +67,7 @@ def _worker(rank: int, world_size: int, config_values: dict, micro_batches: int,
     for _ in range(steps):
         runner.step(input_ids, labels)
     peak = peak_resident_bytes()
-    return {"pp_rank": groups.pp_rank, "measured": peak - baseline, "peak_reset": reset}
+    return {"pp_rank": groups.pp_rank, "dp_rank": groups.dp_rank, "measured": peak - baseline, "peak_reset": reset}
 
 
 @dataclass
@@ -87,8 +88,11 @@ class StageMeasurement:
 
 def measure_stage_memory(config: ModelConfig, pipeline_parallel: int, micro_batches: int, micro_batch_size: int,
                          seq_len: int, schedule: str = "1f1b", virtual_stages: int = 1, checkpointing: str = "none",
-                         steps: int = 2, timeout_s: float = 600) -> list[StageMeasurement]:
-    """Measured and predicted peak bytes of every pipeline rank (fp32, CPU, no TP or DP), by pipeline rank.
+                         steps: int = 2, timeout_s: float = 600, data_parallel: int = 1) -> list[StageMeasurement]:
+    """Measured and predicted peak bytes of every pipeline rank (fp32, CPU, no TP), by pipeline rank.
+
+    `data_parallel` > 1 launches that many pipelines (P x D processes; the runner wraps each stage in DDP) and
+    reports each pipeline rank's largest peak over its DP replicas.
 
     Raises:
         RuntimeError: a worker failed; TimeoutError: they ran past `timeout_s`.
@@ -98,19 +102,25 @@ def measure_stage_memory(config: ModelConfig, pipeline_parallel: int, micro_batc
     previous = {key: os.environ.get(key) for key in MALLOC_ENV}
     os.environ.update(MALLOC_ENV)  # read by glibc when each spawned worker starts
     try:
-        results = run_on_gloo(_worker, pipeline_parallel, config.to_dict(), micro_batches, micro_batch_size, seq_len,
-                              schedule, virtual_stages, checkpointing, steps, timeout_s=timeout_s)
+        results = run_on_gloo(_worker, pipeline_parallel * data_parallel, config.to_dict(), pipeline_parallel,
+                              micro_batches, micro_batch_size, seq_len, schedule, virtual_stages, checkpointing, steps,
+                              timeout_s=timeout_s)
     finally:
         for key, value in previous.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    layout = make_layout(config, tensor_parallel=1, data_parallel=1, zero_stage=0, micro_batch_size=micro_batch_size,
+    layout = make_layout(config, tensor_parallel=1, data_parallel=data_parallel, zero_stage=0,
+                         micro_batch_size=micro_batch_size,
                          gradient_accumulation=micro_batches, seq_len=seq_len, precision="fp32",
                          activation_checkpointing=checkpointing, sequence_parallel=False, loss_chunk_size=0, gpu=False)
     out = []
-    for result in sorted(results, key=lambda r: r["pp_rank"]):
+    worst: dict[int, dict] = {}
+    for result in results:
+        if result["pp_rank"] not in worst or result["measured"] > worst[result["pp_rank"]]["measured"]:
+            worst[result["pp_rank"]] = result
+    for result in sorted(worst.values(), key=lambda r: r["pp_rank"]):
         predicted = stage_memory(config, layout, pipeline_parallel, result["pp_rank"], micro_batches, schedule,
                                  virtual_stages)
         out.append(StageMeasurement(result["pp_rank"], float(result["measured"]), predicted.total, predicted.in_flight))

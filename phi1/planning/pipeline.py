@@ -163,10 +163,10 @@ def stage_memory(config: ModelConfig, layout: Layout, pipeline_parallel: int, pp
     LayerNorm and lm_head on the last) by ZeRO stage as `phi1.planning.memory` counts them; the activations of
     `in_flight_chunks` chunk micro-batches (block inputs only under activation checkpointing, plus one block
     recomputed); the logits of the micro-batches in flight on the last rank; torch's receive buffers; one block's
-    backward working set; DDP's gradient buckets under DP. Gradients are set to None before each step and appear
-    with the rank's first backward, so the peak is the larger of two moments: that first backward (every
-    micro-batch in flight, gradients only of the chunk being back-propagated: GPipe's peak) and the steady state
-    that follows it (the micro-batches in flight again, every gradient allocated: 1F1B's peak).
+    backward working set; DDP's gradient buckets under DP on a GPU. Gradients are set to None before each step
+    and appear with the rank's first backward, so the peak is the larger of two moments: that first backward
+    (every micro-batch in flight, gradients only of the chunk being back-propagated: GPipe's peak) and the steady
+    state that follows it (the micro-batches in flight again, every gradient allocated: 1F1B's peak).
 
     Raises:
         ValueError: a schedule that cannot run (see `phi1.parallel.pipeline.check_schedule`) or a split that does
@@ -242,8 +242,11 @@ def stage_memory(config: ModelConfig, layout: Layout, pipeline_parallel: int, pp
     message = activation_message_bytes(config, layout)
     receive_buffers = sum((s_ != 0) + (s_ != p * v - 1) for s_ in held) * m * message
     # Under DP the runner wraps each chunk in torch DDP, which allocates its gradient buckets (as large as the
-    # gradients) once and keeps them; without gradient_as_bucket_view they are apart from the .grad tensors.
-    ddp_buckets = grads if layout.data_parallel > 1 else 0.0
+    # gradients) once, with torch.empty, and keeps them; without gradient_as_bucket_view they are apart from the
+    # .grad tensors. On a GPU that is allocated memory. On a CPU only written pages count, and the buckets are
+    # written only by the last micro-batch's backward (the others run under no_sync), when one micro-batch is
+    # in flight: measured, PP2 x DP2 peaks as PP2 does (benchmarks/bench_pipeline_memory.py, pp2-dp2-m4).
+    ddp_buckets = grads if layout.data_parallel > 1 and layout.gpu else 0.0
     total = weights + optim + ddp_buckets + peak + receive_buffers
     moment = "first backward" if first_backward >= steady else "steady state (gradients allocated)"
     return StageMemory(layers=n_layers, in_flight=in_flight, weights=weights, gradients=grads, optimizer=optim,
