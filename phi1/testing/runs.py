@@ -13,6 +13,7 @@ Two kinds of test use it:
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -25,7 +26,6 @@ from torch import nn
 from phi1.core.config import get_preset
 from phi1.core.model import PhiForCausalLM
 from phi1.testing.synthetic import write_synthetic_dataset
-from phi1.training.metrics import read_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 """The checkout the tests run from (launched runs import phi1 from it)."""
@@ -129,7 +129,11 @@ def assert_succeeded(result: subprocess.CompletedProcess, tail: int = 4000) -> N
 
 def step_losses(run_dir: Path) -> dict[int, float]:
     """The loss of each logged step of a run (its last micro-batch's), by iteration, from run_dir/metrics.jsonl."""
-    return {r["iteration"]: r["step_losses"][-1] for r in read_jsonl(run_dir / "metrics.jsonl") if "step_losses" in r}
+    # Read here rather than with phi1.training.metrics.read_jsonl: phi1.testing stays below phi1.training (the
+    # planner runs phi1.testing.spawn, and planning never imports training).
+    with open(run_dir / "metrics.jsonl", encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    return {r["iteration"]: r["step_losses"][-1] for r in records if "step_losses" in r}
 
 
 __all__ = [
