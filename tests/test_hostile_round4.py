@@ -587,3 +587,26 @@ def test_selection_command_hostile_files_are_one_line(dcp_run, tmp_path, case) -
     outcome = run_bounded(python("-m", "phi1.training.checkpoint_selection", *args), timeout_s=120)
     _one_line(outcome, names)
     assert not (run / "selected").exists() and not (run / "selection.json").exists()
+
+
+@pytest.mark.parametrize("where", ["the-checkpoint", "inside-it", "its-run", "another-run"])
+def test_export_never_writes_into_what_it_reads_or_a_run(dcp_run, tmp_path, where) -> None:
+    """A model written into the checkpoint, its run directory or another run would overwrite what is read, or
+    turn a run into a directory that loads as something else (config.json wins over latest)."""
+    run = tmp_path / "run"
+    shutil.copytree(dcp_run["run"], run, symlinks=True)
+    checkpoint = run / "iter_0000004"
+    other = tmp_path / "other-run"
+    other.mkdir()
+    (other / "latest").write_text("2\n")
+    out = {"the-checkpoint": checkpoint, "inside-it": checkpoint / "hf", "its-run": run, "another-run": other}[where]
+    before = sorted(p.name for p in out.iterdir()) if out.is_dir() else None
+    outcome = run_bounded(python(str(ROOT / "tools" / "export_dcp.py"), "export", str(checkpoint), str(out)),
+                          timeout_s=240)
+    _one_line(outcome, f"OUT {out}")
+    assert (sorted(p.name for p in out.iterdir()) if out.is_dir() else None) == before
+    if where == "its-run":
+        converted = run_bounded(python(str(ROOT / "tools" / "convert_checkpoint.py"), "--input", str(checkpoint),
+                                       "--output", str(run), "--output-format", "hf"), timeout_s=240)
+        _one_line(converted, f"--output {run}")
+    assert not (run / "config.json").exists()

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from phi1.cli import UserError, run_cli  # noqa: E402
 from phi1.core.pretrained import FORMATS, HF_FORMAT, PHI1_FORMAT, save_pretrained  # noqa: E402
 from phi1.loading import load_state, resolve_model_path, tokenizer_files  # noqa: E402
+from phi1.loading.paths import check_output_directory  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{args.input_format!r}; drop --input-format or pass {held}")
     if args.output.resolve() == args.input.resolve() or args.output.resolve() == source.directory.resolve():
         raise UserError("--output must differ from --input")
+    check_output_directory(args.output, [args.input, source.directory], "--output")
     tokenizer = tokenizer_files(source.directory)
     config, state = load_state(source, what="--input")
     out = save_pretrained(state, config, args.output, fmt=args.output_format, dtype=DTYPES.get(args.dtype))

@@ -23,7 +23,7 @@ from phi1.core.pretrained import save_pretrained
 from phi1.loading.checkpoints import load_checkpoint_state, read_trainer_state
 from phi1.loading.manifest import verify_checkpoint, write_manifest
 from phi1.loading.optimizer_state import optimizer_state_by_name
-from phi1.loading.paths import inside, read_json_object
+from phi1.loading.paths import check_output_directory, inside, read_json_object
 
 
 def convert_to_dcp(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
@@ -54,8 +54,9 @@ def export_dcp(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str =
     """Write the whole model of a DCP `checkpoint` to `out` in `fmt` ('hf' or 'phi1'); returns `out`.
 
     Raises:
-        ValueError: a damaged checkpoint (manifest), an unknown format, a file leaving the directory, a pickled
-            entry, or a model config that does not fit the tensors.
+        ValueError: `out` is, holds or lies inside the checkpoint, or is a training run; a damaged checkpoint
+            (manifest), an unknown format, a file leaving the directory, a pickled entry, or a model config that
+            does not fit the tensors.
     """
     from phi1.core.model import PhiForCausalLM
     from phi1.parallel.distributed_checkpoint import MODEL_CONFIG_FILE, read_format, read_full_state_dict
@@ -63,6 +64,7 @@ def export_dcp(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str =
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         raise ValueError(f"{checkpoint}: not a directory (give a DCP checkpoint directory, e.g. RUN/iter_0001000)")
+    check_output_directory(out, [checkpoint], "OUT")
     verify_checkpoint(checkpoint)
     read_format(checkpoint)
     config_path = checkpoint / MODEL_CONFIG_FILE

@@ -126,3 +126,30 @@ def read_json_object(path: str | os.PathLike, shown: str | os.PathLike | None = 
     if not isinstance(value, dict):
         raise ValueError(f"{shown}: expected a JSON object, got {type(value).__name__}")
     return value
+
+
+def check_output_directory(out: str | os.PathLike, inputs: list[str | os.PathLike], option: str) -> None:
+    """Refuse a model output directory that would write into what is being read, or into a training run.
+
+    Writing `config.json` + `model.safetensors` into a checkpoint, beside or above it in its run directory, or
+    into any training run makes that directory read as another kind of model path afterwards (a `config.json`
+    wins over `latest`), and can overwrite the files being converted.
+
+    Args:
+        out: the directory about to be written.
+        inputs: the directories being read (the path given and the checkpoint it resolved to).
+        option: the option that named `out`, for the message.
+
+    Raises:
+        ValueError: `out` is one of `inputs`, inside one, holds one, or is a training run or checkpoint.
+    """
+    target = Path(out).resolve()
+    for source in inputs:
+        source = Path(source).resolve()
+        if target == source or source in target.parents or target in source.parents:
+            raise ValueError(f"{option} {out}: is, holds or lies inside {source}, which is being read; write the "
+                             "model to a new directory")
+    if target.is_dir() and (os.path.lexists(target / "latest") or os.path.lexists(target / "trainer_state.json")
+                            or any(p.name.startswith("iter_") for p in target.iterdir())):
+        raise ValueError(f"{option} {out}: is a training run or checkpoint directory; write the model to a new "
+                         "directory")
