@@ -86,6 +86,7 @@ RECIPE_CASES = {
     "huge-file": ("huge", [], "1 MiB"),
     "empty-file": ("empty", [], "work_dir"),
     "fifo": ("fifo", [], "not a regular file"),
+    "input-is-a-fifo": ("input-fifo", [], "inputs.tokenizer"),
 }
 
 
@@ -107,6 +108,9 @@ def test_hostile_recipe_file_is_one_line_before_any_step(recipe_inputs, case) ->
     elif change == "fifo":
         recipe.unlink()
         os.mkfifo(recipe)
+    elif change == "input-fifo":  # hashing it for the cache key would block forever
+        os.mkfifo(recipe_inputs["dir"] / "tokenizer.fifo")
+        overrides = [f"inputs.tokenizer={recipe_inputs['dir'] / 'tokenizer.fifo'}"]
     outcome = run_bounded(python("-m", "phi1.recipe", "run", str(recipe), *overrides), timeout_s=120)
     _one_line(outcome, names)
     assert not (ROOT / "ran-code").exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from pathlib import Path
 
 BLOCK = 1 << 20
@@ -44,8 +45,11 @@ class DigestCache:
 
     def file(self, path: str | os.PathLike) -> str:
         absolute = os.path.abspath(path)
-        stat = os.stat(absolute)
-        stamp = [stat.st_size, stat.st_mtime_ns]
+        info = os.stat(absolute)
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would block the read, or never end
+            raise ValueError(f"{path}: not a regular file (a pipe, device or socket); a recipe reads files and "
+                             "folders only")
+        stamp = [info.st_size, info.st_mtime_ns]
         known = self.entries.get(absolute)
         if known is not None and known[:2] == stamp:
             return known[2]

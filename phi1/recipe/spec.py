@@ -498,6 +498,11 @@ def check_recipe(recipe: Recipe) -> None:
             problems.append(f"steps.{key}: {value}: must be in [0, 1]")
     if steps.evaluate.data is not None and not os.path.isfile(steps.evaluate.data):
         problems.append(f"steps.evaluate.data: {steps.evaluate.data}: no such file")
+    for key, value in (("inputs.tokenizer", inputs.tokenizer), ("inputs.embedding_model", inputs.embedding_model),
+                       ("teacher.serve_model", teacher.serve_model), *((f"inputs.corpus[{i}]", p)
+                                                                       for i, p in enumerate(inputs.corpus))):
+        if value and os.path.exists(value) and not (os.path.isfile(value) or os.path.isdir(value)):
+            problems.append(f"{key}: {value}: not a regular file or directory (a pipe or a device)")
     if problems:
         raise ConfigError(f"{source}: {problems[0]}" if len(problems) == 1 else
                           f"{source}: {len(problems)} problems: " + "; ".join(problems))
