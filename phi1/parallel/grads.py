@@ -7,7 +7,8 @@ Order in a training step (DDP): backward (DDP averages over DP) -> `allreduce_se
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -15,7 +16,10 @@ from torch import nn
 
 from phi1.parallel.layers import tensor_parallel_dims
 from phi1.parallel.mappings import group_size
-from phi1.parallel.state import ParallelState
+
+if TYPE_CHECKING:
+    # Annotations only: phi1.parallel.state imports phi1.parallel.pipeline, which imports this module.
+    from phi1.parallel.state import ParallelState
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -66,21 +70,41 @@ def grad_norm(model: nn.Module, state: ParallelState) -> float:
     gradients after DDP, so no DP reduction is needed.
     """
     inner = unwrap_model(model)
-    dims = tensor_parallel_dims(inner)
     device = next(inner.parameters()).device
+    return math.sqrt(squared_grad_sum([inner], state.tp_group, device).item())
+
+
+def squared_grad_sum(modules: Iterable[nn.Module], tp_group: dist.ProcessGroup | None,
+                     device: torch.device) -> torch.Tensor:
+    """Sum of the squared gradients of `modules` as the unsharded model has them, in float64.
+
+    The squares of tensor-parallel-sharded parameters (`tensor_parallel_dims` not None) are summed over
+    `tp_group`; replicated ones are counted once. A collective over `tp_group` when it has more than one rank:
+    call it on every rank of the group. Used by `grad_norm` (one model) and by the pipeline runner (this rank's
+    stage chunks, whose totals it then sums over the pipeline group).
+
+    Args:
+        modules: the modules whose parameters' `.grad` are counted (a parameter without one is skipped).
+        tp_group: the tensor-parallel group; None or a one-rank group means no reduction.
+        device: where the accumulators live (the gradients' device, which the collective needs).
+    Returns:
+        A 0-dim float64 tensor on `device`, the same on every TP rank.
+    """
     sharded_sq = torch.zeros((), dtype=torch.float64, device=device)
     replicated_sq = torch.zeros((), dtype=torch.float64, device=device)
-    for name, param in inner.named_parameters():
-        if param.grad is None:
-            continue
-        sq = param.grad.detach().double().pow(2).sum()
-        if dims[name] is None:
-            replicated_sq += sq
-        else:
-            sharded_sq += sq
-    if group_size(state.tp_group) > 1:
-        dist.all_reduce(sharded_sq, group=state.tp_group)
-    return math.sqrt((sharded_sq + replicated_sq).item())
+    for module in modules:
+        dims = tensor_parallel_dims(module)
+        for name, param in module.named_parameters():
+            if param.grad is None:
+                continue
+            sq = param.grad.detach().double().pow(2).sum()
+            if dims[name] is None:
+                replicated_sq += sq
+            else:
+                sharded_sq += sq
+    if group_size(tp_group) > 1:
+        dist.all_reduce(sharded_sq, group=tp_group)
+    return sharded_sq + replicated_sq
 
 
 @torch.no_grad()
@@ -101,8 +125,9 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, state: ParallelState) -> 
 @torch.no_grad()
 def clip_to_global_norm_(max_norm: float, global_norm: Callable[[], float],
                          gradients: Callable[[], list[torch.Tensor]]) -> float:
-    """The clipping rule of `clip_grad_norm_` here and of FSDP2's (phi1.parallel.fsdp), over the norm and the
-    gradient tensors each of them knows how to find: scale by max_norm / (norm + 1e-6) when that is below 1.
+    """The clipping rule of `clip_grad_norm_` here, of FSDP2's (phi1.parallel.fsdp) and of the pipeline runner
+    (phi1.parallel.pipeline), over the norm and the gradient tensors each of them knows how to find: scale by
+    max_norm / (norm + 1e-6) when that is below 1.
 
     Args:
         max_norm: the largest global norm allowed (optim.grad_clip).

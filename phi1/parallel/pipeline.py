@@ -59,7 +59,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 from torch.nn.parallel import DistributedDataParallel
 
-from phi1.parallel.layers import tensor_parallel_dims
+from phi1.parallel.grads import clip_to_global_norm_, squared_grad_sum, sum_over_group_
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -471,12 +471,7 @@ class PipelineRunner:
             grads += [params[n].grad for n in chunk.sequence_parallel_param_names() if params[n].grad is not None]
         if not grads:
             return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=self.groups.tp_group)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        sum_over_group_(grads, self.groups.tp_group)
 
     # -- clipping -----------------------------------------------------------------------------------------------
 
@@ -487,22 +482,7 @@ class PipelineRunner:
         stages' totals are summed over the PP group. DP replicas hold the same averaged gradients, so DP needs no
         reduction. Every rank returns the same number.
         """
-        device = self.groups.device
-        sharded = torch.zeros((), dtype=torch.float64, device=device)
-        replicated = torch.zeros((), dtype=torch.float64, device=device)
-        for chunk in self.chunks:
-            dims = tensor_parallel_dims(chunk)
-            for name, param in chunk.named_parameters():
-                if param.grad is None:
-                    continue
-                sq = param.grad.detach().double().pow(2).sum()
-                if dims[name] is None:
-                    replicated += sq
-                else:
-                    sharded += sq
-        if self.groups.tp_size > 1:
-            dist.all_reduce(sharded, group=self.groups.tp_group)
-        total = sharded + replicated
+        total = squared_grad_sum(self.chunks, self.groups.tp_group, self.groups.device)
         if self.groups.pp_size > 1:
             dist.all_reduce(total, group=self.groups.pp_group)
         return math.sqrt(total.item())
@@ -513,12 +493,5 @@ class PipelineRunner:
 
         A non-finite norm is returned as it is and nothing is scaled (the caller skips the step).
         """
-        if max_norm <= 0:
-            raise ValueError(f"max_norm (grad_clip) must be > 0, got {max_norm}")
-        norm = self.grad_norm()
-        if math.isfinite(norm):
-            scale = max_norm / (norm + 1e-6)  # the formula of phi1.parallel.grads.clip_grad_norm_ and torch's
-            if scale < 1.0:
-                grads = [p.grad for p in self.parameters() if p.grad is not None]
-                torch._foreach_mul_(grads, scale)
-        return norm
+        return clip_to_global_norm_(max_norm, self.grad_norm,
+                                    lambda: [p.grad for p in self.parameters() if p.grad is not None])
