@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from phi1.core.activation_checkpointing import activation_checkpointing_mode, checkpointed, run_block
+from phi1.core.activation_checkpointing import checkpointed, run_block
 from phi1.core.chunked_cross_entropy import chunked_linear_cross_entropy
 from phi1.core.config import ModelConfig
 from phi1.core.model import PhiBlock, PhiForCausalLM
@@ -158,14 +158,9 @@ class PhiPipelineStage(nn.Module):
         """
         PhiForCausalLM.init_weights(self, seed)
 
-    @property
-    def activation_checkpointing(self) -> str:
-        """'none', 'full' or 'selective' (see phi1.core.activation_checkpointing); True / False set full / none."""
-        return self._activation_checkpointing
-
-    @activation_checkpointing.setter
-    def activation_checkpointing(self, value: str | bool) -> None:
-        self._activation_checkpointing = activation_checkpointing_mode(value)
+    # The model's own property ('none', 'full' or 'selective'; True / False set full / none): it reads and writes
+    # only `_activation_checkpointing`, which the stage's forward reads as the model's does.
+    activation_checkpointing = PhiForCausalLM.activation_checkpointing
 
     @property
     def fused_ops(self) -> bool:
