@@ -614,3 +614,28 @@ def test_export_never_writes_into_what_it_reads_or_a_run(dcp_run, tmp_path, wher
                                        "--output", str(run), "--output-format", "hf"), timeout_s=240)
         _one_line(converted, f"--output {run}")
     assert not (run / "config.json").exists()
+
+
+@pytest.mark.parametrize("field, value, names", [
+    ("iteration", [1], "iteration"),
+    ("iteration", 99999999999, "says iteration 99999999999"),
+    ("consumed_samples", "many", "consumed_samples"),
+    ("schedule", 7, "'schedule'"),
+    ("loss_scaler", {"scale": "nan", "skipped_steps": 0}, "loss_scaler.scale"),
+])
+def test_edited_trainer_state_is_one_line_on_resume(dcp_run, tmp_path, field, value, names) -> None:
+    """trainer_state.json of the checkpoint a run resumes from, edited (manifest rewritten to match): each field the
+    trainer restores is checked when read (phi1.loading.checkpoints.read_trainer_state), so a wrong type is named
+    instead of a TypeError deep in the restore, and an iteration other than the directory's is refused."""
+    from phi1.loading import write_manifest
+
+    run = tmp_path / "run"
+    shutil.copytree(dcp_run["run"], run, symlinks=True)
+    path = run / "iter_0000004" / "trainer_state.json"
+    state = json.loads(path.read_text())
+    state[field] = value
+    path.write_text(json.dumps(state))
+    write_manifest(run / "iter_0000004")
+    outcome = run_bounded(_command("resume", run, tmp_path, dcp_run), timeout_s=240)
+    _one_line(outcome, [names])
+    assert str(path) in outcome.stderr and not (run / "iter_0000006").exists()

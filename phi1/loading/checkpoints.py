@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -149,7 +150,64 @@ def read_trainer_state(checkpoint_dir: str | os.PathLike) -> dict:
     """
     checkpoint_dir = Path(checkpoint_dir)
     inside(checkpoint_dir, TRAINER_STATE, "file")
-    return read_json_object(checkpoint_dir / TRAINER_STATE)
+    state = read_json_object(checkpoint_dir / TRAINER_STATE)
+    _check_trainer_state(checkpoint_dir, state)
+    return state
+
+
+TRAINER_STATE_FORMAT = "phi1-training-checkpoint"
+_MAX_COUNT = 1 << 62
+
+
+def _check_trainer_state(checkpoint_dir: Path, state: dict) -> None:
+    """Refuse a trainer_state.json whose fields a resume would read as something else: counters that are not
+    whole numbers >= 0, an iteration other than the directory's, and (in the trainer's own format) a schedule or
+    loss-scaler state that is not an object holding the numbers the trainer restores. Fields a file lacks
+    altogether are left to its reader.
+
+    Raises:
+        ValueError: naming the file and the field.
+    """
+    path = checkpoint_dir / TRAINER_STATE
+
+    def count(where: str, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _MAX_COUNT:
+            raise ValueError(f"{path}: {where} is {str(value)[:40]!r}, not a whole number >= 0; a damaged or edited "
+                             "checkpoint: load an older one")
+
+    def number(where: str, value, positive: bool = False) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+                positive and value <= 0):
+            raise ValueError(f"{path}: {where} is {str(value)[:40]!r}, not a finite number{' > 0' if positive else ''}; "
+                             "a damaged or edited checkpoint: load an older one")
+
+    for key in ("iteration", "consumed_samples", "tokens"):
+        if key in state:
+            count(key, state[key])
+    match = ITER_DIR.match(checkpoint_dir.name)
+    if match and "iteration" in state and state["iteration"] != int(match.group(1)):
+        raise ValueError(f"{path}: says iteration {state['iteration']}, but the directory is {checkpoint_dir.name}; a "
+                         "damaged or edited checkpoint: load an older one")
+    for key in ("val_loss", "best_val_loss"):  # NaN is allowed: a validation loss can be one
+        value = state.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{path}: {key} is {str(value)[:40]!r}, not a number or null; a damaged or edited "
+                             "checkpoint: load an older one")
+    if state.get("format") != TRAINER_STATE_FORMAT:
+        return
+    for key, required in (("schedule", ("num_updates",)), ("loss_scaler", ("scale", "skipped_steps")),
+                          ("nonfinite", ())):
+        if key not in state:
+            continue
+        section = state[key]
+        if not isinstance(section, dict) or any(name not in section for name in required):
+            raise ValueError(f"{path}: {key!r} must be an object with {', '.join(required) or 'counts'}; a damaged or "
+                             "edited checkpoint: load an older one")
+        for name, value in section.items():
+            if name in ("num_updates", "skipped_steps", "clean_steps", "growth_interval", "total"):
+                count(f"{key}.{name}", value)
+            elif name in ("scale", "min_scale"):
+                number(f"{key}.{name}", value, positive=True)
 
 
 def shard_files(directory: str | os.PathLike) -> tuple[int, list[Path]]:
