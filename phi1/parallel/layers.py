@@ -46,7 +46,36 @@ def tensor_parallel_dims(model: nn.Module) -> dict[str, int | None]:
     return dims
 
 
-class ColumnParallelLinear(nn.Module):
+class _ParallelLinear(nn.Module):
+    """What the column- and row-parallel Linear share: the TP group, the sizes, the sequence-parallel flag, and a
+    weight (out_features, in_features) split over the group along the dim the subclass's `partition_dims`
+    declares for it, with a bias of the weight's (local) output size when `bias`.
+
+    Raises:
+        ValueError: the split dim's size is not divisible by the TP group's size.
+    """
+
+    partition_dims: dict[str, int | None]  # set by each subclass; "weight" is 0 (output features) or 1 (input)
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, group: ProcessGroup | None, sequence_parallel: bool
+    ) -> None:
+        super().__init__()
+        self.group = group
+        self.in_features = in_features
+        self.out_features = out_features
+        self.sequence_parallel = sequence_parallel
+        shape = [out_features, in_features]
+        split = self.partition_dims["weight"]
+        shape[split] = _divide(shape[split], group_size(group), ("out_features", "in_features")[split])
+        self.weight = nn.Parameter(torch.empty(*shape))
+        self.bias = nn.Parameter(torch.empty(shape[0])) if bias else None
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, tp={group_size(self.group)}"
+
+
+class ColumnParallelLinear(_ParallelLinear):
     """Y = X A^T + b with A split by rows (output features) over the TP group.
 
     Input: (..., in_features), the whole input on every rank (or, under sequence parallelism, a sequence shard
@@ -67,16 +96,9 @@ class ColumnParallelLinear(nn.Module):
         enter_tp_region: bool = True,
         sequence_parallel: bool = False,
     ) -> None:
-        super().__init__()
-        self.group = group
-        self.in_features = in_features
-        self.out_features = out_features
+        super().__init__(in_features, out_features, bias, group, sequence_parallel)
         self.gather_output = gather_output
         self.enter_tp_region = enter_tp_region
-        self.sequence_parallel = sequence_parallel
-        local_out = _divide(out_features, group_size(group), "out_features")
-        self.weight = nn.Parameter(torch.empty(local_out, in_features))
-        self.bias = nn.Parameter(torch.empty(local_out)) if bias else None
 
     def forward(
         self, x: torch.Tensor, epilogue: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
@@ -91,11 +113,8 @@ class ColumnParallelLinear(nn.Module):
             y = F.linear(x, self.weight, self.bias)
         return gather_from_tp(y, self.group) if self.gather_output else y
 
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, tp={group_size(self.group)}"
 
-
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ParallelLinear):
     """Y = X A^T + b with A split by columns (input features) over the TP group.
 
     Input: (..., in_features / tp), already sharded (the output of a ColumnParallelLinear). Output: the whole
@@ -115,15 +134,8 @@ class RowParallelLinear(nn.Module):
         reduce_output: bool = True,
         sequence_parallel: bool = False,
     ) -> None:
-        super().__init__()
-        self.group = group
-        self.in_features = in_features
-        self.out_features = out_features
+        super().__init__(in_features, out_features, bias, group, sequence_parallel)
         self.reduce_output = reduce_output
-        self.sequence_parallel = sequence_parallel
-        local_in = _divide(in_features, group_size(group), "in_features")
-        self.weight = nn.Parameter(torch.empty(out_features, local_in))
-        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.reduce_output:
@@ -133,9 +145,6 @@ class RowParallelLinear(nn.Module):
         y = F.linear(x, self.weight)
         y = reduce_scatter_to_sequence(y, self.group) if self.sequence_parallel else reduce_from_tp(y, self.group)
         return y + self.bias if self.bias is not None else y
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, tp={group_size(self.group)}"
 
 
 class VocabParallelEmbedding(nn.Module):
