@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from phi1.testing.runs import REPO, run_overrides, train_env
 from phi1.testing.synthetic import write_synthetic_dataset
 from phi1.training.checkpointing import (
     find_checkpoint,
@@ -21,33 +22,22 @@ from phi1.training.checkpointing import (
 )
 from phi1.training.metrics import read_jsonl
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
-
-
-def run_env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT"):
-        env.pop(key, None)
-    return env
 
 
 def torchrun(args: list[str], max_restarts: int, timeout: float = 240) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                f"--max-restarts={max_restarts}", "--monitor-interval=0.2", "-m", "phi1.train", *args]
-    return subprocess.run(command, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, cwd=REPO, env=train_env(DS_ACCELERATOR="cpu"), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def args(data_dir: Path, run_dir: Path, **extra) -> list[str]:
     values = {
-        "model.preset": "phi-1-nano", "model.attn_dropout": 0.1, "model.resid_dropout": 0.1,
-        "data.path": data_dir / "counting_text_document", "data.tokenizer_model": data_dir / "tokenizer.json",
-        "data.seq_len": 32, "data.split": "100,0,0", "batch.global_batch_size": 8, "batch.micro_batch_size": 2,
-        "schedule.train_steps": STEPS, "schedule.warmup_steps": 2, "checkpoint.dir": run_dir,
-        "checkpoint.interval": 2, "logging.interval": 1, "eval.interval": 0, "logging.tensorboard_dir": "",
+        "model.attn_dropout": 0.1, "model.resid_dropout": 0.1, "precision": "auto", "data.split": "100,0,0",
+        "batch.global_batch_size": 8, "schedule.train_steps": STEPS, "checkpoint.interval": 2,
     }
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
+    return run_overrides(data_dir, run_dir, **{**values, **extra})
 
 
 @pytest.mark.slow

@@ -10,66 +10,47 @@ logs the uninterrupted run's losses bit for bit. The peak memory of each stage i
 from __future__ import annotations
 
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from phi1.testing.synthetic import write_synthetic_dataset
+from phi1.testing.runs import (
+    assert_succeeded,
+    run_overrides,
+    run_train,
+    step_losses,
+    synthetic_data_dir,
+    train_env,
+)
 from phi1.training.metrics import read_jsonl
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 10
 LOSS_RTOL = 1e-5
 
 
-def _env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
 def _overrides(data_dir: Path, run_dir: Path, **extra) -> list[str]:
-    values = {
-        "model.preset": "phi-1-nano", "model.n_layer": 4, "precision": "fp32",
-        "data.path": data_dir / "counting_text_document", "data.tokenizer_model": data_dir / "tokenizer.json",
-        "data.seq_len": 32, "data.split": "90,10,0", "batch.global_batch_size": 8, "batch.micro_batch_size": 2,
-        "schedule.train_steps": STEPS, "schedule.warmup_steps": 2, "checkpoint.dir": run_dir,
-        "checkpoint.interval": 100, "logging.interval": 1, "eval.interval": 5, "eval.iters": 2,
-        "logging.tensorboard_dir": "",
-    }
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
+    values = {"model.n_layer": 4, "batch.global_batch_size": 8, "schedule.train_steps": STEPS,
+              "checkpoint.interval": 100, "eval.interval": 5, "eval.iters": 2}
+    return run_overrides(data_dir, run_dir, **{**values, **extra})
 
 
 def _train(args: list[str], nproc: int, timeout: float = 900) -> subprocess.CompletedProcess:
-    if nproc == 1:
-        command = [sys.executable, "-m", "phi1.train", *args]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                   "-m", "phi1.train", *args]
-    result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    result = run_train(args, nproc, env=train_env(DS_ACCELERATOR="cpu"), timeout=timeout)
+    assert_succeeded(result)
     return result
 
 
 def _logged(run_dir: Path) -> tuple[dict[int, float], dict[int, float]]:
     """(step losses, validation losses) by iteration, from the run's metrics.jsonl."""
-    records = read_jsonl(run_dir / "metrics.jsonl")
-    steps = {r["iteration"]: r["step_losses"][-1] for r in records if "step_losses" in r}
-    validation = {r["iteration"]: r["val_loss"] for r in records if "val_loss" in r}
-    return steps, validation
+    validation = {r["iteration"]: r["val_loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "val_loss" in r}
+    return step_losses(run_dir), validation
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("data")
-    write_synthetic_dataset(directory)
-    return directory
+    return synthetic_data_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from phi1.testing.synthetic import write_synthetic_dataset
+from phi1.testing.runs import (
+    assert_succeeded,
+    run_overrides,
+    run_train,
+    step_losses,
+    synthetic_data_dir,
+    train_env,
+)
 from phi1.training.checkpointing import (
     find_checkpoint,
     load_model_from_training_checkpoint,
@@ -18,53 +23,29 @@ from phi1.training.checkpointing import (
 )
 from phi1.training.metrics import read_jsonl
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
 
 def base_args(data_dir: Path, run_dir: Path, **extra) -> list[str]:
-    prefix, tokenizer = data_dir / "counting_text_document", data_dir / "tokenizer.json"
     values = {
-        "model.preset": "phi-1-nano", "model.attn_dropout": 0.1, "model.resid_dropout": 0.1,
-        "data.path": prefix, "data.tokenizer_model": tokenizer, "data.seq_len": 32, "data.split": "90,10,0",
-        "batch.global_batch_size": 8, "batch.micro_batch_size": 2, "schedule.train_steps": 8,
-        "schedule.warmup_steps": 2, "checkpoint.dir": run_dir, "checkpoint.interval": 100, "logging.interval": 1,
-        "eval.interval": 3, "eval.iters": 2, "logging.tensorboard_dir": "",
+        "model.attn_dropout": 0.1, "model.resid_dropout": 0.1, "precision": "auto", "batch.global_batch_size": 8,
+        "schedule.train_steps": 8, "checkpoint.interval": 100, "eval.interval": 3, "eval.iters": 2,
     }
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
+    return run_overrides(data_dir, run_dir, **{**values, **extra})
 
 
 def torchrun(args: list[str], nproc: int = 2, timeout: float = 150) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "phi1.train", *args]
-    return subprocess.run(command, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=timeout)
+    return run_train(args, nproc, env=train_env(DS_ACCELERATOR="cpu"), timeout=timeout)
 
 
 def single(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "phi1.train", *args], cwd=REPO, env=run_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return run_train(args, 1, env=train_env(DS_ACCELERATOR="cpu"), timeout=timeout)
 
 
-def check(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-
-
-def step_losses(jsonl: Path) -> dict[int, float]:
-    return {r["iteration"]: r["step_losses"][-1] for r in read_jsonl(jsonl) if "step_losses" in r}
+check = assert_succeeded
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("data")
-    write_synthetic_dataset(directory)
-    return directory
+    return synthetic_data_dir(tmp_path_factory)
 
 
 @pytest.mark.slow
@@ -80,7 +61,7 @@ def test_resume_is_bit_exact_with_two_processes(data_dir, tmp_path) -> None:
     check(second)
     assert "resuming from" in second.stdout
 
-    expected, got = step_losses(full / "metrics.jsonl"), step_losses(split / "metrics.jsonl")
+    expected, got = step_losses(full), step_losses(split)
     assert sorted(got) == list(range(1, 9)) == sorted(expected)
     for iteration in range(1, 9):
         assert got[iteration] == expected[iteration], f"iteration {iteration}: {got[iteration]!r} != {expected[iteration]!r}"

@@ -99,7 +99,7 @@ def train_env(**extra: str) -> dict[str, str]:
     """This process's environment for a launched run: phi1 from the checkout, one intra-op thread per process,
     no torchrun variables left over from the caller; `extra` added (e.g. DS_ACCELERATOR="cpu")."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **extra)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT"):
         env.pop(key, None)
     return env
 
