@@ -3,6 +3,7 @@ the isolation layers (private /tmp quota and socket directories, the seccomp fil
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -10,6 +11,8 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -218,32 +221,43 @@ def test_total_disk_use_is_bounded_by_the_private_tmpfs():
     assert words[words.index("cwd") + 1] == "/tmp"
 
 
+@contextlib.contextmanager
+def _listening_unix_socket(path: str) -> Iterator[socket.socket]:
+    """A non-blocking AF_UNIX listener bound at `path`, world-writable, so a connection from the sandbox would
+    succeed unless something refuses it (`accept` then raises BlockingIOError when none came); closed and its
+    file removed on exit."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(path)
+        os.chmod(path, 0o777)
+        listener.listen(1)
+        listener.setblocking(False)
+        yield listener
+    finally:
+        listener.close()
+        Path(path).unlink(missing_ok=True)
+
+
 @NAMESPACES
 def test_private_tmp_and_run_hide_the_hosts_files_and_sockets(tmp_path):
     planted = f"/tmp/phi1-h1-visible-{os.getpid()}"
     with open(planted, "w") as handle:
         handle.write("host")
     socket_path = f"/tmp/phi1-h1-{os.getpid()}.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        listener.bind(socket_path)
-        os.chmod(socket_path, 0o777)
-        listener.listen(1)
-        listener.setblocking(False)
-        program = (
-            "import os\n"
-            f"print('planted', os.path.exists({planted!r}), 'socket', os.path.exists({socket_path!r}))\n"
-            "print('run', sorted(os.listdir('/run')), 'shm', sorted(os.listdir('/dev/shm')))\n"
-        )
-        result = run_program(program, CONFIG)
-        assert result.passed, result.stderr
-        assert "planted False socket False" in result.stdout
-        assert "run [] shm []" in result.stdout
-        with pytest.raises(BlockingIOError):
-            listener.accept()
+        with _listening_unix_socket(socket_path) as listener:
+            program = (
+                "import os\n"
+                f"print('planted', os.path.exists({planted!r}), 'socket', os.path.exists({socket_path!r}))\n"
+                "print('run', sorted(os.listdir('/run')), 'shm', sorted(os.listdir('/dev/shm')))\n"
+            )
+            result = run_program(program, CONFIG)
+            assert result.passed, result.stderr
+            assert "planted False socket False" in result.stdout
+            assert "run [] shm []" in result.stdout
+            with pytest.raises(BlockingIOError):
+                listener.accept()
     finally:
-        listener.close()
-        os.unlink(socket_path)
         os.unlink(planted)
 
 
@@ -253,32 +267,27 @@ def test_unix_sockets_are_refused_even_where_the_file_is_visible(tmp_path_factor
     directory = tempfile.mkdtemp(prefix=".phi1-h1-sock-", dir=os.getcwd())
     os.chmod(directory, 0o755)
     socket_path = os.path.join(directory, "s.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        listener.bind(socket_path)
-        os.chmod(socket_path, 0o777)
-        listener.listen(1)
-        listener.setblocking(False)
-        program = (
-            "import _socket, os\n"
-            f"print('visible', os.path.exists({socket_path!r}))\n"
-            "try:\n"
-            "    client = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)\n"
-            f"    client.connect({socket_path!r})\n"
-            "    client.send(b'hello')\n"
-            "    print('connected')\n"
-            "except OSError as error:\n"
-            "    print('refused', error.errno)\n"
-        )
-        result = run_program(program, CONFIG)
-        assert result.passed, result.stderr
-        assert "refused 13" in result.stdout, result.stdout  # EACCES from the filter
-        with pytest.raises(BlockingIOError):
-            listener.accept()
-        if os.geteuid() == 0:
-            assert "visible True" in result.stdout  # the filter, not the mounts, stopped it
+        with _listening_unix_socket(socket_path) as listener:
+            program = (
+                "import _socket, os\n"
+                f"print('visible', os.path.exists({socket_path!r}))\n"
+                "try:\n"
+                "    client = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)\n"
+                f"    client.connect({socket_path!r})\n"
+                "    client.send(b'hello')\n"
+                "    print('connected')\n"
+                "except OSError as error:\n"
+                "    print('refused', error.errno)\n"
+            )
+            result = run_program(program, CONFIG)
+            assert result.passed, result.stderr
+            assert "refused 13" in result.stdout, result.stdout  # EACCES from the filter
+            with pytest.raises(BlockingIOError):
+                listener.accept()
+            if os.geteuid() == 0:
+                assert "visible True" in result.stdout  # the filter, not the mounts, stopped it
     finally:
-        listener.close()
         shutil.rmtree(directory, ignore_errors=True)
 
 
