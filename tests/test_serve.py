@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import threading
 
@@ -14,6 +13,7 @@ openai = pytest.importorskip("openai")
 from phi1.core.generation import SamplingParams, generate  # noqa: E402
 from phi1.loading import load_model, load_tokenizer  # noqa: E402
 from phi1.serve.server import CompletionService, start_server  # noqa: E402
+from phi1.testing.serving import health, request_json  # noqa: E402
 from phi1.testing.toy_model import build_toy_model_dir  # noqa: E402
 
 NAME = "toy"
@@ -33,13 +33,7 @@ def served(tmp_path_factory):
 
 
 def post(port: int, path: str, body: bytes | str | dict) -> tuple[int, dict]:
-    data = body if isinstance(body, bytes) else (body if isinstance(body, str) else json.dumps(body)).encode()
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    connection.request("POST", path, body=data, headers={"Content-Type": "application/json"})
-    response = connection.getresponse()
-    payload = json.loads(response.read())
-    connection.close()
-    return response.status, payload
+    return request_json(port, "POST", path, body)
 
 
 def model_log_probs(service, prompt_ids: list[int], generated: list[int]) -> torch.Tensor:
@@ -331,14 +325,6 @@ def test_default_max_tokens_fits_the_context(served):
     assert body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"] <= service.context
     status, body = post(port, "/v1/completions", {"model": NAME, "prompt": prompt, "max_tokens": left + 1})
     assert status == 400 and body["error"]["param"] == "max_tokens" and f"at most {left}" in body["error"]["message"]
-
-
-def health(port: int) -> dict:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    connection.request("GET", "/health")
-    payload = json.loads(connection.getresponse().read())
-    connection.close()
-    return payload
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from phi1.testing.serving import health, request_json
 from phi1.testing.toy_model import build_toy_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,20 +91,7 @@ def parse_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
 
 
 def ask(port: int, body: dict, timeout: float = 60) -> tuple[int, dict]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    connection.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
-    response = connection.getresponse()
-    payload = json.loads(response.read())
-    connection.close()
-    return response.status, payload
-
-
-def health(port: int) -> dict:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    connection.request("GET", "/health")
-    payload = json.loads(connection.getresponse().read())
-    connection.close()
-    return payload
+    return request_json(port, "POST", "/v1/completions", body, timeout)
 
 
 @pytest.mark.slow
