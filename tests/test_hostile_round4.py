@@ -639,3 +639,20 @@ def test_edited_trainer_state_is_one_line_on_resume(dcp_run, tmp_path, field, va
     outcome = run_bounded(_command("resume", run, tmp_path, dcp_run), timeout_s=240)
     _one_line(outcome, [names])
     assert str(path) in outcome.stderr and not (run / "iter_0000006").exists()
+
+
+def test_every_dcp_read_in_phi1_goes_through_the_checked_reader() -> None:
+    """DCP's own FileSystemReader unpickles `.metadata` with no allowlist: no code of phi1 or its tools may read a
+    checkpoint through it or through dcp.load without SafeFileSystemReader."""
+    import re
+
+    offenders = []
+    for path in [*(ROOT / "phi1").rglob("*.py"), *(ROOT / "tools").glob("*.py"), *(ROOT / "examples").rglob("*.py")]:
+        text = path.read_text(encoding="utf-8")
+        for match in re.finditer(r"(?<!Safe)FileSystemReader\(|dcp\.load\((?![^)]*SafeFileSystemReader)", text):
+            offenders.append(f"{path.relative_to(ROOT)}:{text[: match.start()].count(chr(10)) + 1}")
+        if re.search(r"torch\.distributed\.checkpoint\.(format_utils|state_dict_loader)|dcp_to_torch_save", text):
+            offenders.append(f"{path.relative_to(ROOT)}: DCP's other loaders")
+    assert not offenders, offenders
+    text = (ROOT / "phi1" / "parallel" / "distributed_checkpoint.py").read_text()
+    assert "dcp.load(state, storage_reader=SafeFileSystemReader(" in text  # the one place tensors are read

@@ -36,7 +36,9 @@ What is still unpickled, and how it is kept safe: DCP's `.metadata` file is a pi
 `pickle.load`). `SafeFileSystemReader` reads it with an unpickler that only builds DCP's own metadata classes,
 torch.Size, dtypes, layouts and memory formats (an allowlist, as `torch.load(weights_only=True)` does); every
 file name in it must be a plain relative name of a regular file inside the checkpoint (no absolute path, no
-`..`, no symlink leaving it). Tensor payloads (`*.distcp`) are read by DCP with `torch.load(weights_only=True)`.
+`..`, no symlink leaving it). Tensor payloads (`*.distcp`) are read by DCP with `torch.load(weights_only=True)`;
+a payload holding any other pickle is refused there and named in one line. `.metadata` (at most 1 GiB) and the JSON
+files (at most 16 MiB, nesting bounded) are size-checked before they are read.
 
 Atomic and verifiable: everything is written into `<directory>.tmp/` (DCP fsyncs its files); after a barrier,
 rank 0 writes the JSON files (fsynced), calls `seal(tmp)` (the trainer passes `phi1.training.fault.write_manifest`)
