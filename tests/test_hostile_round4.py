@@ -622,6 +622,8 @@ def test_export_never_writes_into_what_it_reads_or_a_run(dcp_run, tmp_path, wher
     ("consumed_samples", "many", "consumed_samples"),
     ("schedule", 7, "'schedule'"),
     ("loss_scaler", {"scale": "nan", "skipped_steps": 0}, "loss_scaler.scale"),
+    ("schedule", None, "no schedule section"),  # None: the section deleted
+    ("loss_scaler", None, "no loss_scaler section"),
 ])
 def test_edited_trainer_state_is_one_line_on_resume(dcp_run, tmp_path, field, value, names) -> None:
     """trainer_state.json of the checkpoint a run resumes from, edited (manifest rewritten to match): each field the
@@ -633,7 +635,10 @@ def test_edited_trainer_state_is_one_line_on_resume(dcp_run, tmp_path, field, va
     shutil.copytree(dcp_run["run"], run, symlinks=True)
     path = run / "iter_0000004" / "trainer_state.json"
     state = json.loads(path.read_text())
-    state[field] = value
+    if value is None:
+        del state[field]
+    else:
+        state[field] = value
     path.write_text(json.dumps(state))
     write_manifest(run / "iter_0000004")
     outcome = run_bounded(_command("resume", run, tmp_path, dcp_run), timeout_s=240)

@@ -165,6 +165,21 @@ def test_loss_scaler_halves_on_overflow_and_grows_back() -> None:
     assert scaler.scale == 256.0 and scaler.skipped_steps == 6
 
 
+def test_fp16_resume_of_an_unscaled_checkpoint_starts_from_the_initial_scale() -> None:
+    """An fp32 / bf16 checkpoint holds no dynamic scale (NoLossScaler's state): continuing it in fp16 keeps the
+    initial scale, not 1, and carries the skipped-step count; an fp16 checkpoint restores its scale exactly."""
+    from phi1.training.precision import NoLossScaler
+
+    unscaled = NoLossScaler()
+    unscaled.update(overflow=True)
+    scaler = DynamicLossScaler(scale=1024.0)
+    scaler.load_state_dict(unscaled.state_dict())
+    assert scaler.scale == 1024.0 and scaler.clean_steps == 0 and scaler.skipped_steps == 1
+    saved = DynamicLossScaler(scale=64.0, clean_steps=3, skipped_steps=2).state_dict()
+    scaler.load_state_dict(saved)
+    assert (scaler.scale, scaler.clean_steps, scaler.skipped_steps) == (64.0, 3, 2)
+
+
 def test_fp16_injected_overflow_skips_the_step(data, tmp_path, monkeypatch) -> None:
     # Validation refuses fp16 on a CPU (phi1.training.precision says why); torch's CPU autocast still runs it,
     # emulated, which is enough to exercise the loss scaler's skip-and-halve path of the loop here.

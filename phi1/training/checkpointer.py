@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch.distributed as dist
 
 from phi1.core.config import ModelConfig
+from phi1.loading.checkpoints import TRAINER_STATE_FORMAT  # trainer_state.json, every disk format
 from phi1.parallel.state import ParallelState
 from phi1.training import checkpointing
 from phi1.training.config import ConfigError, TrainConfig, checkpoint_format
@@ -47,9 +48,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("phi1.train")
 
-TRAINER_STATE_FORMAT = "phi1-training-checkpoint"
-"""The `format` of trainer_state.json (the same for every on-disk checkpoint format)."""
 TRAINER_STATE_VERSION = 1
+RESTORED_SECTIONS = ("schedule", "loss_scaler")
+"""The trainer_state.json sections a resume restores (a checkpoint read only for its weights may lack them)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -242,6 +243,11 @@ class Checkpointer:
         if saved.get("format") != TRAINER_STATE_FORMAT or saved.get("format_version") != TRAINER_STATE_VERSION:
             raise ValueError(f"{directory}: trainer_state.json format {saved.get('format')!r} v{saved.get('format_version')}, "
                              f"this trainer reads {TRAINER_STATE_FORMAT!r} v{TRAINER_STATE_VERSION}")
+        missing = [key for key in RESTORED_SECTIONS if not isinstance(saved.get(key), dict)]
+        if missing:
+            raise ValueError(f"{directory / 'trainer_state.json'}: has no {' or '.join(missing)} section (a damaged "
+                             "or hand-edited file); resume from another checkpoint (checkpoint.resume=PATH) or "
+                             "move this one away")
         format_of(directory).load_optimizer(directory, strategy, self.state)
         schedule.load_state_dict(saved["schedule"])
         strategy.scaler.load_state_dict(saved["loss_scaler"])

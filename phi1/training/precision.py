@@ -102,9 +102,13 @@ class DynamicLossScaler:
                 "clean_steps": self.clean_steps, "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: dict) -> None:
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        if "clean_steps" not in state:
+            # Saved by a run without loss scaling (fp32 or bf16, scale 1): continuing in fp16 starts from the
+            # initial scale, as a new fp16 run does, rather than at 1, where small gradients underflow.
+            return
         self.scale = float(state["scale"])
         self.clean_steps = int(state["clean_steps"])
-        self.skipped_steps = int(state["skipped_steps"])
 
 
 class NoLossScaler:
@@ -122,4 +126,4 @@ class NoLossScaler:
         return {"scale": 1.0, "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: dict) -> None:
-        self.skipped_steps = int(state["skipped_steps"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
