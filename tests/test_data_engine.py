@@ -126,10 +126,9 @@ def _lines(path: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_whole_chain_gives_the_same_bytes_at_1_and_3_tasks(corpus, classifier, tmp_path) -> None:
-    from test_quality_annotate import ScriptedEndpoint
-
     from phi1.data.indexed_dataset import IndexedDataset
     from phi1.data.tokenizers import build_tokenizer
+    from phi1.testing.endpoints import ScriptedEndpoint
 
     threshold = _median_score(classifier, corpus["shards"])
     # The endpoint rates a few files in other words than a bare number, and answers FILE-7 badly once.

@@ -218,19 +218,20 @@ def test_training_with_fused_ops_follows_the_reference_run(cpu_kernels, tmp_path
     """`fused_ops=on` through phi1.train on 2 processes at tensor parallel 2 with sequence parallelism (each
     rank's kernels see half the heads and half of d_mlp): the kernels load at start-up and the loss curve is
     the one without them."""
-    from test_train_resume import base_args, check, step_losses, torchrun
-
+    from phi1.testing.runs import assert_succeeded, run_overrides, run_train, step_losses, train_env
     from phi1.testing.synthetic import write_synthetic_dataset
 
     write_synthetic_dataset(tmp_path / "data")
     runs = {}
     for mode in ("off", "on"):
-        args = base_args(tmp_path / "data", tmp_path / mode, **{"fused_ops": mode, "schedule.train_steps": 4,
-                                                                   "parallel.tensor_parallel": 2,
-                                                                   "parallel.sequence_parallel": True})
-        result = torchrun(args)
-        check(result)
-        runs[mode] = (result.stdout + result.stderr, step_losses(tmp_path / mode / "metrics.jsonl"))
+        args = run_overrides(tmp_path / "data", tmp_path / mode, **{
+            "model.attn_dropout": 0.1, "model.resid_dropout": 0.1, "precision": "auto",
+            "batch.global_batch_size": 8, "schedule.train_steps": 4, "checkpoint.interval": 100,
+            "eval.interval": 3, "eval.iters": 2, "fused_ops": mode, "parallel.tensor_parallel": 2,
+            "parallel.sequence_parallel": True})
+        result = run_train(args, 2, env=train_env(DS_ACCELERATOR="cpu"), timeout=150)
+        assert_succeeded(result)
+        runs[mode] = (result.stdout + result.stderr, step_losses(tmp_path / mode))
     assert "fused ops: cpu build loaded" in runs["on"][0] and "fused ops: off on cpu" in runs["off"][0]
     reference, fused = runs["off"][1], runs["on"][1]
     assert sorted(fused) == sorted(reference) == [1, 2, 3, 4]

@@ -3,7 +3,8 @@
 A test that puts the repository root (or tools/) on `sys.path` and imports `tools.train_tokenizer` tests a
 script's module, not the library a user imports, and it hides a script whose logic belongs in phi1. So the
 logic of every script a test used lives in a phi1 module, each tools/X.py is a thin command line over it, and:
-- no test changes `sys.path`, imports `tools` or `benchmarks`, or loads a module from a file path;
+- no test changes `sys.path`, imports `tools`, `benchmarks` or another test module, or loads a module from a
+  file path (set-up two test files share lives in phi1.testing);
 - each thin script still answers `--help` in a subprocess, exit status 0, and defines nothing of its own.
 """
 
@@ -75,6 +76,9 @@ def script_imports(source: str, filename: str) -> list[str]:
         for name in names:
             if name.split(".")[0] in SCRIPT_PACKAGES:
                 problems.append(f"line {node.lineno}: imports {name}; import the phi1 module instead")
+            elif name.split(".")[0].startswith("test_") or name == "conftest":
+                problems.append(f"line {node.lineno}: imports the test module {name}; shared set-up belongs in "
+                                "phi1.testing")
         if isinstance(node, ast.Call):
             called = _called_name(node)
             if (isinstance(node.func, ast.Attribute) and _is_sys_path(node.func.value)
@@ -101,6 +105,7 @@ def script_imports(source: str, filename: str) -> list[str]:
     ("import importlib.util\nspec = importlib.util.spec_from_file_location('g', 'tools/generate_synthetic.py')\n",
      "spec_from_file_location"),
     ("import runpy\nrunpy.run_path('tools/plan.py')\n", "run_path"),
+    ("def f():\n    from test_train_resume import base_args\n", "imports the test module test_train_resume"),
 ])
 def test_the_scan_flags_each_way_of_reaching_a_script(source, expected) -> None:
     problems = script_imports(source, "test_example.py")
