@@ -7,4 +7,6 @@ cd "$(dirname "$0")/.."
 export DS_BUILD_OPS=0 DS_ACCELERATOR=cpu PYTHONFAULTHANDLER=1
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[test]"
-python -m pytest -q "$@"
+# Two pytest workers (pytest-xdist), each taking whole test files: on 2 cores the multi-process tests of one
+# overlap the in-process tests of the other. PHI1_TEST_WORKERS=0 runs in one process.
+python -m pytest -q -n "${PHI1_TEST_WORKERS:-2}" --dist loadfile "$@"
