@@ -183,6 +183,20 @@ def test_layout_and_file_problems_are_named(data, overrides: list[str], world_si
     assert any(line.startswith(f"{option}:") for line in lines), lines
 
 
+@pytest.mark.parametrize("option", ["parallel.tensor_parallel", "parallel.pipeline_parallel"])
+def test_a_size_above_the_launched_processes_says_how_many_are_needed(data, option: str) -> None:
+    assert problems_of(nano(data) + [f"{option}=4"], world_size=2) == [
+        f"{option}: 4 needs at least 4 processes, and 2 are launched; launch more (torchrun --nproc-per-node, "
+        f"or --world-size with --dry-run) or lower {option}"]
+
+
+@pytest.mark.parametrize("size", ["0", "-3"])
+def test_a_pipeline_size_out_of_range_is_one_line(data, size: str) -> None:
+    # Not also a checkpoint.format line about pipeline stages that the run does not have.
+    assert problems_of(nano(data) + [f"parallel.pipeline_parallel={size}"]) == [
+        f"parallel.pipeline_parallel: must be in [1, 1], got {size}"]
+
+
 def test_workers_are_bounded_by_the_cores(data) -> None:
     cores = os.cpu_count() or 1
     assert problems_of(nano(data, **{"data.num_workers": 4 * cores})) == []

@@ -249,14 +249,12 @@ class ParallelSection:
         A size out of range counts as 1 in the layout, so that the checks which need one still run.
         """
         problems: list[str] = []
-        tp_ok = _check(problems, "parallel.tensor_parallel", self.tensor_parallel, integer=True, low=1,
-                       high=world_size)
+        tp_ok = _check_size(problems, "parallel.tensor_parallel", self.tensor_parallel, world_size)
         tp = self.tensor_parallel if tp_ok else 1
         if tp_ok and world_size % tp != 0:
             problems.append(f"parallel.tensor_parallel: {tp} does not divide the {world_size} launched processes")
             tp_ok = False
-        pp_ok = _check(problems, "parallel.pipeline_parallel", self.pipeline_parallel, integer=True, low=1,
-                       high=world_size)
+        pp_ok = _check_size(problems, "parallel.pipeline_parallel", self.pipeline_parallel, world_size)
         pp = self.pipeline_parallel if pp_ok else 1
         if tp_ok and pp_ok and world_size % (tp * pp) != 0:
             problems.append(f"parallel.pipeline_parallel: tensor_parallel x pipeline_parallel = {tp} x {pp} does not "
@@ -1292,6 +1290,17 @@ def _check(problems: list[str], option: str, value: Any, **bounds: Any) -> bool:
     return why is None
 
 
+def _check_size(problems: list[str], option: str, value: Any, world_size: int) -> bool:
+    """`_check` for a parallel size, which cannot exceed the launched processes: that case says how many are
+    needed and how to launch them, rather than a bare range."""
+    if number_problem(value, integer=True, low=1) is None and value > world_size:
+        problems.append(f"{option}: {value} needs at least {value} processes, and {world_size} "
+                        f"{'is' if world_size == 1 else 'are'} launched; launch more (torchrun --nproc-per-node, "
+                        f"or --world-size with --dry-run) or lower {option}")
+        return False
+    return _check(problems, option, value, integer=True, low=1, high=world_size)
+
+
 CHECKPOINT_FORMATS = ("auto", "phi1", "dcp")
 """Values of `checkpoint.format`."""
 
@@ -1314,7 +1323,8 @@ def _checkpoint_format_problems(config: TrainConfig) -> list[str]:
             and config.parallel.pipeline_parallel == 1:
         problems.append("checkpoint.format: dcp holds the model and a torch AdamW; DeepSpeed ZeRO keeps its "
                         "optimizer in its own format: use checkpoint.format=phi1 (or auto) with parallel.zero_stage > 0")
-    if fmt == "phi1" and config.parallel.pipeline_parallel != 1:
+    pp = config.parallel.pipeline_parallel
+    if fmt == "phi1" and isinstance(pp, int) and pp > 1:  # a size out of range is reported by the layout check
         problems.append("checkpoint.format: phi1 (TP shards) cannot hold pipeline stages; use checkpoint.format=dcp "
                         "(or auto) with parallel.pipeline_parallel > 1")
     if fmt == "phi1" and getattr(config.parallel, "fsdp", False):
