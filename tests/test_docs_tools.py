@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from phi1.testing.endpoints import send_json
 from phi1.testing.hostile import assert_clear_error, python, run_bounded
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,12 +40,7 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
     def reply(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, status, body)
 
     def do_GET(self) -> None:
         entry = {"id": "tiny", "object": "model", "created": 0, "owned_by": "test"}

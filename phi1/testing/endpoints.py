@@ -9,6 +9,16 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+def send_json(handler: BaseHTTPRequestHandler, status: int, body: dict) -> None:
+    """Answer `handler`'s request with `body` as JSON (what every fake OpenAI endpoint of the tests replies)."""
+    data = json.dumps(body).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 class ScriptedEndpoint:
     """An OpenAI-compatible chat endpoint on 127.0.0.1 answering from a script keyed by a FILE-n marker in the
     prompt (the marker's answers are given in order; the last repeats). `fail_first` markers get one 503 first.
@@ -29,12 +39,7 @@ class ScriptedEndpoint:
                 return
 
             def _send(self, status: int, body: dict) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, status, body)
 
             def do_GET(self) -> None:
                 self._send(200, {"object": "list", "data": [{"id": "scripted", "object": "model", "owned_by": "t"}]})
